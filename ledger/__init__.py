@@ -1,0 +1,1 @@
+"""Append-only Merkle log with signed checkpoints, witnesses and receipts. Not built yet."""

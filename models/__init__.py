@@ -1,0 +1,60 @@
+"""Models as content-addressed ONNX shards: import, split, manifests, equivariant encryption of
+node shards, and running shards with onnxruntime."""
+
+from models.bert_graph import BertConfig, build_bert_sentence_encoder
+from models.cid import cid_of_bytes, cid_of_file, is_valid_cid
+from models.ee_layouts import Flat, HeadPerm, Heads, Layout, Plain
+from models.ee_plan import EEPlan, EncryptionError, plan_encryption
+from models.encrypt import SCHEME, encrypt_model_dir
+from models.importer import (
+    ImportError_,
+    OutputDirError,
+    import_minilm,
+    import_onnx,
+    load_onnx,
+    minilm_cuts,
+)
+from models.manifest import Manifest, ManifestError, ShardSpec, TensorSpec
+from models.minilm import ModelSourceError, build_minilm, locate
+from models.pipeline import NodeRunner, Pipeline
+from models.runtime import ShardInputError, ShardSession
+from models.split import SplitError, split_model
+from models.tokenizer import TextTokenizer
+
+__all__ = [
+    "SCHEME",
+    "BertConfig",
+    "EEPlan",
+    "EncryptionError",
+    "Flat",
+    "HeadPerm",
+    "Heads",
+    "ImportError_",
+    "Layout",
+    "Manifest",
+    "ManifestError",
+    "ModelSourceError",
+    "NodeRunner",
+    "OutputDirError",
+    "Pipeline",
+    "Plain",
+    "ShardInputError",
+    "ShardSession",
+    "ShardSpec",
+    "SplitError",
+    "TensorSpec",
+    "TextTokenizer",
+    "build_bert_sentence_encoder",
+    "build_minilm",
+    "cid_of_bytes",
+    "cid_of_file",
+    "encrypt_model_dir",
+    "import_minilm",
+    "import_onnx",
+    "is_valid_cid",
+    "load_onnx",
+    "locate",
+    "minilm_cuts",
+    "plan_encryption",
+    "split_model",
+]

@@ -1,0 +1,31 @@
+"""Content identifiers: CIDv1, raw codec, sha2-256 multihash, base32 (``bafk...``)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import multiformats_cid
+import multihash
+
+
+def cid_of_bytes(data: bytes) -> str:
+    """The CIDv1 (raw, sha2-256) of ``data`` in its base32 string form."""
+    digest = multihash.encode(hashlib.sha256(data).digest(), "sha2-256")
+    cid = multiformats_cid.make_cid(1, "raw", digest)
+    encoded = cid.encode("base32")
+    return encoded.decode() if isinstance(encoded, bytes) else str(encoded)
+
+
+def cid_of_file(path: Path) -> str:
+    return cid_of_bytes(Path(path).read_bytes())
+
+
+def is_valid_cid(text: str) -> bool:
+    """True for a well-formed CIDv1 string with the raw codec and a sha2-256 multihash."""
+    try:
+        cid = multiformats_cid.from_string(text)
+        decoded = multihash.decode(cid.multihash)
+    except Exception:  # the library raises a mix of ValueError/KeyError/TypeError
+        return False
+    return cid.version == 1 and cid.codec == "raw" and decoded.name == "sha2-256"

@@ -1,0 +1,250 @@
+"""The ``veilnet-manifest/1`` format: a model as an ordered list of content-addressed shards.
+
+See docs/manifest.md for the format. A manifest is itself content-addressed: its CID is the CID of
+the exact bytes of manifest.json, which ``Manifest.dumps`` produces deterministically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from models.cid import cid_of_bytes, is_valid_cid
+
+FORMAT = "veilnet-manifest/1"
+ROLES = ("client-head", "node", "client-tail")
+ENCRYPTIONS = ("none", "ee-encoder/1")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+Dim = int | str | None
+
+
+class ManifestError(ValueError):
+    """A manifest (or a shard file it names) that is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> TensorSpec:
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{where}: tensor spec must be an object")
+        name, dtype, shape = doc.get("name"), doc.get("dtype"), doc.get("shape")
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{where}: tensor 'name' must be a non-empty string")
+        if dtype not in DTYPES:
+            raise ManifestError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            d is None or isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in shape
+        ):
+            raise ManifestError(
+                f"{where}: tensor {name!r} shape must be a list of ints, names or null"
+            )
+        return cls(name, dtype, tuple(shape))
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    cid: str
+    role: str
+    path: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "cid": self.cid,
+            "role": self.role,
+            "path": self.path,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+
+@dataclass
+class Manifest:
+    name: str
+    encryption: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    shards: list[ShardSpec]
+    extra: dict[str, Any] = field(default_factory=dict)  # tokenizer, source, parent, ...
+    path: Path | None = None  # where it was loaded from, if it was
+
+    # --- access ---------------------------------------------------------------------------------
+
+    @property
+    def node_shards(self) -> list[ShardSpec]:
+        return [s for s in self.shards if s.role == "node"]
+
+    @property
+    def head(self) -> ShardSpec:
+        return self.shards[0]
+
+    @property
+    def tail(self) -> ShardSpec:
+        return self.shards[-1]
+
+    def shard_path(self, shard: ShardSpec) -> Path:
+        if self.path is None:
+            raise ManifestError("manifest has no location; load it from a file first")
+        return self.path.parent / shard.path
+
+    # --- (de)serialization ----------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "name": self.name,
+            "encryption": self.encryption,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "shards": [s.to_json() for s in self.shards],
+        }
+        doc.update(self.extra)
+        return doc
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
+
+    @property
+    def cid(self) -> str:
+        return cid_of_bytes(self.dumps())
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / "manifest.json"
+        path.write_bytes(self.dumps())
+        self.path = path
+        return path
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = "manifest") -> Manifest:
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{where}: a manifest must be a JSON object")
+        if doc.get("format") != FORMAT:
+            raise ManifestError(f"{where}: 'format' is {doc.get('format')!r}, expected {FORMAT!r}")
+        name = doc.get("name")
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{where}: 'name' must be a non-empty string")
+        encryption = doc.get("encryption")
+        if encryption not in ENCRYPTIONS:
+            raise ManifestError(f"{where}: unknown 'encryption' {encryption!r}")
+        inputs = _specs(doc.get("inputs"), f"{where}: inputs")
+        outputs = _specs(doc.get("outputs"), f"{where}: outputs")
+        raw_shards = doc.get("shards")
+        if not isinstance(raw_shards, list) or not raw_shards:
+            raise ManifestError(f"{where}: 'shards' must be a non-empty list")
+        shards = [_shard(raw, i, where) for i, raw in enumerate(raw_shards)]
+        known = {"format", "name", "encryption", "inputs", "outputs", "shards"}
+        manifest = cls(
+            name=name,
+            encryption=encryption,
+            inputs=inputs,
+            outputs=outputs,
+            shards=shards,
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+        manifest.validate(where)
+        return manifest
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no such manifest") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: not a readable JSON manifest: {exc}") from exc
+        manifest = cls.from_json(doc, str(path))
+        manifest.path = path
+        return manifest
+
+    # --- consistency ----------------------------------------------------------------------------
+
+    def validate(self, where: str = "manifest") -> None:
+        """Check the U-shape and that every shard input is available when the shard runs."""
+        roles = [s.role for s in self.shards]
+        if len(roles) < 3 or roles[0] != "client-head" or roles[-1] != "client-tail":
+            raise ManifestError(
+                f"{where}: shards must be client-head, one or more node shards, client-tail; "
+                f"got {roles}"
+            )
+        if any(r != "node" for r in roles[1:-1]):
+            raise ManifestError(f"{where}: only 'node' shards may stand between head and tail")
+        available = {t.name for t in self.inputs}
+        for i, shard in enumerate(self.shards):
+            if shard.index != i:
+                raise ManifestError(f"{where}: shard at position {i} has index {shard.index}")
+            for t in shard.inputs:
+                if t.name not in available:
+                    raise ManifestError(
+                        f"{where}: shard {i} input {t.name!r} is neither a model input nor an "
+                        "output of an earlier shard"
+                    )
+            available.update(t.name for t in shard.outputs)
+        for t in self.outputs:
+            if t.name not in available:
+                raise ManifestError(f"{where}: model output {t.name!r} is produced by no shard")
+
+    def verify_files(self, roles: Iterable[str] = ROLES) -> list[str]:
+        """Hash every shard file of the given roles; return problems (empty when all match)."""
+        wanted = set(roles)
+        problems = []
+        for shard in self.shards:
+            if shard.role not in wanted:
+                continue
+            path = self.shard_path(shard)
+            if not path.is_file():
+                problems.append(f"shard {shard.index}: missing file {path}")
+                continue
+            actual = cid_of_bytes(path.read_bytes())
+            if actual != shard.cid:
+                problems.append(f"shard {shard.index}: {path} hashes to {actual}, not {shard.cid}")
+        return problems
+
+
+def _specs(raw: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ManifestError(f"{where} must be a non-empty list")
+    return tuple(TensorSpec.from_json(t, where) for t in raw)
+
+
+def _shard(raw: Any, position: int, where: str) -> ShardSpec:
+    here = f"{where}: shards[{position}]"
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{here} must be an object")
+    index, cid, role, path = raw.get("index"), raw.get("cid"), raw.get("role"), raw.get("path")
+    if not isinstance(index, int):
+        raise ManifestError(f"{here}: 'index' must be an integer")
+    if not isinstance(cid, str) or not is_valid_cid(cid):
+        raise ManifestError(f"{here}: 'cid' {cid!r} is not a CIDv1 (raw, sha2-256)")
+    if role not in ROLES:
+        raise ManifestError(f"{here}: unknown role {role!r} (expected one of {ROLES})")
+    if not isinstance(path, str) or not path:
+        raise ManifestError(f"{here}: 'path' must be a non-empty string")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ManifestError(f"{here}: 'path' {path!r} must stay inside the manifest's directory")
+    return ShardSpec(
+        index=index,
+        cid=cid,
+        role=role,
+        path=path,
+        inputs=_specs(raw.get("inputs"), f"{here}: inputs"),
+        outputs=_specs(raw.get("outputs"), f"{here}: outputs"),
+    )

@@ -1,0 +1,61 @@
+"""Run one shard with onnxruntime, checking inputs against the shard's manifest entry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.manifest import ShardSpec
+
+
+class ShardInputError(ValueError):
+    """Inputs that do not match what the shard declares (names, dtypes, ranks, fixed dims)."""
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def check_inputs(spec: ShardSpec, feeds: Mapping[str, np.ndarray]) -> None:
+    expected = {t.name: t for t in spec.inputs}
+    missing = sorted(set(expected) - set(feeds))
+    unexpected = sorted(set(feeds) - set(expected))
+    if missing or unexpected:
+        raise ShardInputError(f"shard {spec.cid}: missing inputs {missing}, unexpected "
+                              f"{unexpected}; it takes {sorted(expected)}")
+    for name, t in expected.items():
+        value = feeds[name]
+        if not isinstance(value, np.ndarray):
+            raise ShardInputError(f"input {name!r}: expected a numpy array")
+        if value.dtype.name != t.dtype:
+            raise ShardInputError(f"input {name!r}: dtype {value.dtype.name}, expected {t.dtype}")
+        if value.ndim != len(t.shape):
+            raise ShardInputError(f"input {name!r}: rank {value.ndim} {list(value.shape)}, "
+                                  f"expected rank {len(t.shape)} {list(t.shape)}")
+        for axis, (got, want) in enumerate(zip(value.shape, t.shape, strict=True)):
+            if isinstance(want, int) and got != want:
+                raise ShardInputError(f"input {name!r}: dimension {axis} is {got}, expected "
+                                      f"{want}")
+
+
+class ShardSession:
+    """An onnxruntime session for one shard file."""
+
+    def __init__(self, path: Path, spec: ShardSpec, threads: int | None = None) -> None:
+        self.spec = spec
+        self.path = Path(path)
+        self._session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        self._outputs = [t.name for t in spec.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs(self.spec, feeds)
+        values = self._session.run(self._outputs, dict(feeds))
+        return dict(zip(self._outputs, values, strict=True))

