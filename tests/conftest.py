@@ -1,0 +1,92 @@
+"""Shared fixtures: one MiniLM import and one encrypted deployment per test session."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import onnx
+import pytest
+
+from models import Manifest, build_minilm, encrypt_model_dir, import_minilm
+
+HANDWRITTEN = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A cheetah is running behind its prey.",
+    "Encrypted inference keeps activations private.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "naïve café résumé — ünïcödé & punctuation!?",
+    "x",
+    "?",
+    "42",
+    "3.14159 is approximately pi; e is 2.71828...",
+    "Peer-to-peer networks route requests between untrusted nodes, 24/7.",
+    "The Merkle tree's root hash commits to every leaf.",
+    "東京は日本の首都です。",
+    "Москва — столица России.",
+    "¿Dónde está la biblioteca?",
+    "   leading and trailing spaces   ",
+    "ALL CAPS SENTENCE WITH SHOUTING",
+    "emoji test 🚀🔥 works?",
+    "https://example.org/path?query=1&other=two",
+    "def f(x): return x * 2  # code in a sentence",
+    "The quick brown fox jumps over the lazy dog near the riverbank. " * 30,
+]
+WORDS = (
+    "network node shard model client key cipher matrix tensor layer attention token river "
+    "mountain city bread horse violin music quantum privacy ledger merkle proof witness "
+    "signature peer gossip card agent ranking consensus byzantine honest noise latency "
+    "throughput encoder decoder embedding vector sentence language learning the a of and "
+    "to in is was for on with as by at from"
+).split()
+
+
+def varied_sentences(n: int = 120, seed: int = 2026) -> list[str]:
+    """Handwritten edge cases plus seeded random sentences of 1 to 200 words."""
+    rng = random.Random(seed)
+    out = list(HANDWRITTEN)
+    while len(out) < n:
+        length = rng.choice([1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 200])
+        words = [rng.choice(WORDS) for _ in range(length)]
+        out.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", "", "..."]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[str]:
+    return varied_sentences()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("minilm") / "model"
+    import_minilm(out, node_shards=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_manifest(minilm_dir: Path) -> Manifest:
+    return Manifest.load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def deployment_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deploy") / "deploy"
+    encrypt_model_dir(minilm_dir, out, seed=20261123)
+    return out
+
+
+@pytest.fixture(scope="session")
+def deployment_manifest(deployment_dir: Path) -> Manifest:
+    return Manifest.load(deployment_dir)
+
+
+@pytest.fixture(scope="session")
+def minilm_model() -> onnx.ModelProto:
+    """The unsplit plaintext model, built straight from the weights."""
+    return build_minilm()
