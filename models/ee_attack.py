@@ -114,3 +114,32 @@ def _score_attention(report: AttackReport, space: str, kind: str, transform: np.
         report.r_rel_error[space] = rel
     elif kind == "v":
         report.s_rel_error[space] = rel
+
+
+def recover_tokens(received_hidden: np.ndarray, attention_bias: np.ndarray,
+                   plain_head: onnx.ModelProto) -> np.ndarray:
+    """Recover input token ids from the first hidden state a node receives, without the key.
+
+    The hidden state is only permuted, so per token its sorted values equal the sorted values of
+    ``LayerNorm(word[v] + position[t] + token_type[0])`` for the true token ``v``. The public head
+    shard gives every candidate; the nearest sorted vector wins. Padding positions (visible in the
+    attention bias) are returned as -1.
+    """
+    w = _weights(plain_head)
+    eps = next(a.f for n in plain_head.graph.node if n.op_type == "LayerNormalization"
+               for a in n.attribute if a.name == "epsilon")
+    base = w["embeddings.word"] + w["embeddings.token_type"][0]
+    gamma, beta = w["embeddings.ln.weight"], w["embeddings.ln.bias"]
+    batch, seq, _ = received_hidden.shape
+    tokens = np.full((batch, seq), -1, dtype=np.int64)
+    for t in range(seq):
+        x = base + w["embeddings.position"][t]
+        mu = x.mean(axis=1, keepdims=True)
+        var = ((x - mu) ** 2).mean(axis=1, keepdims=True)
+        candidates = np.sort((x - mu) / np.sqrt(var + eps) * gamma + beta, axis=1)
+        for b in range(batch):
+            if attention_bias[b, 0, 0, t] < 0:
+                continue  # padding
+            observed = np.sort(received_hidden[b, t].astype(np.float64))
+            tokens[b, t] = int(np.argmin(np.sum((candidates - observed) ** 2, axis=1)))
+    return tokens

@@ -46,3 +46,23 @@ def test_weight_matching_recovers_the_key(minilm_manifest: Manifest,
     decrypted = np.empty_like(received)
     decrypted[..., report.recovered_hidden_perm] = received
     assert np.array_equal(decrypted, outputs["none"])
+
+
+def test_sorted_values_recover_input_tokens_without_the_key(
+        minilm_manifest: Manifest, deployment_manifest: Manifest) -> None:
+    """Hidden states are only permuted: each token's sorted values give the token away."""
+    from models.ee_attack import recover_tokens
+
+    tok = TextTokenizer(minilm_manifest.path.parent / "tokenizer.json", 256)
+    feeds = tok(["my secret medical question about insulin dosage",
+                 "Peer-to-peer networks route requests between untrusted nodes."])
+    head = deployment_manifest.head
+    sent = ShardSession(deployment_manifest.shard_path(head), head).run(
+        {t.name: feeds[t.name] for t in head.inputs})
+    public_head = onnx.load(str(minilm_manifest.shard_path(minilm_manifest.head)))
+    tokens = recover_tokens(sent["hidden_0"], sent["attention_bias"], public_head)
+    real = feeds["attention_mask"] == 1
+    accuracy = float(np.mean(tokens[real] == feeds["input_ids"][real]))
+    print("token recovery:", json.dumps({"tokens": int(real.sum()), "accuracy": accuracy}))
+    assert np.all(tokens[~real] == -1)
+    assert accuracy >= 0.95
