@@ -62,6 +62,16 @@ def _gather_node(key: EEKey, space: str, inverse: bool, src: str, dst: str
     return node, init
 
 
+def _client_space(lay: Layout | None, what: str, name: str) -> str | None:
+    """The permutation space a client shard translates ``name`` through, or None if plain."""
+    if lay is None or isinstance(lay, Plain):
+        return None
+    if isinstance(lay, Flat) and lay.kind == "perm":
+        return lay.space
+    raise EncryptionError(f"client {what} {name!r} would be in layout {lay.describe()}, "
+                          "which a client shard cannot translate")
+
+
 def fold_into_head(model: onnx.ModelProto, layouts: dict[str, Layout],
                    key: EEKey) -> onnx.ModelProto:
     """Append ``Gather(perm)`` to every head output that node shards read in a secret space."""
@@ -69,16 +79,12 @@ def fold_into_head(model: onnx.ModelProto, layouts: dict[str, Layout],
     out.CopyFrom(model)
     graph = out.graph
     for output in graph.output:
-        lay = layouts.get(output.name)
-        if lay is None or isinstance(lay, Plain):
+        space = _client_space(layouts.get(output.name), "head output", output.name)
+        if space is None:
             continue
-        if not (isinstance(lay, Flat) and lay.kind == "perm"):
-            raise EncryptionError(f"client head output {output.name!r} would need layout "
-                                  f"{lay.describe()}, which a head cannot produce")
         plain_name = f"{output.name}/plain"
         _rename_output(graph, output.name, plain_name)
-        node, init = _gather_node(key, lay.space, inverse=False, src=plain_name,
-                                  dst=output.name)
+        node, init = _gather_node(key, space, inverse=False, src=plain_name, dst=output.name)
         graph.node.append(node)
         graph.initializer.append(init)
     return out
@@ -92,18 +98,15 @@ def fold_into_tail(model: onnx.ModelProto, layouts: dict[str, Layout],
     graph = out.graph
     prologue = []
     for inp in graph.input:
-        lay = layouts.get(inp.name)
-        if lay is None or isinstance(lay, Plain):
+        space = _client_space(layouts.get(inp.name), "tail input", inp.name)
+        if space is None:
             continue
-        if not (isinstance(lay, Flat) and lay.kind == "perm"):
-            raise EncryptionError(f"client tail input {inp.name!r} arrives as "
-                                  f"{lay.describe()}, which the tail cannot decrypt")
         plain_name = f"{inp.name}/plain"
         for node in graph.node:
             for i, name in enumerate(node.input):
                 if name == inp.name:
                     node.input[i] = plain_name
-        node, init = _gather_node(key, lay.space, inverse=True, src=inp.name, dst=plain_name)
+        node, init = _gather_node(key, space, inverse=True, src=inp.name, dst=plain_name)
         prologue.append(node)
         graph.initializer.append(init)
     rest = list(graph.node)
