@@ -184,10 +184,15 @@ class EEKey:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> EEKey:
+        if not isinstance(doc, Mapping):
+            raise KeyFormatError("a key file must hold a JSON object")
         if doc.get("format") != KEY_FORMAT:
             raise KeyFormatError(f"not a veilnet EE key (format {doc.get('format')!r})")
         key = cls(scheme=str(doc["scheme"]), deployment=doc.get("deployment"))
-        for sid, raw in doc["spaces"].items():
+        spaces = doc.get("spaces")
+        if not isinstance(spaces, Mapping):
+            raise KeyFormatError("'spaces' must be an object")
+        for sid, raw in spaces.items():
             if raw["type"] == "perm":
                 key.spaces[sid] = PermSpace(_checked_perm(raw["perm"], sid))
             elif raw["type"] == "attention":
@@ -211,11 +216,13 @@ class EEKey:
     def load(cls, path: Path) -> EEKey:
         try:
             doc = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise KeyFormatError(f"{path}: cannot read key file: {exc}") from exc
         try:
             return cls.from_json(doc)
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyFormatError as exc:
+            raise KeyFormatError(f"{path}: {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise KeyFormatError(f"{path}: malformed key file: {exc}") from exc
 
 

@@ -28,4 +28,8 @@ def is_valid_cid(text: str) -> bool:
         decoded = multihash.decode(cid.multihash)
     except Exception:  # the library raises a mix of ValueError/KeyError/TypeError
         return False
-    return cid.version == 1 and cid.codec == "raw" and decoded.name == "sha2-256"
+    if cid.version != 1 or cid.codec != "raw" or decoded.name != "sha2-256":
+        return False
+    encoded = cid.encode("base32")
+    canonical = encoded.decode() if isinstance(encoded, bytes) else str(encoded)
+    return canonical == text  # rejects trailing characters the decoder would silently drop

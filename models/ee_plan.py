@@ -23,6 +23,8 @@ HIDDEN = "hidden"
 NONLINEAR = {"Gelu", "Relu", "Erf", "Tanh", "Sigmoid", "Exp", "Sqrt", "Reciprocal", "Softplus",
              "FastGelu", "BiasGelu", "Abs", "Pow", "Log"}
 LINEAR_UNARY = {"Identity", "Dropout", "Neg"}
+INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8,
+                 onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
 
 
 class EncryptionError(ValueError):
@@ -57,6 +59,9 @@ def plan_encryption(node_shards: Sequence[tuple[int, onnx.ModelProto]]) -> EEPla
     plan = EEPlan()
     for index, model in node_shards:
         _ShardAnalysis(plan, index, model).run()
+        if not plan.weight_ops.get(index):
+            raise EncryptionError(f"cannot encrypt node shard {index}: none of its weights "
+                                  "would change, so it would run on plaintext")
     return plan
 
 
@@ -66,9 +71,10 @@ class _ShardAnalysis:
         self.index = index
         self.graph = model.graph
         inferred = shape_inference.infer_shapes(model, strict_mode=False)
-        self.shapes = {vi.name: _dims(vi) for vi in (*inferred.graph.value_info,
-                                                     *inferred.graph.input,
-                                                     *inferred.graph.output)}
+        infos = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+        self.shapes = {vi.name: _dims(vi) for vi in infos}
+        self.types = {vi.name: vi.type.tensor_type.elem_type for vi in infos
+                      if vi.type.HasField("tensor_type")}
         self.consts: dict[str, np.ndarray] = {
             t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.init_names = set(self.consts)
@@ -103,11 +109,16 @@ class _ShardAnalysis:
             self.plan.boundary[out.name] = self.layout[out.name]
 
     def _client_layout(self, name: str) -> Layout:
-        """A tensor the client sends: hidden space if it feeds a linear layer or LayerNorm."""
+        """A tensor the client sends is encrypted into the hidden space when the shard uses it as
+        data; it stays plain only when it merely modifies computed tensors (the attention bias
+        added to the scores). Plaintext float data reaching any other op is refused later."""
         for node in self.consumers.get(name, []):
-            if (node.op_type == "MatMul" and node.input[0] == name
-                    and node.input[1] in self.consts) or (
-                    node.op_type == "LayerNormalization" and node.input[0] == name):
+            dynamic = [i for i in node.input if i and i not in self.consts]
+            if node.op_type in NONLINEAR | LINEAR_UNARY | {"Softmax", "Cast",
+                                                           "LayerNormalization"} \
+                    or (node.op_type == "MatMul" and node.input[0] == name
+                        and node.input[1] in self.consts) \
+                    or (node.op_type in ("Add", "Sub", "Mul", "Div") and dynamic == [name]):
                 return Flat(HIDDEN)
         return PLAIN
 
@@ -129,7 +140,12 @@ class _ShardAnalysis:
         dyn = [(i, n) for i, n in enumerate(node.input) if n and n not in self.consts]
         lays = [self.layout[n] for _, n in dyn]
         if all(isinstance(la, Plain) for la in lays):
-            return PLAIN  # plaintext in, plaintext out: nothing secret to keep consistent
+            floats = [n for _, n in dyn if self.types.get(n) not in INTEGER_TYPES]
+            if floats:
+                raise self._fail(node, f"computes on plaintext data {floats}; a node shard may "
+                                 "see only masks and shapes in the clear, and this op has no "
+                                 "rule to take encrypted input")
+            return PLAIN  # integer shape arithmetic
         op = node.op_type
         if op == "MatMul":
             return self._matmul(node, dyn)

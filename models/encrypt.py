@@ -24,14 +24,15 @@ from models.cid import cid_of_bytes
 from models.ee_apply import encrypt_node_shard, fold_into_head, fold_into_tail
 from models.ee_layouts import Layout, Plain
 from models.ee_plan import EncryptionError, plan_encryption
-from models.importer import Progress, _quiet, staged_directory
+from models.importer import Progress, check_output_dir, no_progress, staged_directory
 from models.manifest import Manifest, ManifestError, ShardSpec
 
 SCHEME = "ee-encoder/1"
 
 
 def encrypt_model_dir(model_dir: Path, out_dir: Path, seed: int | None = None,
-                      progress: Progress = _quiet) -> Manifest:
+                      progress: Progress = no_progress) -> Manifest:
+    check_output_dir(out_dir)
     manifest = Manifest.load(Path(model_dir))
     if manifest.encryption != "none":
         raise ManifestError(f"{manifest.path}: already encrypted ({manifest.encryption})")

@@ -32,8 +32,15 @@ class OutputDirError(ValueError):
     """The output directory cannot be used."""
 
 
-def _quiet(_: str) -> None:
-    pass
+def no_progress(_: str) -> None:
+    """The default progress callback: say nothing."""
+
+
+def check_output_dir(target: Path) -> None:
+    """Fail early, before any slow work, if ``target`` cannot receive a new directory."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise OutputDirError(f"{target} already exists and is not empty; choose a new directory")
 
 
 @contextmanager
@@ -41,8 +48,7 @@ def staged_directory(target: Path, mode: int = 0o755) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only on success, so a
     failed run never leaves a half-written model or deployment behind."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise OutputDirError(f"{target} already exists and is not empty; choose a new directory")
+    check_output_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -65,7 +71,7 @@ def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def write_sharded(model: onnx.ModelProto, cuts: Sequence[str], out_dir: Path, name: str,
-                  extra: dict[str, Any] | None = None, progress: Progress = _quiet,
+                  extra: dict[str, Any] | None = None, progress: Progress = no_progress,
                   files: dict[str, Path] | None = None) -> Manifest:
     """Split ``model`` at ``cuts`` and write ``<cid>.onnx`` shards and manifest.json to
     ``out_dir`` (which must not exist or be empty). ``files`` are copied in beside them."""
@@ -110,7 +116,9 @@ def minilm_cuts(num_layers: int, node_shards: int) -> list[str]:
     return [f"hidden_{b}" for b in bounds]
 
 
-def import_minilm(out_dir: Path, node_shards: int = 2, progress: Progress = _quiet) -> Manifest:
+def import_minilm(out_dir: Path, node_shards: int = 2,
+                  progress: Progress = no_progress) -> Manifest:
+    check_output_dir(out_dir)
     source = locate()
     cfg = source.config()
     cuts = minilm_cuts(cfg.num_layers, node_shards)  # validate before the slow part
@@ -155,7 +163,8 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 
 
 def import_onnx(path: Path, cuts: Sequence[str], out_dir: Path,
-                progress: Progress = _quiet) -> Manifest:
+                progress: Progress = no_progress) -> Manifest:
+    check_output_dir(out_dir)
     progress(f"loading {path}")
     model = load_onnx(path)
     name = model.graph.name or Path(path).stem
