@@ -169,7 +169,14 @@ def _make_shard(model: onnx.ModelProto, k: int, members: list[int], assignment: 
     def info(name: str) -> onnx.ValueInfoProto:
         if name not in types or not types[name].type.HasField("tensor_type"):
             raise SplitError(f"cannot infer the type of boundary tensor {name!r}")
-        return types[name]
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(types[name])
+        for dim in vi.type.tensor_type.shape.dim:
+            # shape inference names dimensions it cannot relate to an input "unk__N"; such a
+            # name means nothing outside this graph, so the boundary declares it unnamed
+            if dim.dim_param.startswith("unk__"):
+                dim.ClearField("dim_param")
+        return vi
 
     sub = helper.make_graph(
         [graph.node[i] for i in members],
