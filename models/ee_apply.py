@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from crypto.ee_key import EEKey
 from models.ee_layouts import Flat, Layout, Plain
-from models.ee_plan import EEPlan, EncryptionError, WeightOp
+from models.ee_plan import EncryptionError, WeightOp
 
 
 def encrypt_node_shard(model: onnx.ModelProto, ops: dict[str, WeightOp],
@@ -33,8 +33,6 @@ def _transform(value: np.ndarray, op: WeightOp, key: EEKey) -> np.ndarray:
         return _cols(w, op.space, op.kind, key)
     if op.op == "last_axis":
         return _cols(value.astype(np.float64), op.space, op.kind, key)
-    if op.op == "head_axis":
-        return np.take(value, key.attention(op.space).head_perm, axis=op.axis)
     raise ValueError(f"unknown weight op {op.op!r}")
 
 
@@ -125,4 +123,4 @@ def _rename_output(graph: onnx.GraphProto, old: str, new: str) -> None:
                 node.input[i] = new
 
 
-__all__ = ["EEPlan", "encrypt_node_shard", "fold_into_head", "fold_into_tail"]
+__all__ = ["encrypt_node_shard", "fold_into_head", "fold_into_tail"]

@@ -33,15 +33,14 @@ class EncryptionError(ValueError):
 
 @dataclass(frozen=True)
 class WeightOp:
-    """How one initializer is transformed: ``op`` is ``matmul`` (``W' = T_in^-1 W T_out``),
-    ``last_axis`` (``c' = c T`` on the last axis) or ``head_axis`` (permute one axis by heads)."""
+    """How one initializer is transformed: ``op`` is ``matmul`` (``W' = T_in^-1 W T_out``) or
+    ``last_axis`` (``c' = c T`` on the last axis)."""
 
     op: str
     space: str
     kind: str = "perm"
     in_space: str | None = None
     in_kind: str | None = None
-    axis: int = -1
 
 
 @dataclass
@@ -394,4 +393,4 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None] | None:
             for d in vi.type.tensor_type.shape.dim]
 
 
-__all__ = ["EEPlan", "EncryptionError", "WeightOp", "head_axis_of", "plan_encryption"]
+__all__ = ["EEPlan", "EncryptionError", "WeightOp", "plan_encryption"]
