@@ -12,7 +12,10 @@ import multihash
 def cid_of_bytes(data: bytes) -> str:
     """The CIDv1 (raw, sha2-256) of ``data`` in its base32 string form."""
     digest = multihash.encode(hashlib.sha256(data).digest(), "sha2-256")
-    cid = multiformats_cid.make_cid(1, "raw", digest)
+    return _base32(multiformats_cid.make_cid(1, "raw", digest))
+
+
+def _base32(cid: multiformats_cid.CIDv1) -> str:
     encoded = cid.encode("base32")
     return encoded.decode() if isinstance(encoded, bytes) else str(encoded)
 
@@ -30,6 +33,4 @@ def is_valid_cid(text: str) -> bool:
         return False
     if cid.version != 1 or cid.codec != "raw" or decoded.name != "sha2-256":
         return False
-    encoded = cid.encode("base32")
-    canonical = encoded.decode() if isinstance(encoded, bytes) else str(encoded)
-    return canonical == text  # rejects trailing characters the decoder would silently drop
+    return _base32(cid) == text  # rejects trailing characters the decoder would silently drop

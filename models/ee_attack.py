@@ -64,9 +64,11 @@ def recover_key(plan: EEPlan, plain_shards: dict[int, onnx.ModelProto],
     ``plan`` supplies which initializer is what (the attacker learns the same from the public
     graph structure, which the encrypted shard shares with the plaintext one)."""
     report = AttackReport()
+    weights = {index: (_weights(plain_shards[index]), _weights(encrypted_shards[index]))
+               for index in plan.weight_ops}
     hidden_vectors_plain, hidden_vectors_enc = [], []
     for index, ops in plan.weight_ops.items():
-        wp, we = _weights(plain_shards[index]), _weights(encrypted_shards[index])
+        wp, we = weights[index]
         for name, op in ops.items():
             if op.op == "last_axis" and op.space == "hidden" and wp[name].ndim == 1:
                 hidden_vectors_plain.append(wp[name])
@@ -78,7 +80,7 @@ def recover_key(plan: EEPlan, plain_shards: dict[int, onnx.ModelProto],
         return report
 
     for index, ops in plan.weight_ops.items():
-        wp, we = _weights(plain_shards[index]), _weights(encrypted_shards[index])
+        wp, we = weights[index]
         biases = {op.space + "/" + op.kind: name for name, op in ops.items()
                   if op.op == "last_axis"}
         for name, op in ops.items():
