@@ -2,7 +2,7 @@
 node shards, and running shards with onnxruntime."""
 
 from models.bert_graph import BertConfig, build_bert_sentence_encoder
-from models.cid import cid_of_bytes, cid_of_file, is_valid_cid
+from models.cid import cid_of_bytes, cid_of_digest, cid_of_file, is_valid_cid
 from models.ee_layouts import Flat, HeadPerm, Heads, Layout, Plain
 from models.ee_plan import EEPlan, EncryptionError, plan_encryption
 from models.encrypt import SCHEME, encrypt_model_dir
@@ -47,6 +47,7 @@ __all__ = [
     "build_bert_sentence_encoder",
     "build_minilm",
     "cid_of_bytes",
+    "cid_of_digest",
     "cid_of_file",
     "encrypt_model_dir",
     "import_minilm",

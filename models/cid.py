@@ -11,8 +11,12 @@ import multihash
 
 def cid_of_bytes(data: bytes) -> str:
     """The CIDv1 (raw, sha2-256) of ``data`` in its base32 string form."""
-    digest = multihash.encode(hashlib.sha256(data).digest(), "sha2-256")
-    return _base32(multiformats_cid.make_cid(1, "raw", digest))
+    return cid_of_digest(hashlib.sha256(data).digest())
+
+
+def cid_of_digest(sha256_digest: bytes) -> str:
+    """The CIDv1 (raw) of content whose SHA-256 is ``sha256_digest`` (for streamed content)."""
+    return _base32(multiformats_cid.make_cid(1, "raw", multihash.encode(sha256_digest, "sha2-256")))
 
 
 def _base32(cid: multiformats_cid.CIDv1) -> str:

@@ -160,6 +160,14 @@ class Manifest:
         return manifest
 
     @classmethod
+    def from_json_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{where}: not a JSON manifest: {exc}") from exc
+        return cls.from_json(doc, where)
+
+    @classmethod
     def load(cls, path: Path) -> Manifest:
         path = Path(path)
         if path.is_dir():

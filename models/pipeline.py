@@ -33,7 +33,7 @@ class Pipeline:
             s.index: ShardSession(self.manifest.shard_path(s), s, threads)
             for s in self.manifest.shards if s.role in roles
         }
-        self._node_runner = node_runner or self._run_local
+        self._node_runner = node_runner or self.run_local
         self.tokenizer: TextTokenizer | None = None
         tok = self.manifest.extra.get("tokenizer")
         if tok:
@@ -41,7 +41,9 @@ class Pipeline:
             self.tokenizer = TextTokenizer(self.manifest.path.parent / tok["path"],
                                            int(tok["max_length"]))
 
-    def _run_local(self, shard: ShardSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_local(self, shard: ShardSpec, feeds: Mapping[str, np.ndarray],
+                  ) -> dict[str, np.ndarray]:
+        """Run one shard held in this process (the client shards, or all without a runner)."""
         return self._sessions[shard.index].run(feeds)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,7 +54,7 @@ class Pipeline:
             if shard.role == "node":
                 outputs = self._node_runner(shard, feeds)
             else:
-                outputs = self._sessions[shard.index].run(feeds)
+                outputs = self.run_local(shard, feeds)
             env.update(outputs)
         return {t.name: env[t.name] for t in self.manifest.outputs}
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from crypto.ee_key import KeyFormatError
@@ -135,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--threads", type=int, default=None, help="onnxruntime threads per shard")
     run.set_defaults(func=_cmd_run)
+
+    from node.cli_node import register as register_node
+
+    register_node(sub)
+    # Commands from other packages (the client's `query`) register through the
+    # "veilnet.commands" entry-point group, so the daemon package never imports the client.
+    for entry in sorted(entry_points(group="veilnet.commands"), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 
@@ -153,8 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "source", None) == "minilm" and args.node_shards is None:
         args.node_shards = 2
+    from crypto.identity import IdentityError
+    from node.config import ConfigError
+    from node.store import StoreError
+
     known = (UsageError, EncryptionError, ImportError_, ManifestError, ModelSourceError,
-             OutputDirError, ShardInputError, SplitError, KeyFormatError)
+             OutputDirError, ShardInputError, SplitError, KeyFormatError, IdentityError,
+             ConfigError, StoreError)
     try:
         return int(args.func(args))
     except known as exc:

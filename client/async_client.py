@@ -1,0 +1,294 @@
+"""``AsyncClient``: encrypted queries through veilnet nodes (trio).
+
+The client is a light libp2p peer. It runs the deployment's client head and tail in-process (they
+carry the secret key folded in), and sends each node shard's transformed activations to a node
+that serves that shard over /veilnet/infer/1. Every response must carry a valid signature by the
+PeerID the client reached over Noise, over (request id, shard CID, input digest, output digest);
+anything else counts as a failed hop, and the hop is retried on another node serving the shard.
+Every network step has a timeout, so a call ends in a result or a QueryError, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import numpy as np
+import trio
+
+from crypto.identity import Identity, public_from_peer_id, verify
+from models import Manifest, ManifestError, Pipeline, ShardSpec
+from node.p2p import INFER, PEERS, RemoteError, connect, ensure_connected, make_host, peer_info
+from node.p2p import request as p2p_request
+from node.peers import PeerRecord, parse_record
+from node.wire import (
+    DEFAULT_FRAME_LIMIT,
+    WIRE_VERSION,
+    WireError,
+    decode_tensors,
+    encode_tensors,
+    receipt_payload,
+    tensors_digest,
+)
+
+log = logging.getLogger("veilnet.client")
+
+
+class QueryError(RuntimeError):
+    """A query that could not be answered; the message says which hop and why."""
+
+
+@dataclass(frozen=True)
+class HopRecord:
+    """How one node-shard hop was served."""
+
+    shard_index: int
+    shard_cid: str
+    node_did: str
+    peer_id: str
+    latency_ms: float
+    request_id: str
+    input_digest: str
+    output_digest: str
+    signature: str
+    signature_verified: bool
+    attempts: int  # nodes tried for this hop, including the one that answered
+    failures: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["failures"] = list(self.failures)
+        return doc
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    embeddings: np.ndarray
+    hops: list[HopRecord]
+
+
+class AsyncClient:
+    """Use as ``async with AsyncClient(bootstrap, deployment) as client: await client.embed(...)``.
+
+    ``bootstrap``: multiaddrs ending in /p2p/<PeerID>. ``deployment``: an encrypted deployment
+    directory (manifest.json plus client/ with the key). Timeouts are in seconds: ``timeout``
+    bounds a whole query, ``hop_timeout`` one node's answer, ``connect_timeout`` one dial.
+    """
+
+    def __init__(self, bootstrap: Sequence[str], deployment: Path | str, *,
+                 timeout: float = 120.0, hop_timeout: float = 30.0, connect_timeout: float = 5.0,
+                 threads: int | None = None, frame_limit: int = DEFAULT_FRAME_LIMIT,
+                 identity: Identity | None = None) -> None:
+        if not bootstrap:
+            raise ValueError("at least one bootstrap multiaddr is needed")
+        for addr in bootstrap:
+            peer_info(addr)  # raises ValueError naming the bad address
+        self.bootstrap = list(bootstrap)
+        self.deployment = Path(deployment)
+        self.timeout, self.hop_timeout, self.connect_timeout = timeout, hop_timeout, connect_timeout
+        self.frame_limit = frame_limit
+        self.identity = identity or Identity.generate()
+        self._threads = threads
+        self._pipeline: Pipeline | None = None
+        self._stack: AsyncExitStack | None = None
+        self._host: Any = None
+        self._peers: dict[str, PeerRecord] = {}
+        self._penalty: dict[str, float] = {}  # peer id -> time of its last failure
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        self._pipeline = await trio.to_thread.run_sync(self._load_pipeline)
+        stack = AsyncExitStack()
+        try:
+            self._host = make_host(self.identity)
+            await stack.enter_async_context(
+                self._host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+            self._stack = stack
+            await self.refresh()
+        except BaseException:
+            await stack.aclose()
+            self._stack = None
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._stack is not None:
+            with trio.move_on_after(3) as scope, contextlib.suppress(Exception):
+                scope.shield = True
+                await self._host.close()
+            # host.run()'s nursery was opened in __aenter__, so it must close outside any
+            # cancel scope opened here.
+            await self._stack.aclose()
+            self._stack = None
+
+    def _load_pipeline(self) -> Pipeline:
+        manifest = Manifest.load(self.deployment)
+        if manifest.encryption == "none":
+            log.warning("%s is not encrypted: nodes will see plaintext activations",
+                        self.deployment)
+        if not manifest.node_shards:
+            raise ManifestError(f"{self.deployment}: the deployment has no node shards")
+        return Pipeline(manifest, node_runner=_never, threads=self._threads)
+
+    @property
+    def manifest(self) -> Manifest:
+        assert self._pipeline is not None, "use the client inside 'async with'"
+        return self._pipeline.manifest
+
+    # -- directory ------------------------------------------------------------------------------
+
+    async def refresh(self) -> list[PeerRecord]:
+        """Ask the bootstrap nodes who serves what. Raises QueryError if none answers."""
+        errors = []
+        for addr in self.bootstrap:
+            try:
+                info = peer_info(addr)
+                await connect(self._host, info, self.connect_timeout)
+                response = await p2p_request(self._host, info.peer_id, PEERS, {
+                    "v": WIRE_VERSION, "id": secrets.token_hex(8), "node": None},
+                    self.connect_timeout + 5)
+                own = parse_record(response.get("node"), str(info.peer_id))
+                self._peers[own.peer_id] = own
+                for doc in response.get("peers") or []:
+                    try:
+                        record = parse_record(doc)
+                    except ValueError as exc:
+                        log.info("bootstrap %s relayed a bad record: %s", addr, exc)
+                        continue
+                    self._peers.setdefault(record.peer_id, record)
+            except (Exception, trio.TooSlowError) as exc:
+                errors.append(f"{addr}: {exc or type(exc).__name__}")
+        if len(errors) == len(self.bootstrap):
+            raise QueryError("no bootstrap node answered: " + "; ".join(errors))
+        return list(self._peers.values())
+
+    def providers(self, shard_cid: str) -> list[PeerRecord]:
+        """Nodes known to serve ``shard_cid``: never-failed first (shuffled), then by last
+        failure."""
+        serving = [r for r in self._peers.values() if shard_cid in r.shards]
+        random.shuffle(serving)
+        return sorted(serving, key=lambda r: self._penalty.get(r.peer_id, 0.0))
+
+    # -- queries --------------------------------------------------------------------------------
+
+    async def embed(self, texts: Sequence[str]) -> EmbedResult:
+        """Sentence embeddings of ``texts``, computed through the network."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of texts, not one string")
+        if not texts:
+            raise ValueError("embed() needs at least one text")
+        tokenizer = self._pipeline.tokenizer if self._pipeline else None
+        if tokenizer is None:
+            raise ManifestError(f"{self.deployment}: the deployment names no tokenizer")
+        outputs, hops = await self.run(tokenizer(list(texts)))
+        return EmbedResult(outputs[self.manifest.outputs[0].name], hops)
+
+    async def run(self, inputs: Mapping[str, np.ndarray],
+                  ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
+        """Model inputs by name -> (model outputs by name, one HopRecord per node shard)."""
+        pipeline = self._pipeline
+        assert pipeline is not None, "use the client inside 'async with'"
+        env: dict[str, np.ndarray] = dict(inputs)
+        hops: list[HopRecord] = []
+        try:
+            with trio.fail_after(self.timeout):
+                for shard in pipeline.manifest.shards:
+                    feeds = {t.name: env[t.name] for t in shard.inputs}
+                    if shard.role == "node":
+                        outputs, hop = await self._hop(shard, feeds)
+                        hops.append(hop)
+                    else:
+                        outputs = await trio.to_thread.run_sync(pipeline.run_local, shard, feeds)
+                    env.update(outputs)
+        except trio.TooSlowError:
+            raise QueryError(f"the query took longer than {self.timeout:g} s") from None
+        return {t.name: env[t.name] for t in pipeline.manifest.outputs}, hops
+
+    async def _hop(self, shard: ShardSpec, feeds: dict[str, np.ndarray],
+                   ) -> tuple[dict[str, np.ndarray], HopRecord]:
+        candidates = self.providers(shard.cid)
+        if not candidates:
+            await self.refresh()
+            candidates = self.providers(shard.cid)
+        if not candidates:
+            raise QueryError(f"hop {shard.index}: no known node serves shard {shard.cid}")
+        input_digest = tensors_digest(feeds)
+        failures: list[str] = []
+        for attempt, record in enumerate(candidates, 1):
+            try:
+                with trio.fail_after(self.hop_timeout):
+                    outputs, hop = await self._call(record, shard, feeds, input_digest)
+            except (Exception, trio.TooSlowError) as exc:
+                reason = _describe(exc, self.hop_timeout)
+                log.warning("hop %d on %s failed: %s", shard.index, record.peer_id, reason)
+                failures.append(f"{record.peer_id}: {reason}")
+                self._penalty[record.peer_id] = time.monotonic()
+                continue
+            return outputs, HopRecord(**{**asdict(hop), "attempts": attempt,
+                                         "failures": tuple(failures)})
+        raise QueryError(f"hop {shard.index} (shard {shard.cid}): all {len(candidates)} nodes "
+                         "failed: " + "; ".join(failures))
+
+    async def _call(self, record: PeerRecord, shard: ShardSpec, feeds: dict[str, np.ndarray],
+                    input_digest: bytes) -> tuple[dict[str, np.ndarray], HopRecord]:
+        peer = await ensure_connected(self._host, record.peer_id, record.addrs,
+                                      self.connect_timeout)
+        request_id = secrets.token_hex(16)
+        started = time.perf_counter()
+        response = await p2p_request(self._host, peer, INFER, {
+            "v": WIRE_VERSION, "id": request_id, "shard": shard.cid,
+            "inputs": encode_tensors(feeds)}, self.hop_timeout, self.frame_limit)
+        latency_ms = (time.perf_counter() - started) * 1e3
+        if response.get("id") != request_id or response.get("shard") != shard.cid:
+            raise WireError("bad_response", "the response is for another request or shard")
+        outputs = decode_tensors(response.get("outputs"), "'outputs'")
+        _check_outputs(shard, outputs)
+        output_digest = tensors_digest(outputs)
+        signature = response.get("signature")
+        if response.get("input_digest") != input_digest:
+            raise WireError("bad_response", "the node signed a different input digest")
+        if response.get("output_digest") != output_digest:
+            raise WireError("bad_response", "the output digest does not match the outputs")
+        payload = receipt_payload(request_id, shard.cid, input_digest, output_digest)
+        if not isinstance(signature, bytes) or not verify(public_from_peer_id(record.peer_id),
+                                                          signature, payload):
+            raise WireError("bad_signature", "the node's signature does not verify")
+        return outputs, HopRecord(
+            shard_index=shard.index, shard_cid=shard.cid, node_did=record.did,
+            peer_id=record.peer_id, latency_ms=round(latency_ms, 3), request_id=request_id,
+            input_digest=input_digest.hex(), output_digest=output_digest.hex(),
+            signature=signature.hex(), signature_verified=True, attempts=1)
+
+
+def _check_outputs(shard: ShardSpec, outputs: dict[str, np.ndarray]) -> None:
+    expected = {t.name: t for t in shard.outputs}
+    if set(outputs) != set(expected):
+        raise WireError("bad_response", f"outputs {sorted(outputs)}, expected {sorted(expected)}")
+    for name, spec in expected.items():
+        value = outputs[name]
+        if value.dtype.name != spec.dtype or value.ndim != len(spec.shape):
+            raise WireError("bad_response", f"output {name!r} is {value.dtype.name} rank "
+                                            f"{value.ndim}, expected {spec.dtype} rank "
+                                            f"{len(spec.shape)}")
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, RemoteError | WireError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _never(shard: ShardSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    raise AssertionError("node shards run on nodes")  # Pipeline needs a runner; never called

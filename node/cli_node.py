@@ -1,0 +1,93 @@
+"""``veilnet node ...``: run a node daemon and manage the shards in its data directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from node.config import load_config
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from node.daemon import start
+
+    config = load_config(args.config, {
+        "data_dir": args.data_dir, "listen": args.listen, "http": args.http,
+        "bootstrap": args.bootstrap, "capacity": args.capacity, "threads": args.threads,
+        "frame_limit": args.frame_limit, "request_timeout": args.request_timeout,
+        "announce_interval": args.announce_interval, "log_level": args.log_level,
+    })
+    return start(config)
+
+
+def _cmd_add_shards(args: argparse.Namespace) -> int:
+    from node.daemon import open_data_dir
+    from node.store import ShardStore
+
+    identity, _ = open_data_dir(args.data_dir)
+    store = ShardStore(args.data_dir)
+    mcid, installed = store.add_deployment(args.deployment, args.shard)
+    print(json.dumps({"node": identity.did, "deployment": mcid, "shards": installed}, indent=2))
+    return 0
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    from node.daemon import open_data_dir
+
+    identity, created = open_data_dir(args.data_dir)
+    print(json.dumps({"peer_id": identity.peer_id, "did": identity.did,
+                      "created": created}, indent=2))
+    return 0
+
+
+def register(sub: Any) -> None:
+    node = sub.add_parser("node", help="run a node and manage its shards",
+                          description="Run a veilnet node daemon and manage its data directory.")
+    nsub = node.add_subparsers(dest="node_command", required=True, metavar="SUBCOMMAND")
+
+    st = nsub.add_parser(
+        "start", help="start the node daemon (runs until SIGINT/SIGTERM)",
+        description="Start a node: a libp2p peer (TCP, Noise, yamux) serving the shards in its "
+                    "data directory over /veilnet/infer/1, plus an HTTP API (/healthz, "
+                    "/metrics, /v1/node, /v1/peers). On first start it creates "
+                    "D/identity.key (Ed25519, mode 0600). Flags override the config file.")
+    st.add_argument("--data-dir", type=Path, metavar="D", help="node data directory")
+    st.add_argument("--listen", action="append", metavar="MULTIADDR",
+                    help="libp2p listen address, repeatable (default /ip4/127.0.0.1/tcp/0: a "
+                         "free port on loopback)")
+    st.add_argument("--http", metavar="HOST:PORT",
+                    help="HTTP API address (default 127.0.0.1:0: a free port on loopback)")
+    st.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                    help="a node to announce to and learn peers from "
+                         "(/ip4/.../tcp/.../p2p/<PeerID>), repeatable")
+    st.add_argument("--config", type=Path, metavar="FILE", help="TOML config file")
+    st.add_argument("--capacity", type=int, help="shard runs at once (default 1)")
+    st.add_argument("--threads", type=int,
+                    help="onnxruntime threads per run (default: onnxruntime's choice)")
+    st.add_argument("--frame-limit", type=int, metavar="BYTES",
+                    help="largest frame accepted (default 64 MiB)")
+    st.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                    help="time to receive and answer one request (default 60)")
+    st.add_argument("--announce-interval", type=float, metavar="SECONDS",
+                    help="seconds between hellos to the bootstrap nodes (default 10)")
+    st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    st.set_defaults(func=_cmd_start)
+
+    add = nsub.add_parser(
+        "add-shards", help="install a deployment's node shards into a data directory",
+        description="Copy the manifest and node shards of DEPLOY into D, checking each "
+                    "shard against its CID. Client material (client/: head and tail shards, "
+                    "key, tokenizer) is never copied. A running node serves new shards at "
+                    "once.")
+    add.add_argument("data_dir", type=Path, metavar="D")
+    add.add_argument("deployment", type=Path, metavar="DEPLOY")
+    add.add_argument("--shard", action="append", metavar="CID",
+                     help="install only this node shard (repeatable; default: all)")
+    add.set_defaults(func=_cmd_add_shards)
+
+    ident = nsub.add_parser("id", help="print (creating if needed) the node's PeerID and did",
+                            description="Print the PeerID and did:key of the node in D.")
+    ident.add_argument("data_dir", type=Path, metavar="D")
+    ident.set_defaults(func=_cmd_id)

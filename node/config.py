@@ -1,0 +1,103 @@
+"""Node settings: defaults, overridden by a TOML file, overridden by command-line flags.
+
+A config file holds the same keys as the flags of ``veilnet node start``::
+
+    data_dir = "node1"
+    listen = ["/ip4/127.0.0.1/tcp/4001"]
+    http = "127.0.0.1:8401"
+    bootstrap = ["/ip4/127.0.0.1/tcp/4002/p2p/12D3KooW..."]
+    capacity = 1           # shard runs at once
+    threads = 0            # onnxruntime intra-op threads per run (0: onnxruntime's default)
+    frame_limit = 67108864 # bytes
+    request_timeout = 60   # seconds to receive and answer one request
+    announce_interval = 10 # seconds between hellos to the bootstrap nodes
+    log_level = "info"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from node.wire import DEFAULT_FRAME_LIMIT
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path | None = None
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    http: str = "127.0.0.1:0"
+    bootstrap: list[str] = field(default_factory=list)
+    capacity: int = 1
+    threads: int = 0
+    frame_limit: int = DEFAULT_FRAME_LIMIT
+    request_timeout: float = 60.0
+    announce_interval: float = 10.0
+    log_level: str = "info"
+
+    def http_host_port(self) -> tuple[str, int]:
+        host, sep, port = self.http.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"http: {self.http!r} is not HOST:PORT")
+        return host.strip("[]"), int(port)
+
+    def check(self) -> None:
+        if self.data_dir is None:
+            raise ConfigError("no data directory: pass --data-dir or set data_dir in the config")
+        if not self.listen:
+            raise ConfigError("listen: at least one multiaddr is needed")
+        self.http_host_port()
+        for name in ("capacity", "frame_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.threads < 0:
+            raise ConfigError("threads must be 0 (onnxruntime's default) or more")
+        if self.request_timeout <= 0 or self.announce_interval <= 0:
+            raise ConfigError("request_timeout and announce_interval must be positive")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
+
+
+_TYPES: dict[str, Any] = {
+    "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
+    "capacity": (int,), "threads": (int,), "frame_limit": (int,),
+    "request_timeout": (int, float), "announce_interval": (int, float), "log_level": (str,),
+}
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
+    """Defaults, then the TOML file at ``path`` (if any), then non-None ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        unknown = sorted(set(raw) - set(_TYPES))
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(_TYPES)}")
+        for key, value in raw.items():
+            if not isinstance(value, _TYPES[key]) or isinstance(value, bool):
+                raise ConfigError(f"{path}: {key} has the wrong type "
+                                  f"({type(value).__name__})")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: {key} must be a list of strings")
+            values[key] = [value] if key in ("listen", "bootstrap") and isinstance(value,
+                                                                                   str) else value
+        if "data_dir" in values:  # relative to the config file
+            values["data_dir"] = (Path(path).parent / values["data_dir"]).resolve()
+    values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    known = {f.name for f in fields(NodeConfig)}
+    config = NodeConfig(**{k: v for k, v in values.items() if k in known})
+    if config.data_dir is not None:
+        config.data_dir = Path(config.data_dir)
+    config.check()
+    return config

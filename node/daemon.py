@@ -1,0 +1,128 @@
+"""``veilnet node start``: one trio process running the libp2p host, the HTTP API and the shard
+executor, until SIGINT or SIGTERM.
+
+When it is ready it writes D/node.json (PeerID, did, multiaddrs, HTTP URL, pid) and prints the same
+facts; it removes node.json when it stops. Scripts wait for that file to know the node is up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from crypto.identity import Identity
+from node.config import NodeConfig
+from node.executor import ShardExecutor
+from node.http_api import create_app
+from node.p2p import make_host, parse_multiaddr
+from node.service import NodeService
+from node.store import ShardStore
+
+log = logging.getLogger("veilnet.node")
+READY_FILE = "node.json"
+IDENTITY_FILE = "identity.key"
+
+
+def open_data_dir(data_dir: Path) -> tuple[Identity, bool]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Identity.load_or_create(data_dir / IDENTITY_FILE)
+
+
+async def run_node(config: NodeConfig) -> None:
+    assert config.data_dir is not None
+    data_dir = config.data_dir
+    identity, created = open_data_dir(data_dir)
+    store = ShardStore(data_dir)
+    executor = ShardExecutor(store, config.capacity, config.threads or None)
+    service = NodeService(identity, store, executor, frame_limit=config.frame_limit,
+                          request_timeout=config.request_timeout,
+                          peer_ttl=max(45.0, 4 * config.announce_interval))
+    listen = [parse_multiaddr(a) for a in config.listen]
+    host_name, port = config.http_host_port()
+    hconfig = HypercornConfig()
+    hconfig.bind = [f"[{host_name}]:{port}" if ":" in host_name else f"{host_name}:{port}"]
+    hconfig.graceful_timeout = 2
+    hconfig.accesslog = None
+    shutdown, http_done = trio.Event(), trio.Event()
+    app = create_app(service)
+
+    async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+                         ) -> None:
+        try:
+            await hypercorn.trio.serve(app, hconfig, shutdown_trigger=shutdown.wait,
+                                       task_status=task_status)
+        finally:
+            http_done.set()
+
+    ready_file = data_dir / READY_FILE
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        host = make_host(identity)
+        try:
+            async with host.run(listen_addrs=listen), trio.open_nursery() as nursery:
+                service.attach(host)
+                binds = await nursery.start(serve_http)
+                service.http_url = binds[0] if binds else None
+                for cid in sorted(store.shards()):  # load sessions before saying "ready"
+                    await executor.session(cid)
+                if config.bootstrap:
+                    nursery.start_soon(service.announce_loop, config.bootstrap,
+                                       config.announce_interval)
+                info = {
+                    "pid": os.getpid(), "peer_id": identity.peer_id, "did": identity.did,
+                    "multiaddrs": service.addrs(), "http": service.http_url,
+                    "shards": sorted(store.shards()), "identity_created": created,
+                }
+                _write_ready(ready_file, info)
+                _print_banner(info, data_dir)
+                async for signum in signals:
+                    log.info("received %s, stopping", signal.Signals(signum).name)
+                    break
+                shutdown.set()
+                with trio.move_on_after(3):
+                    await http_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            ready_file.unlink(missing_ok=True)
+            with trio.move_on_after(2) as scope, contextlib.suppress(Exception):
+                scope.shield = True
+                await host.close()
+    print("veilnet: node stopped", flush=True)
+
+
+def _write_ready(path: Path, info: dict[str, object]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _print_banner(info: dict[str, object], data_dir: Path) -> None:
+    lines = [
+        f"veilnet: node {'created' if info['identity_created'] else 'loaded'} identity "
+        f"{data_dir / IDENTITY_FILE}",
+        f"  peer id:   {info['peer_id']}",
+        f"  did:       {info['did']}",
+        *[f"  listen:    {a}" for a in info["multiaddrs"]],  # type: ignore[attr-defined]
+        f"  http:      {info['http']}",
+        f"  shards:    {len(info['shards'])}",  # type: ignore[arg-type]
+        "  stop with Ctrl-C (SIGINT) or SIGTERM",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def start(config: NodeConfig) -> int:
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("libp2p", "hypercorn", "multiaddr", "async_service"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    trio.run(run_node, config)
+    return 0

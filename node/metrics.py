@@ -1,0 +1,29 @@
+"""Prometheus metrics of one node (its own registry, so several nodes can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("veilnet_requests", "Requests received, by protocol",
+                                ["protocol"], registry=self.registry)
+        self.errors = Counter("veilnet_errors", "Error responses sent, by protocol and code",
+                              ["protocol", "code"], registry=self.registry)
+        self.latency = Histogram("veilnet_infer_latency_seconds",
+                                 "Time from a complete infer request to its response",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.shards_served = Gauge("veilnet_shards_served", "Node shards in the store",
+                                   registry=self.registry)
+        self.shards_loaded = Gauge("veilnet_shards_loaded",
+                                   "Shards with an onnxruntime session in memory",
+                                   registry=self.registry)
+        self.peers = Gauge("veilnet_peers_known", "Peers in the peer table",
+                           registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

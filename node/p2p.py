@@ -1,0 +1,122 @@
+"""py-libp2p glue shared by the node daemon and the client SDK.
+
+Hosts use TCP, Noise and yamux (py-libp2p's defaults). Every request opens a fresh stream, sends
+one frame, reads one response frame and closes the stream; every step has a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+from crypto.identity import Identity
+from node.wire import DEFAULT_FRAME_LIMIT, WireError, read_frame, write_frame
+
+INFER = TProtocol("/veilnet/infer/1")
+SHARD = TProtocol("/veilnet/shard/1")
+PEERS = TProtocol("/veilnet/peers/1")
+
+log = logging.getLogger("veilnet.p2p")
+
+
+def make_host(identity: Identity) -> IHost:
+    return new_host(key_pair=create_new_key_pair(identity.seed()))
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:  # the multiaddr package raises several types
+        raise ValueError(f"{text!r} is not a multiaddr ({exc})") from None
+
+
+def peer_info(text: str) -> PeerInfo:
+    """PeerInfo from a ``/ip4/.../tcp/.../p2p/<PeerID>`` multiaddr."""
+    addr = parse_multiaddr(text)
+    try:
+        return info_from_p2p_addr(addr)
+    except Exception as exc:
+        raise ValueError(f"{text!r} does not end in /p2p/<PeerID> ({exc})") from None
+
+
+def full_addrs(host: IHost) -> list[str]:
+    """The host's listen multiaddrs, each ending in /p2p/<PeerID>."""
+    return [str(a) for a in host.get_addrs()]
+
+
+def remote_peer(stream: INetStream) -> str:
+    return str(stream.muxed_conn.peer_id)
+
+
+async def close_quietly(stream: INetStream, timeout: float = 1.0) -> None:
+    """Close a stream even inside a cancelled scope; a peer that already reset it is fine."""
+    with trio.move_on_after(timeout) as scope:
+        scope.shield = True
+        with contextlib.suppress(Exception):
+            await stream.close()
+
+
+async def connect(host: IHost, info: PeerInfo, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        await host.connect(info)
+
+
+async def ensure_connected(host: IHost, peer_id: str, addrs: Sequence[str],
+                           timeout: float) -> ID:
+    """Connect to ``peer_id`` at one of ``addrs`` unless a connection is already open."""
+    pid = ID.from_base58(peer_id)
+    if pid in host.get_connected_peers():
+        return pid
+    errors = []
+    for text in addrs:
+        try:
+            info = peer_info(text if "/p2p/" in text else f"{text}/p2p/{peer_id}")
+            await connect(host, info, timeout)
+            return pid
+        except (Exception, trio.TooSlowError) as exc:
+            errors.append(f"{text}: {exc or type(exc).__name__}")
+    raise ConnectionError(f"cannot reach {peer_id}: " + "; ".join(errors or ["no addresses"]))
+
+
+async def request(host: IHost, peer_id: ID, protocol: TProtocol, message: Mapping[str, Any],
+                  timeout: float, limit: int = DEFAULT_FRAME_LIMIT) -> dict[str, Any]:
+    """Send one request frame on a new stream and return the response frame.
+
+    Raises trio.TooSlowError after ``timeout`` seconds, WireError on a malformed response and
+    RemoteError when the peer answers with an error frame.
+    """
+    with trio.fail_after(timeout):
+        stream = await host.new_stream(peer_id, [protocol])
+        try:
+            await write_frame(stream, message)
+            response = await read_frame(stream, limit)
+        finally:
+            await close_quietly(stream)
+    if response is None:
+        raise WireError("truncated", f"{protocol}: the peer closed the stream without answering")
+    error = response.get("error")
+    if error is not None:
+        if not isinstance(error, dict):
+            raise WireError("bad_frame", f"{protocol}: malformed error frame")
+        raise RemoteError(str(error.get("code")), str(error.get("message")))
+    return response
+
+
+class RemoteError(Exception):
+    """The peer answered with a structured error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

@@ -1,0 +1,85 @@
+"""What a node knows of other nodes: addresses and shards, learnt over /veilnet/peers/1.
+
+Until signed agent cards arrive (discovery issue), entries are what peers said about themselves
+over a Noise-authenticated stream (the PeerID is the authenticated one), or what a bootstrap node
+relayed. The client never trusts an entry for more than routing: every response it uses is
+signed by the PeerID it actually reached.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from crypto.identity import IdentityError, did_from_peer_id
+from models import is_valid_cid
+
+MAX_ADDRS = 8
+MAX_SHARDS = 256
+
+
+@dataclass
+class PeerRecord:
+    peer_id: str
+    did: str
+    addrs: list[str]
+    shards: list[str]
+    http: str | None = None
+    last_seen: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["age"] = round(max(0.0, time.time() - doc.pop("last_seen")), 3)
+        return doc
+
+
+def parse_record(doc: Any, authenticated_peer: str | None = None) -> PeerRecord:
+    """A PeerRecord from a peers-protocol map; raises ValueError naming what is wrong."""
+    if not isinstance(doc, dict):
+        raise ValueError("a node record must be a map")
+    peer_id = doc.get("peer_id")
+    if not isinstance(peer_id, str):
+        raise ValueError("node record: 'peer_id' must be a string")
+    if authenticated_peer is not None and peer_id != authenticated_peer:
+        raise ValueError(f"node record names {peer_id} but came from {authenticated_peer}")
+    try:
+        did = did_from_peer_id(peer_id)
+    except IdentityError as exc:
+        raise ValueError(f"node record: {exc}") from None
+    addrs, shards, http = doc.get("addrs"), doc.get("shards"), doc.get("http")
+    if (not isinstance(addrs, list) or len(addrs) > MAX_ADDRS
+            or not all(isinstance(a, str) and len(a) < 300 for a in addrs)):
+        raise ValueError(f"node record: 'addrs' must be a list of at most {MAX_ADDRS} strings")
+    if (not isinstance(shards, list) or len(shards) > MAX_SHARDS
+            or not all(isinstance(c, str) and is_valid_cid(c) for c in shards)):
+        raise ValueError(f"node record: 'shards' must be a list of at most {MAX_SHARDS} CIDs")
+    if http is not None and not (isinstance(http, str) and len(http) < 300):
+        raise ValueError("node record: 'http' must be a URL string")
+    return PeerRecord(peer_id, did, list(addrs), list(shards), http)
+
+
+class PeerTable:
+    def __init__(self, ttl: float = 60.0) -> None:
+        self.ttl = ttl
+        self._peers: dict[str, PeerRecord] = {}
+
+    def upsert(self, record: PeerRecord, age: float = 0.0) -> None:
+        """Add or refresh a record; ``age`` is how long ago a relaying peer last heard of it."""
+        record.last_seen = time.time() - age
+        known = self._peers.get(record.peer_id)
+        if known is None or known.last_seen <= record.last_seen:
+            self._peers[record.peer_id] = record
+
+    def touch(self, peer_id: str) -> None:
+        if peer_id in self._peers:
+            self._peers[peer_id].last_seen = time.time()
+
+    def remove(self, peer_id: str) -> None:
+        self._peers.pop(peer_id, None)
+
+    def records(self) -> list[PeerRecord]:
+        cutoff = time.time() - self.ttl
+        for pid in [p for p, r in self._peers.items() if r.last_seen < cutoff]:
+            del self._peers[pid]
+        return sorted(self._peers.values(), key=lambda r: r.peer_id)

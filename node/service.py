@@ -1,0 +1,287 @@
+"""The node's libp2p protocols: /veilnet/infer/1, /veilnet/shard/1 and /veilnet/peers/1.
+
+Each handler reads one request frame, answers with one response (or a structured error) and
+closes the stream. Nothing a peer sends can stop the node: every failure becomes an error frame,
+a log line and a counter in /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+
+from crypto.identity import Identity
+from models import is_valid_cid
+from node.executor import ShardExecutor
+from node.metrics import NodeMetrics
+from node.p2p import (
+    INFER,
+    PEERS,
+    SHARD,
+    RemoteError,
+    close_quietly,
+    connect,
+    full_addrs,
+    peer_info,
+    remote_peer,
+    request,
+)
+from node.peers import PeerRecord, PeerTable, parse_record
+from node.store import ShardStore, StoreError
+from node.wire import (
+    WIRE_VERSION,
+    WireError,
+    decode_tensors,
+    encode_tensors,
+    read_frame,
+    receipt_payload,
+    tensors_digest,
+    write_frame,
+)
+
+log = logging.getLogger("veilnet.node")
+CHUNK = 1 << 20
+MAX_ID_LENGTH = 128
+
+Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
+
+
+class NodeService:
+    def __init__(self, identity: Identity, store: ShardStore, executor: ShardExecutor,
+                 *, frame_limit: int, request_timeout: float, peer_ttl: float = 45.0) -> None:
+        self.identity = identity
+        self.store = store
+        self.executor = executor
+        self.metrics = NodeMetrics()
+        self.peers = PeerTable(peer_ttl)
+        self.frame_limit = frame_limit
+        self.request_timeout = request_timeout
+        self.host: IHost | None = None
+        self.http_url: str | None = None
+        self.started = time.time()
+
+    # -- identity ---------------------------------------------------------------------------------
+
+    def addrs(self) -> list[str]:
+        return full_addrs(self.host) if self.host else []
+
+    def record(self) -> PeerRecord:
+        return PeerRecord(self.identity.peer_id, self.identity.did, self.addrs(),
+                          sorted(self.store.shards()), self.http_url)
+
+    def attach(self, host: IHost) -> None:
+        self.host = host
+        host.set_stream_handler(INFER, self.handle_infer)
+        host.set_stream_handler(SHARD, self.handle_shard)
+        host.set_stream_handler(PEERS, self.handle_peers)
+
+    # -- request plumbing -----------------------------------------------------------------------
+
+    async def _serve(self, stream: INetStream, protocol: str, handle: Handler) -> None:
+        self.metrics.requests.labels(protocol).inc()
+        request_id: str | None = None
+        try:
+            with trio.fail_after(self.request_timeout):
+                message = await read_frame(stream, self.frame_limit)
+                if message is None:
+                    raise WireError("bad_request", "the stream closed before a request frame")
+                raw_id = message.get("id")
+                if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_LENGTH:
+                    request_id = raw_id
+                if message.get("v") != WIRE_VERSION:
+                    raise WireError("unsupported_version",
+                                    f"wire version {message.get('v')!r}; this node speaks "
+                                    f"{WIRE_VERSION}")
+                if request_id is None:
+                    raise WireError("bad_request", f"'id' must be a string of at most "
+                                                   f"{MAX_ID_LENGTH} characters")
+                await handle(stream, message)
+        except WireError as exc:
+            await self._send_error(stream, protocol, exc, request_id)
+        except trio.TooSlowError:
+            await self._send_error(stream, protocol, WireError(
+                "timeout", f"no complete request within {self.request_timeout:g} s"), request_id)
+        except Exception as exc:  # a bug must not take the node down; report it and keep serving
+            log.exception("%s: internal error", protocol)
+            await self._send_error(stream, protocol, WireError(
+                "internal", f"{type(exc).__name__} while handling the request"), request_id)
+        finally:
+            await close_quietly(stream, 2.0)
+
+    async def _send_error(self, stream: INetStream, protocol: str, exc: WireError,
+                          request_id: str | None) -> None:
+        self.metrics.errors.labels(protocol, exc.code).inc()
+        log.info("%s from %s: %s", protocol, _peer_of(stream), exc)
+        # a peer that is gone cannot be told; nothing else to do
+        with trio.move_on_after(5), contextlib.suppress(Exception):
+            await write_frame(stream, exc.to_message(request_id))
+
+    # -- /veilnet/infer/1 -----------------------------------------------------------------------
+
+    async def handle_infer(self, stream: INetStream) -> None:
+        await self._serve(stream, str(INFER), self._infer)
+
+    async def _infer(self, stream: INetStream, message: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        shard = message.get("shard")
+        if not isinstance(shard, str) or not is_valid_cid(shard):
+            raise WireError("bad_request", "'shard' must be a shard CID")
+        feeds = decode_tensors(message.get("inputs"), "'inputs'")
+        outputs = await self.executor.run(shard, feeds)
+        input_digest = tensors_digest(feeds)
+        output_digest = tensors_digest(outputs)
+        signature = self.identity.sign(
+            receipt_payload(message["id"], shard, input_digest, output_digest))
+        await write_frame(stream, {
+            "v": WIRE_VERSION, "id": message["id"], "shard": shard,
+            "outputs": encode_tensors(outputs), "input_digest": input_digest,
+            "output_digest": output_digest, "node": self.identity.did, "signature": signature,
+        })
+        self.metrics.latency.observe(time.perf_counter() - started)
+
+    # -- /veilnet/shard/1 -----------------------------------------------------------------------
+
+    async def handle_shard(self, stream: INetStream) -> None:
+        await self._serve(stream, str(SHARD), self._shard)
+
+    async def _shard(self, stream: INetStream, message: dict[str, Any]) -> None:
+        cid = message.get("cid")
+        if not isinstance(cid, str) or not is_valid_cid(cid):
+            raise WireError("bad_request", "'cid' must be a CID")
+        path = self.store.blob_path(cid)
+        if path is None:
+            raise WireError("not_found", f"this node holds no shard or manifest {cid}")
+        data = await trio.Path(path).read_bytes()
+        await write_frame(stream, {"v": WIRE_VERSION, "id": message["id"], "cid": cid,
+                                   "size": len(data)})
+        for offset in range(0, len(data), CHUNK):
+            await write_frame(stream, {"data": data[offset:offset + CHUNK]})
+
+    async def fetch_blob(self, peer: ID, cid: str, kind: str, timeout: float) -> None:
+        """Fetch a shard or manifest from ``peer`` into the store, checking it against ``cid``."""
+        assert self.host is not None
+        writer = self.store.writer(cid, kind)
+        with trio.fail_after(timeout):
+            stream = await self.host.new_stream(peer, [SHARD])
+            try:
+                await write_frame(stream, {"v": WIRE_VERSION, "id": f"fetch-{cid}", "cid": cid})
+                header = await read_frame(stream, self.frame_limit)
+                if header is None or "error" in header:
+                    err = (header or {}).get("error") or {}
+                    raise RemoteError(str(err.get("code", "truncated")),
+                                      str(err.get("message", "no answer")))
+                size = header.get("size")
+                if not isinstance(size, int) or size < 0:
+                    raise WireError("bad_frame", "the shard header has no valid 'size'")
+                received = 0
+                while received < size:
+                    chunk = await read_frame(stream, self.frame_limit)
+                    data = chunk.get("data") if chunk else None
+                    if not isinstance(data, bytes) or received + len(data) > size:
+                        raise WireError("bad_frame", f"bad chunk after {received} of {size} "
+                                                     "bytes")
+                    writer.add(data)
+                    received += len(data)
+            finally:
+                await close_quietly(stream)
+        await trio.to_thread.run_sync(writer.commit)
+
+    async def fetch_deployment(self, deployment: str, shards: Sequence[str] | None,
+                               source: str | None, timeout: float = 120.0) -> list[str]:
+        """Fetch a deployment manifest and its node shards (all, or ``shards``) from a peer."""
+        assert self.host is not None
+        if source is not None:
+            info = peer_info(source)
+            await connect(self.host, info, 10)
+            providers = [info.peer_id]
+        else:
+            providers = [ID.from_base58(r.peer_id) for r in self.peers.records()]
+            for r in self.peers.records():
+                if r.addrs:
+                    try:
+                        await connect(self.host, peer_info(r.addrs[0]), 5)
+                    except (Exception, trio.TooSlowError):
+                        continue
+        if not providers:
+            raise StoreError("no peer to fetch from: name one with 'peer'")
+        errors: list[str] = []
+        for provider in providers:
+            try:
+                if self.store.blob_path(deployment) is None:
+                    await self.fetch_blob(provider, deployment, "manifest", timeout)
+                _, manifest = self.store.add_manifest_bytes(
+                    self.store.manifest_path(deployment).read_bytes())
+                node_cids = [s.cid for s in manifest.node_shards]
+                wanted = list(shards) if shards else node_cids
+                bad = [c for c in wanted if c not in node_cids]
+                if bad:
+                    raise StoreError(f"{bad} are not node shards of deployment {deployment}")
+                for cid in wanted:
+                    if self.store.blob_path(cid) is None:
+                        await self.fetch_blob(provider, cid, "shard", timeout)
+                return wanted
+            except StoreError:
+                raise
+            except (Exception, trio.TooSlowError) as exc:
+                errors.append(f"{provider}: {exc or type(exc).__name__}")
+        raise StoreError("fetch failed: " + "; ".join(errors))
+
+    # -- /veilnet/peers/1 -----------------------------------------------------------------------
+
+    async def handle_peers(self, stream: INetStream) -> None:
+        await self._serve(stream, str(PEERS), self._peers)
+
+    async def _peers(self, stream: INetStream, message: dict[str, Any]) -> None:
+        sender = remote_peer(stream)
+        if message.get("node") is not None:
+            try:
+                self.peers.upsert(parse_record(message["node"], authenticated_peer=sender))
+            except ValueError as exc:
+                raise WireError("bad_request", str(exc)) from None
+        others = [r.to_json() for r in self.peers.records() if r.peer_id != sender]
+        await write_frame(stream, {"v": WIRE_VERSION, "id": message["id"],
+                                   "node": self.record().to_json(), "peers": others})
+
+    async def announce(self, bootstrap: Sequence[str], timeout: float = 10.0) -> None:
+        """Say hello to each bootstrap node and learn the peers it knows."""
+        assert self.host is not None
+        for addr in bootstrap:
+            try:
+                info = peer_info(addr)
+                if str(info.peer_id) == self.identity.peer_id:
+                    continue
+                await connect(self.host, info, timeout)
+                response = await request(self.host, info.peer_id, PEERS, {
+                    "v": WIRE_VERSION, "id": f"hello-{time.time_ns()}",
+                    "node": self.record().to_json()}, timeout)
+                self.peers.upsert(parse_record(response.get("node"), str(info.peer_id)))
+                for doc in response.get("peers") or []:
+                    record = parse_record(doc)
+                    if record.peer_id != self.identity.peer_id:
+                        self.peers.upsert(record, age=_age(doc))
+            except (Exception, trio.TooSlowError) as exc:
+                log.warning("bootstrap %s: %s", addr, exc or type(exc).__name__)
+
+    async def announce_loop(self, bootstrap: Sequence[str], interval: float) -> None:
+        while True:
+            await self.announce(bootstrap)
+            await trio.sleep(interval)
+
+
+def _peer_of(stream: INetStream) -> str:
+    try:
+        return remote_peer(stream)
+    except Exception:
+        return "?"
+
+
+def _age(doc: Any) -> float:
+    age = doc.get("age") if isinstance(doc, dict) else None
+    return float(age) if isinstance(age, int | float) and 0 <= age < 1e9 else 0.0

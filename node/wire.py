@@ -1,0 +1,180 @@
+"""The veilnet wire format: length-prefixed CBOR frames carrying raw little-endian tensors.
+
+A frame is an unsigned varint (the multiformats unsigned-varint, at most 9 bytes) giving the
+length of a CBOR map that follows. Tensors are ``{"dtype": str, "shape": [int], "data": bytes}``.
+Nothing is ever unpickled. Errors travel as ``{"v": 1, "id": ..., "error": {"code", "message"}}``.
+See docs/protocol.md for the message schemas of each protocol.
+
+The varint is written by hand (eight lines) because the multiformats varint packages work on
+whole buffers, while a frame header must be read from a stream one byte at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import cbor2
+import numpy as np
+
+WIRE_VERSION = 1
+DEFAULT_FRAME_LIMIT = 64 * 1024 * 1024
+MAX_VARINT_BYTES = 9  # multiformats unsigned-varint: at most 63 bits
+RECEIPT_DOMAIN = "veilnet-infer-receipt/1"
+
+# dtypes a tensor may carry: fixed-size numeric types, always little-endian on the wire.
+DTYPES = frozenset({
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool",
+})
+
+
+class ByteStream(Protocol):
+    async def read(self, n: int | None = None) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+
+
+class WireError(Exception):
+    """A protocol error with a stable ``code`` (see docs/protocol.md) and a readable message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    def to_message(self, request_id: str | None = None) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "id": request_id,
+                "error": {"code": self.code, "message": self.message}}
+
+
+# -- frames -------------------------------------------------------------------------------------
+
+def encode_varint(n: int) -> bytes:
+    if n < 0 or n >= 1 << 63:
+        raise ValueError(f"varint out of range: {n}")
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def encode_frame(message: Mapping[str, Any]) -> bytes:
+    body = cbor2.dumps(dict(message))
+    return encode_varint(len(body)) + body
+
+
+async def write_frame(stream: ByteStream, message: Mapping[str, Any]) -> None:
+    await stream.write(encode_frame(message))
+
+
+async def read_exactly(stream: ByteStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise WireError("truncated", f"the stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_frame_length(stream: ByteStream) -> int | None:
+    """The next frame's length, or None at a clean end of stream (before any header byte)."""
+    value = shift = 0
+    for i in range(MAX_VARINT_BYTES):
+        chunk = await stream.read(1)
+        if not chunk:
+            if i == 0:
+                return None
+            raise WireError("truncated", "the stream ended inside a frame header")
+        byte = chunk[0]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if i > 0 and byte == 0:
+                raise WireError("bad_frame", "the frame header is not a minimal varint")
+            return value
+        shift += 7
+    raise WireError("bad_frame", f"the frame header is longer than {MAX_VARINT_BYTES} bytes")
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    try:
+        message = cbor2.loads(body, max_depth=16, allow_duplicate_keys=False,
+                              tag_hook=_reject_tag)
+    except WireError:
+        raise
+    except Exception as exc:  # cbor2 raises several types on garbage; all mean the same here
+        raise WireError("bad_frame", f"the frame is not valid CBOR ({exc})") from None
+    if not isinstance(message, dict):
+        raise WireError("bad_frame", f"a frame must be a CBOR map, got {type(message).__name__}")
+    return message
+
+
+async def read_frame(stream: ByteStream, limit: int = DEFAULT_FRAME_LIMIT) -> dict[str, Any] | None:
+    """Read one frame; None at a clean end of stream. Raises WireError on a bad frame."""
+    length = await read_frame_length(stream)
+    if length is None:
+        return None
+    if length > limit:
+        raise WireError("frame_too_large", f"the frame has {length} bytes, the limit is {limit}")
+    return decode_body(await read_exactly(stream, length))
+
+
+def _reject_tag(decoder: Any, tag: Any) -> Any:
+    raise WireError("bad_frame", f"CBOR tag {tag.tag} is not allowed")
+
+
+# -- tensors ------------------------------------------------------------------------------------
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    if array.dtype.name not in DTYPES:
+        raise WireError("bad_tensor", f"dtype {array.dtype.name} cannot be sent")
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": array.dtype.name, "shape": list(array.shape),
+            "data": np.ascontiguousarray(little).tobytes()}
+
+
+def decode_tensor(obj: Any, name: str) -> np.ndarray:
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise WireError("bad_tensor", f"tensor {name!r} must be a map of dtype, shape and data")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in DTYPES:
+        raise WireError("bad_tensor", f"tensor {name!r}: unsupported dtype {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31
+                       for d in shape)):
+        raise WireError("bad_tensor", f"tensor {name!r}: shape must be a list of at most 8 "
+                                      "non-negative integers")
+    if not isinstance(data, bytes):
+        raise WireError("bad_tensor", f"tensor {name!r}: data must be a byte string")
+    dt = np.dtype(dtype).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if expected != len(data):
+        raise WireError("bad_tensor", f"tensor {name!r}: shape {shape} of {dtype} needs "
+                                      f"{expected} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {name: encode_tensor(np.asarray(value)) for name, value in tensors.items()}
+
+
+def decode_tensors(obj: Any, what: str) -> dict[str, np.ndarray]:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise WireError("bad_request", f"{what} must be a map from tensor names to tensors")
+    return {name: decode_tensor(value, name) for name, value in obj.items()}
+
+
+def tensors_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 of the deterministic CBOR encoding (RFC 8949 §4.2) of a tensor map."""
+    return hashlib.sha256(cbor2.dumps(encode_tensors(tensors), canonical=True)).digest()
+
+
+def receipt_payload(request_id: str, shard_cid: str, input_digest: bytes,
+                    output_digest: bytes) -> bytes:
+    """The bytes a node signs for an inference response."""
+    return cbor2.dumps([RECEIPT_DOMAIN, request_id, shard_cid, input_digest, output_digest],
+                       canonical=True)
