@@ -12,7 +12,9 @@ from typing import Any
 def _cmd_query(args: argparse.Namespace) -> int:
     from client.async_client import QueryError
     from client.sync_client import Client
+    from node.p2p import quiet_libraries
 
+    quiet_libraries()
     options = {"timeout": args.timeout, "hop_timeout": args.hop_timeout}
     try:
         with Client(args.bootstrap, args.deployment, **options) as client:

@@ -23,7 +23,7 @@ from crypto.identity import Identity
 from node.config import NodeConfig
 from node.executor import ShardExecutor
 from node.http_api import create_app
-from node.p2p import make_host, parse_multiaddr
+from node.p2p import make_host, parse_multiaddr, quiet_libraries
 from node.service import NodeService
 from node.store import ShardStore
 
@@ -122,7 +122,6 @@ def _print_banner(info: dict[str, object], data_dir: Path) -> None:
 def start(config: NodeConfig) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("libp2p", "hypercorn", "multiaddr", "async_service"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    quiet_libraries(debug=config.log_level.lower() == "debug")
     trio.run(run_node, config)
     return 0

@@ -120,3 +120,14 @@ class RemoteError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def quiet_libraries(debug: bool = False) -> None:
+    """py-libp2p logs every failed dial at ERROR; veilnet reports those itself, once."""
+    if debug:
+        return
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    for name in ("multiaddr", "async_service"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    hyper = logging.getLogger("hypercorn.error")
+    hyper.setLevel(logging.WARNING)  # its "Running on" line repeats what the banner says

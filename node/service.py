@@ -50,6 +50,10 @@ log = logging.getLogger("veilnet.node")
 CHUNK = 1 << 20
 MAX_ID_LENGTH = 128
 
+class FetchRefused(ValueError):
+    """A fetch request that cannot be served whatever the peers hold (HTTP 400)."""
+
+
 Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 
 
@@ -210,7 +214,7 @@ class NodeService:
                     except (Exception, trio.TooSlowError):
                         continue
         if not providers:
-            raise StoreError("no peer to fetch from: name one with 'peer'")
+            raise FetchRefused("no peer to fetch from: name one with 'peer'")
         errors: list[str] = []
         for provider in providers:
             try:
@@ -222,12 +226,13 @@ class NodeService:
                 wanted = list(shards) if shards else node_cids
                 bad = [c for c in wanted if c not in node_cids]
                 if bad:
-                    raise StoreError(f"{bad} are not node shards of deployment {deployment}")
+                    raise FetchRefused(f"{bad} are not node shards of deployment {deployment}; "
+                                       "a node never takes client material")
                 for cid in wanted:
                     if self.store.blob_path(cid) is None:
                         await self.fetch_blob(provider, cid, "shard", timeout)
                 return wanted
-            except StoreError:
+            except FetchRefused:
                 raise
             except (Exception, trio.TooSlowError) as exc:
                 errors.append(f"{provider}: {exc or type(exc).__name__}")
