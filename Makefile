@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine with only python3:
-#   make demo   create .venv if missing, install, run the encrypted pipeline demo
+#   make demo   create .venv if missing, install, run a local testnet and encrypted queries
 #   make test   same install, then ruff and pytest
 PYTHON ?= python3
 VENV   := .venv
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/testnet.py demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

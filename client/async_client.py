@@ -138,7 +138,9 @@ class AsyncClient:
                         self.deployment)
         if not manifest.node_shards:
             raise ManifestError(f"{self.deployment}: the deployment has no node shards")
-        return Pipeline(manifest, node_runner=_never, threads=self._threads)
+        # spin=False: busy-waiting onnxruntime threads here would steal the cores of nodes
+        # running on the same machine (the testnet) while the client waits for them.
+        return Pipeline(manifest, node_runner=_never, threads=self._threads, spin=False)
 
     @property
     def manifest(self) -> Manifest:

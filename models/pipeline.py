@@ -22,7 +22,7 @@ class Pipeline:
     """A plaintext model directory or an encrypted deployment, ready to run."""
 
     def __init__(self, manifest: Manifest | Path, node_runner: NodeRunner | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin: bool = True) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         roles = ("client-head", "client-tail") if node_runner else ("client-head", "node",
                                                                      "client-tail")
@@ -30,7 +30,7 @@ class Pipeline:
         if problems:
             raise ManifestError("; ".join(problems))
         self._sessions = {
-            s.index: ShardSession(self.manifest.shard_path(s), s, threads)
+            s.index: ShardSession(self.manifest.shard_path(s), s, threads, spin)
             for s in self.manifest.shards if s.role in roles
         }
         self._node_runner = node_runner or self.run_local

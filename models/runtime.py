@@ -15,11 +15,16 @@ class ShardInputError(ValueError):
     """Inputs that do not match what the shard declares (names, dtypes, ranks, fixed dims)."""
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spin: bool = True) -> ort.SessionOptions:
+    """onnxruntime CPU options. ``spin=False`` stops idle worker threads from busy-waiting after
+    a run, which matters when several processes (client and nodes) share the cores."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
 
 
@@ -48,11 +53,13 @@ def check_inputs(spec: ShardSpec, feeds: Mapping[str, np.ndarray]) -> None:
 class ShardSession:
     """An onnxruntime session for one shard file."""
 
-    def __init__(self, path: Path, spec: ShardSpec, threads: int | None = None) -> None:
+    def __init__(self, path: Path, spec: ShardSpec, threads: int | None = None,
+                 spin: bool = True) -> None:
         self.spec = spec
         self.path = Path(path)
         self._session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+            str(path), sess_options=session_options(threads, spin),
+            providers=["CPUExecutionProvider"])
         self._outputs = [t.name for t in spec.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,6 +1,21 @@
-"""The veilnet daemon and command line. The libp2p node arrives with the node-daemon issue; for
-now this package holds the ``veilnet`` CLI."""
+"""The veilnet node: daemon (libp2p host, protocols, HTTP API), wire format, shard store and the
+``veilnet`` command line.
 
-from node.cli import build_parser, main
+Importing ``node`` stays light: the client SDK uses ``node.wire`` and ``node.p2p`` without
+loading the daemon (Hypercorn, FastAPI).
+"""
 
-__all__ = ["build_parser", "main"]
+from node.config import ConfigError, NodeConfig, load_config
+from node.store import ShardStore, StoreError
+from node.wire import DEFAULT_FRAME_LIMIT, WIRE_VERSION, WireError
+
+__all__ = [
+    "DEFAULT_FRAME_LIMIT",
+    "WIRE_VERSION",
+    "ConfigError",
+    "NodeConfig",
+    "ShardStore",
+    "StoreError",
+    "WireError",
+    "load_config",
+]

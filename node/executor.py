@@ -19,8 +19,9 @@ from node.wire import WireError
 
 class ShardExecutor:
     def __init__(self, store: ShardStore, capacity: int = 1, threads: int | None = None,
-                 queue_limit: int = 32) -> None:
+                 queue_limit: int = 32, spin: bool = False) -> None:
         self.store = store
+        self.spin = spin  # off by default: a node shares its cores with other processes
         self.limiter = trio.CapacityLimiter(capacity)
         self.threads = threads
         self.queue_limit = queue_limit
@@ -44,7 +45,7 @@ class ShardExecutor:
         async with self._loading:
             if cid not in self._sessions:
                 self._sessions[cid] = await trio.to_thread.run_sync(
-                    ShardSession, shard.path, shard.spec, self.threads)
+                    ShardSession, shard.path, shard.spec, self.threads, self.spin)
         return self._sessions[cid]
 
     async def run(self, cid: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

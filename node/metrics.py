@@ -17,6 +17,9 @@ class NodeMetrics:
         self.latency = Histogram("veilnet_infer_latency_seconds",
                                  "Time from a complete infer request to its response",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.run_time = Histogram("veilnet_shard_run_seconds",
+                                  "onnxruntime time of one shard run (excluding the network)",
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.shards_served = Gauge("veilnet_shards_served", "Node shards in the store",
                                    registry=self.registry)
         self.shards_loaded = Gauge("veilnet_shards_loaded",

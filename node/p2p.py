@@ -59,6 +59,31 @@ def remote_peer(stream: INetStream) -> str:
     return str(stream.muxed_conn.peer_id)
 
 
+STREAM_WINDOW = 16 * 1024 * 1024
+
+
+async def widen_window(stream: INetStream, size: int = STREAM_WINDOW) -> None:
+    """Raise a yamux stream's receive window to ``size`` at once.
+
+    py-libp2p 0.8.1 opens every yamux stream with a 256 KiB window and has no setting for it; it
+    grows the window only as a long-lived stream keeps reading. veilnet sends one tensor frame
+    per stream, so with the default a 1.5 MB activation needs about a dozen window-update round
+    trips each way. go-yamux lets the receiver announce a larger initial window; this does the
+    same with the stream's own window-update call. A stream of another muxer is left alone.
+    """
+    muxed = getattr(stream, "muxed_stream", None)
+    if not all(hasattr(muxed, a) for a in ("recv_window", "target_recv_window", "window_lock",
+                                              "send_window_update")):
+        return
+    async with muxed.window_lock:
+        increment = size - muxed.recv_window
+        if increment <= 0:
+            return
+        muxed.recv_window += increment
+        muxed.target_recv_window = max(muxed.target_recv_window, size)
+    await muxed.send_window_update(increment)
+
+
 async def close_quietly(stream: INetStream, timeout: float = 1.0) -> None:
     """Close a stream even inside a cancelled scope; a peer that already reset it is fine."""
     with trio.move_on_after(timeout) as scope:
@@ -99,6 +124,7 @@ async def request(host: IHost, peer_id: ID, protocol: TProtocol, message: Mappin
     with trio.fail_after(timeout):
         stream = await host.new_stream(peer_id, [protocol])
         try:
+            await widen_window(stream)
             await write_frame(stream, message)
             response = await read_frame(stream, limit)
         finally:

@@ -32,6 +32,7 @@ from node.p2p import (
     peer_info,
     remote_peer,
     request,
+    widen_window,
 )
 from node.peers import PeerRecord, PeerTable, parse_record
 from node.store import ShardStore, StoreError
@@ -93,6 +94,7 @@ class NodeService:
         request_id: str | None = None
         try:
             with trio.fail_after(self.request_timeout):
+                await widen_window(stream)
                 message = await read_frame(stream, self.frame_limit)
                 if message is None:
                     raise WireError("bad_request", "the stream closed before a request frame")
@@ -138,7 +140,9 @@ class NodeService:
         if not isinstance(shard, str) or not is_valid_cid(shard):
             raise WireError("bad_request", "'shard' must be a shard CID")
         feeds = decode_tensors(message.get("inputs"), "'inputs'")
+        run_started = time.perf_counter()
         outputs = await self.executor.run(shard, feeds)
+        self.metrics.run_time.observe(time.perf_counter() - run_started)
         input_digest = tensors_digest(feeds)
         output_digest = tensors_digest(outputs)
         signature = self.identity.sign(
@@ -175,6 +179,7 @@ class NodeService:
         with trio.fail_after(timeout):
             stream = await self.host.new_stream(peer, [SHARD])
             try:
+                await widen_window(stream)
                 await write_frame(stream, {"v": WIRE_VERSION, "id": f"fetch-{cid}", "cid": cid})
                 header = await read_frame(stream, self.frame_limit)
                 if header is None or "error" in header:

@@ -12,6 +12,8 @@ whole buffers, while a frame header must be read from a stream one byte at a tim
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -71,10 +73,17 @@ async def write_frame(stream: ByteStream, message: Mapping[str, Any]) -> None:
     await stream.write(encode_frame(message))
 
 
+async def _read(stream: ByteStream, n: int) -> bytes:
+    try:
+        return await stream.read(n)
+    except EOFError:  # py-libp2p raises StreamEOF (an EOFError) where files return b""
+        return b""
+
+
 async def read_exactly(stream: ByteStream, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = await stream.read(n - len(buf))
+        chunk = await _read(stream, n - len(buf))
         if not chunk:
             raise WireError("truncated", f"the stream ended after {len(buf)} of {n} bytes")
         buf += chunk
@@ -85,7 +94,7 @@ async def read_frame_length(stream: ByteStream) -> int | None:
     """The next frame's length, or None at a clean end of stream (before any header byte)."""
     value = shift = 0
     for i in range(MAX_VARINT_BYTES):
-        chunk = await stream.read(1)
+        chunk = await _read(stream, 1)
         if not chunk:
             if i == 0:
                 return None
@@ -101,13 +110,21 @@ async def read_frame_length(stream: ByteStream) -> int | None:
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
+    """One CBOR map, nothing after it, no tags, at most 16 levels deep."""
+    stream = io.BytesIO(body)
     try:
-        message = cbor2.loads(body, max_depth=16, allow_duplicate_keys=False,
-                              tag_hook=_reject_tag)
+        message = cbor2.CBORDecoder(stream, max_depth=16, allow_duplicate_keys=False,
+                                    tag_hook=_reject_tag, semantic_decoders=_REJECT_TAGS,
+                                    read_size=1).decode()
     except WireError:
         raise
     except Exception as exc:  # cbor2 raises several types on garbage; all mean the same here
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, WireError):  # a rejected tag, wrapped by cbor2
+            raise cause from None
         raise WireError("bad_frame", f"the frame is not valid CBOR ({exc})") from None
+    if stream.tell() != len(body):
+        raise WireError("bad_frame", f"{len(body) - stream.tell()} bytes follow the CBOR map")
     if not isinstance(message, dict):
         raise WireError("bad_frame", f"a frame must be a CBOR map, got {type(message).__name__}")
     return message
@@ -125,6 +142,17 @@ async def read_frame(stream: ByteStream, limit: int = DEFAULT_FRAME_LIMIT) -> di
 
 def _reject_tag(decoder: Any, tag: Any) -> Any:
     raise WireError("bad_frame", f"CBOR tag {tag.tag} is not allowed")
+
+
+def _rejecter(number: int) -> Any:
+    def reject(decoder: Any) -> Any:
+        raise WireError("bad_frame", f"CBOR tag {number} is not allowed")
+    return reject
+
+
+# cbor2 decodes the tags it knows (datetimes, bignums, sets, shared references, regexes, ...)
+# before tag_hook sees them; overriding every low tag number turns them into errors too.
+_REJECT_TAGS = {n: _rejecter(n) for n in (*range(0, 1024), 1004, 1040, 55799)}
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -151,7 +179,7 @@ def decode_tensor(obj: Any, name: str) -> np.ndarray:
     if not isinstance(data, bytes):
         raise WireError("bad_tensor", f"tensor {name!r}: data must be a byte string")
     dt = np.dtype(dtype).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize  # Python ints: no overflow
     if expected != len(data):
         raise WireError("bad_tensor", f"tensor {name!r}: shape {shape} of {dtype} needs "
                                       f"{expected} bytes, got {len(data)}")
