@@ -2,12 +2,12 @@
 local testnet (3 node processes, one node shard each, loopback).
 
 Prints one JSON object: p50/p95 latency of both at batch 1 x 16 tokens and batch 8 x 128 tokens
-(interleaved runs, same inputs), their ratios (target: p50 ratio <= 1.5 at 8 x 128), throughput
-with 8 concurrent clients, where the time of an encrypted query goes (client head and tail, node
-compute, serialization and digests, Noise encryption, the rest of the transport), and the max
-abs difference between the two answers. Progress goes to stderr.
+(interleaved runs on the same inputs, 50 ms apart), their ratios (target: p50 ratio <= 1.5 at
+8 x 128), throughput with 8 concurrent clients, where the time of an encrypted query goes
+(client head and tail, node compute, serialization and digests, Noise encryption, the rest of
+the transport), and the max abs difference between the two answers. Progress goes to stderr.
 
-    .venv/bin/python bench/e2e.py [--reps 30] [--dir bench-data/e2e] [--quick]
+    .venv/bin/python bench/e2e.py [--reps 30] [--seconds 10] [--dir DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from harness import LoadProbe  # noqa: E402
-from testnet import Testnet  # noqa: E402
+from localnet import Testnet  # noqa: E402
 
 from client import AsyncClient  # noqa: E402
 from models import Pipeline, build_minilm  # noqa: E402
@@ -44,6 +44,7 @@ from node.wire import decode_tensors, encode_frame, encode_tensors, tensors_dige
 TARGET_P50_RATIO = 1.5
 CASES = {"b1x16": (1, 16), "b8x128": (8, 128)}
 CONCURRENCY = 8
+PAUSE_S = 0.05
 NOISE_MESSAGE = 65535 - 16  # Noise transport messages carry at most 65535 bytes incl. the tag
 
 
@@ -157,6 +158,9 @@ async def latency_case(client: AsyncClient, session: ort.InferenceSession, feeds
                     net.append(elapsed * 1e3)
                     heads.append(sum(h.latency_ms for h in hops))
                 got = outputs["sentence_embedding"]
+            # let idle onnxruntime workers of the run before settle, so neither side starts on
+            # cores the other one's threads are still spinning on
+            await trio.sleep(PAUSE_S)
         diff = max(diff, float(np.abs(got - expected).max()))
     p, n = pct(plain), pct(net)
     return {"plain_ms": p, "encrypted_network_ms": n, "hops_total_ms": pct(heads),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,13 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from crypto.identity import Identity
 from node.wire import DEFAULT_FRAME_LIMIT, WireError, read_frame, write_frame
+
+# py-libp2p's yamux sends a window update after every read of a stream by default
+# (PY_YAMUX_RELEASE_ON_READ, its documented tuning knob, read at call time). With the wide
+# per-stream windows below (widen_window) those updates only add frames: turning them off
+# halves the time of a 1.5 MB request/response on loopback (45 -> 24 ms, measured). The window
+# is still replenished once half of it has been read. An operator's own setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 INFER = TProtocol("/veilnet/infer/1")
 SHARD = TProtocol("/veilnet/shard/1")

@@ -197,8 +197,20 @@ def decode_tensors(obj: Any, what: str) -> dict[str, np.ndarray]:
 
 
 def tensors_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """SHA-256 of the deterministic CBOR encoding (RFC 8949 §4.2) of a tensor map."""
-    return hashlib.sha256(cbor2.dumps(encode_tensors(tensors), canonical=True)).digest()
+    """SHA-256 of the deterministic CBOR (RFC 8949 §4.2) of
+    ``[[name, dtype, shape, SHA-256(data)], ...]`` with the names in sorted order.
+
+    Hashing each tensor's little-endian bytes in place, rather than a CBOR encoding of the whole
+    map, saves a copy of every activation on both ends of every hop.
+    """
+    entries = []
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        entries.append([name, array.dtype.name, list(array.shape),
+                        hashlib.sha256(little.view(np.uint8) if little.ndim else
+                                       little.tobytes()).digest()])
+    return hashlib.sha256(cbor2.dumps(entries, canonical=True)).digest()
 
 
 def receipt_payload(request_id: str, shard_cid: str, input_digest: bytes,

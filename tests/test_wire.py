@@ -345,8 +345,13 @@ def test_digest_is_deterministic_and_key_order_independent() -> None:
     backward = tensors_digest(dict(reversed(list(t.items()))))
     assert forward == backward == tensors_digest(_tensors())
     assert len(forward) == 32
-    # independent recomputation: SHA-256 of the canonical CBOR of the encoded tensor map
-    assert forward == hashlib.sha256(cbor2.dumps(encode_tensors(t), canonical=True)).digest()
+    # independent recomputation per docs/protocol.md: SHA-256 of the canonical CBOR of
+    # [[name, dtype, shape, SHA-256(little-endian bytes)], ...] sorted by name, built from the
+    # encoded wire form rather than from the arrays
+    wire = encode_tensors(t)
+    entries = [[name, wire[name]["dtype"], wire[name]["shape"],
+                hashlib.sha256(wire[name]["data"]).digest()] for name in sorted(wire)]
+    assert forward == hashlib.sha256(cbor2.dumps(entries, canonical=True)).digest()
 
 
 def test_digest_survives_the_wire() -> None:

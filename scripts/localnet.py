@@ -1,0 +1,483 @@
+"""Local veilnet testnets as a library: start N node processes on 127.0.0.1 serving an encrypted
+MiniLM deployment, wait until they are up, stop them without leaving orphans.
+
+Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet import Testnet``)::
+
+    with Testnet("testnet-data", nodes=3, replicas=1, node_shards=3,
+                 node_args=["--threads", "1"]) as net:
+        net.bootstrap       # node 0's multiaddr (/ip4/127.0.0.1/tcp/.../p2p/<PeerID>)
+        net.deployment      # Path of the encrypted deployment (give it to client.Client)
+        net.model           # Path of the plaintext model dir (None if not known)
+        net.nodes           # list[NodeInfo]: index, pid, peer_id, did, multiaddrs, http,
+                            #   data_dir, shards (CIDs), log, alive
+        net.placement       # {shard CID: [node indexes]}
+        net.stop_node(2)              # SIGTERM one node (kill=True: SIGKILL, like a crash)
+        net.start_node(2)             # start it again (same identity, same shards)
+        net.log_tail(2)               # last lines of its node.log
+
+``Testnet(dir, nodes=3, replicas=1, node_shards=None, *, deployment=None, model=None,
+node_args=(), timeout=60.0, log=<stderr>)``: ``deployment``/``model`` reuse existing directories
+instead of T/deploy and T/model; ``node_shards`` (default 3) only matters when MiniLM has to be
+imported; ``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads 1``,
+``--capacity 2``); ``timeout`` bounds the start-up. ``start()``/``stop()`` can be called instead of
+``with``; ``stop()`` is idempotent. Any failure while starting stops every process started so far
+and raises ``TestnetError`` naming the node and quoting the tail of its log.
+
+No orphans: nodes run in their own session (a terminal's Ctrl-C reaches only this script, which
+stops them in order) and, on Linux, with PR_SET_PDEATHSIG=SIGTERM, so they stop even if this
+process is SIGKILLed. The death signal follows the *thread* that started the node: start and stop
+a testnet from one long-lived thread (normally the main thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = Path("testnet-data")
+DEFAULT_NODE_SHARDS = 3
+LISTEN = "/ip4/127.0.0.1/tcp/0"
+HTTP = "127.0.0.1:0"
+STATE_FILE = "testnet.json"
+LOCK_FILE = "testnet.lock"
+STOP_GRACE = 5.0
+
+PR_SET_PDEATHSIG = 1
+try:  # resolved before any fork: the child only calls it
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+class TestnetError(RuntimeError):
+    """The testnet could not be set up or started; the message says which node and why."""
+
+    __test__ = False  # not a pytest test class
+
+
+def stderr_log(message: str) -> None:
+    print(f"testnet: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class NodeInfo:
+    index: int
+    data_dir: Path
+    log: Path
+    shards: list[str]  # CIDs placed on this node
+    pid: int | None = None
+    peer_id: str | None = None
+    did: str | None = None
+    multiaddrs: list[str] = field(default_factory=list)
+    http: str | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def multiaddr(self) -> str:
+        """The node's loopback multiaddr, ending in /p2p/<PeerID>."""
+        for addr in self.multiaddrs:
+            if addr.startswith("/ip4/127.0.0.1/"):
+                return addr
+        if not self.multiaddrs:
+            raise TestnetError(f"node {self.index} has no multiaddr (is it running?)")
+        return self.multiaddrs[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "pid": self.pid, "did": self.did, "peer_id": self.peer_id,
+                "multiaddrs": self.multiaddrs, "http": self.http,
+                "data_dir": str(self.data_dir), "shards": self.shards, "log": str(self.log),
+                "alive": self.alive}
+
+
+def place_shards(shard_cids: Sequence[str], nodes: int, replicas: int) -> dict[str, list[int]]:
+    """Round robin: replica r of the i-th node shard goes to node (i*R + r) mod N."""
+    if nodes < 1:
+        raise TestnetError("a testnet needs at least one node")
+    if replicas < 1:
+        raise TestnetError("--replicas must be at least 1")
+    if replicas > nodes:
+        raise TestnetError(f"--replicas {replicas} is more than --nodes {nodes}: each replica of "
+                           "a shard must be on a different node")
+    return {cid: [(i * replicas + r) % nodes for r in range(replicas)]
+            for i, cid in enumerate(shard_cids)}
+
+
+def prepare_model(root: Path, node_shards: int | None, log: Callable[[str], None],
+                  ) -> tuple[Path, Path]:
+    """T/model and T/deploy, importing and encrypting MiniLM if T/deploy is not there yet."""
+    from models import Manifest, encrypt_model_dir, import_minilm
+
+    model, deploy = root / "model", root / "deploy"
+    if (deploy / "manifest.json").is_file():
+        have = len(Manifest.load(deploy).node_shards)
+        if node_shards is not None and have != node_shards:
+            raise TestnetError(f"{deploy} has {have} node shards, not {node_shards}: use another "
+                               f"--dir, or delete {root} to re-import")
+        return model, deploy
+    if not (model / "manifest.json").is_file():
+        if model.exists():
+            shutil.rmtree(model)  # an import that did not finish
+        k = node_shards or DEFAULT_NODE_SHARDS
+        log(f"importing all-MiniLM-L6-v2 into {model} ({k} node shards)")
+        import_minilm(model, node_shards=k, progress=log)
+    elif node_shards is not None and len(Manifest.load(model).node_shards) != node_shards:
+        raise TestnetError(f"{model} does not have {node_shards} node shards: use another --dir, "
+                           f"or delete {root} to re-import")
+    if deploy.exists():
+        shutil.rmtree(deploy)
+    log(f"encrypting the node shards into {deploy} (fresh key)")
+    encrypt_model_dir(model, deploy, progress=log)
+    return model, deploy
+
+
+class Testnet:
+    """N local node processes serving one encrypted deployment; see the module docstring."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, dir: Path | str = DEFAULT_DIR, nodes: int = 3, replicas: int = 1,
+                 node_shards: int | None = None, *, deployment: Path | str | None = None,
+                 model: Path | str | None = None, node_args: Iterable[str] = (),
+                 timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
+        if nodes < 1:
+            raise TestnetError("a testnet needs at least one node")
+        if replicas > nodes or replicas < 1:
+            place_shards([], nodes, replicas)  # raises the explanation
+        self.root = Path(dir).absolute()
+        self.n = nodes
+        self.replicas = replicas
+        self.node_shards = node_shards
+        self.deployment: Path | None = Path(deployment).absolute() if deployment else None
+        self.model: Path | None = Path(model).absolute() if model else None
+        self.node_args = [str(a) for a in node_args]
+        self.timeout = timeout
+        self.log = log
+        self.nodes: list[NodeInfo] = []
+        self.placement: dict[str, list[int]] = {}
+        self.shard_index: dict[str, int] = {}  # CID -> manifest shard index
+        self._lock: IO[str] | None = None
+        self._log_files: list[IO[bytes]] = []
+        self._started = False
+
+    # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def bootstrap(self) -> str:
+        if not self.nodes or not self.nodes[0].multiaddrs:
+            raise TestnetError("the testnet is not running")
+        return self.nodes[0].multiaddr
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> Testnet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Testnet:
+        """Prepare the model, place the shards, start every node and wait until all are up."""
+        if self._started:
+            raise TestnetError("this testnet is already started")
+        began = time.monotonic()
+        self._started = True
+        try:
+            self._take_lock()
+            self._prepare()
+            self._start_all()
+            self._write_state()
+        except BaseException:
+            self.stop()
+            raise
+        self.log(f"{self.n} node(s) up in {time.monotonic() - began:.1f} s")
+        return self
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after 5 s) and remove testnet.json.
+
+        Safe to call more than once, and after a failed start."""
+        procs = [n for n in self.nodes if n.proc is not None]
+        for node in procs:
+            _signal(node.proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for node in procs:
+            assert node.proc is not None
+            try:
+                node.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log(f"node {node.index} (pid {node.proc.pid}) did not stop within "
+                         f"{STOP_GRACE:g} s; killing it")
+                _signal(node.proc, signal.SIGKILL)
+                node.proc.wait()
+        for node in self.nodes:
+            if node.proc is not None:
+                # a node that was killed cannot remove its own ready file
+                (node.data_dir / "node.json").unlink(missing_ok=True)
+                node.proc = None
+        for f in self._log_files:
+            f.close()
+        self._log_files.clear()
+        if self._lock is not None:
+            self.state_file.unlink(missing_ok=True)
+            self._lock.close()  # releases the flock
+            self._lock = None
+        self._started = False
+
+    def stop_node(self, index: int, *, kill: bool = False, timeout: float = STOP_GRACE) -> int:
+        """Stop one node: SIGTERM (a clean stop), or SIGKILL with ``kill=True`` (a crash).
+
+        Returns its exit code. The other nodes keep running; node 0 forgets the stopped node only
+        when its peer entry expires (about 45 s), so clients will still try it and move on."""
+        node = self.nodes[index]
+        if node.proc is None:
+            raise TestnetError(f"node {index} is not running")
+        _signal(node.proc, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            code = node.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal(node.proc, signal.SIGKILL)
+            code = node.proc.wait()
+        node.proc = None
+        (node.data_dir / "node.json").unlink(missing_ok=True)
+        self._write_state()
+        return code
+
+    def start_node(self, index: int) -> NodeInfo:
+        """(Re)start one stopped node with its identity and shards; waits until it is up."""
+        node = self.nodes[index]
+        if node.alive:
+            raise TestnetError(f"node {index} is already running")
+        bootstrap = None if index == 0 else self.bootstrap
+        self._spawn(node, bootstrap)
+        deadline = time.monotonic() + self.timeout
+        self._wait_ready(node, deadline)
+        if index != 0 and self.nodes[0].alive:
+            self._wait_peers([node], deadline)
+        self._write_state()
+        return node
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def log_tail(self, index: int, lines: int = 20) -> str:
+        try:
+            text = self.nodes[index].log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": [n.to_json() for n in self.nodes],
+            "deployment": str(self.deployment), "model": str(self.model) if self.model else None,
+            "bootstrap": self.bootstrap, "pid": os.getpid(),
+            "placement": {cid: idx for cid, idx in self.placement.items()},
+        }
+
+    def summary(self) -> str:
+        from models import Manifest
+
+        manifest = Manifest.load(self.deployment)  # type: ignore[arg-type]
+        lines = [
+            f"veilnet testnet: {self.n} node(s) on 127.0.0.1, each node shard on "
+            f"{self.replicas} node(s)",
+            f"  deployment  {self.deployment}",
+            f"              manifest {manifest.cid}, {len(manifest.node_shards)} node shards, "
+            f"encryption {manifest.encryption}",
+            f"  bootstrap   {self.bootstrap}",
+            f"  state       {self.state_file}",
+            "",
+            f"  {'node':<5}{'pid':<9}{'peer id':<20}{'http':<25}shards (index)",
+        ]
+        for n in self.nodes:
+            held = " ".join(str(self.shard_index[c]) for c in n.shards) or "-"
+            state = "" if n.alive else "  (stopped)"
+            lines.append(f"  {n.index:<5}{n.pid or '-':<9}{short(n.peer_id):<20}"
+                         f"{n.http or '-':<25}{held}{state}")
+        return "\n".join(lines)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ignore = self.root / ".gitignore"  # the directory is scratch: keep it out of git
+        if not ignore.exists():
+            ignore.write_text("*\n")
+        lock = open(self.root / LOCK_FILE, "w")  # noqa: SIM115 (held until stop())
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise TestnetError(f"another testnet is running in {self.root} (see "
+                               f"{self.state_file}); stop it or use another --dir") from None
+        self._lock = lock
+        self.state_file.unlink(missing_ok=True)  # left by a testnet that was SIGKILLed
+
+    def _prepare(self) -> None:
+        from models import Manifest
+        from node.store import ShardStore
+
+        if self.deployment is None:
+            self.model, self.deployment = prepare_model(self.root, self.node_shards, self.log)
+        manifest = Manifest.load(self.deployment)
+        shards = manifest.node_shards
+        if self.node_shards is not None and len(shards) != self.node_shards:
+            raise TestnetError(f"{self.deployment} has {len(shards)} node shards, not "
+                               f"{self.node_shards}")
+        self.shard_index = {s.cid: s.index for s in shards}
+        self.placement = place_shards([s.cid for s in shards], self.n, self.replicas)
+        self.nodes = []
+        for i in range(self.n):
+            data_dir = self.root / "nodes" / f"node{i}"
+            # keep identity.key (stable PeerIDs across runs); redo the placement from scratch
+            for sub in ("shards", "deployments"):
+                shutil.rmtree(data_dir / sub, ignore_errors=True)
+            (data_dir / "node.json").unlink(missing_ok=True)
+            mine = [cid for cid, where in self.placement.items() if i in where]
+            store = ShardStore(data_dir)
+            if mine:
+                store.add_deployment(self.deployment, only=mine)
+            self.nodes.append(NodeInfo(i, data_dir, data_dir / "node.log", mine))
+
+    def _start_all(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        first = self.nodes[0]
+        self._spawn(first, None)
+        self._wait_ready(first, deadline)
+        for node in self.nodes[1:]:
+            self._spawn(node, first.multiaddr)
+        for node in self.nodes[1:]:
+            self._wait_ready(node, deadline)
+        self._wait_peers(self.nodes[1:], deadline)
+
+    def _spawn(self, node: NodeInfo, bootstrap: str | None) -> None:
+        (node.data_dir / "node.json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "node", "node", "start",
+               "--data-dir", str(node.data_dir), "--listen", LISTEN, "--http", HTTP]
+        if bootstrap:
+            cmd += ["--bootstrap", bootstrap]
+        cmd += self.node_args
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        logf = open(node.log, "ab")  # noqa: SIM115 (closed in stop())
+        self._log_files.append(logf)
+        logf.write(f"--- testnet: {' '.join(cmd)}\n".encode())
+        logf.flush()
+        node.pid = node.peer_id = node.did = node.http = None
+        node.multiaddrs = []
+        node.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent(os.getpid()))
+        node.pid = node.proc.pid
+
+    def _fail(self, node: NodeInfo, why: str) -> TestnetError:
+        return TestnetError(f"node {node.index} (pid {node.pid}, {node.data_dir}) {why}\n"
+                            f"--- last lines of {node.log}:\n{self.log_tail(node.index)}")
+
+    def _wait_ready(self, node: NodeInfo, deadline: float) -> None:
+        """Wait for node.json (written by this very process) and a healthy /healthz."""
+        ready = node.data_dir / "node.json"
+        assert node.proc is not None
+        while True:
+            code = node.proc.poll()
+            if code is not None:
+                raise self._fail(node, f"exited with code {code} before it was ready")
+            info = _read_json(ready)
+            if info is not None and info.get("pid") == node.proc.pid:
+                node.peer_id, node.did = info["peer_id"], info["did"]
+                node.multiaddrs, node.http = list(info["multiaddrs"]), info["http"]
+                health = _http_json(f"{node.http}/healthz")
+                if isinstance(health, dict) and health.get("peer_id") == node.peer_id:
+                    return
+            if time.monotonic() > deadline:
+                what = "answered no /healthz" if info else "wrote no node.json"
+                raise self._fail(node, f"{what} within {self.timeout:g} s")
+            time.sleep(0.1)
+
+    def _wait_peers(self, nodes: Sequence[NodeInfo], deadline: float) -> None:
+        """Wait until node 0's /v1/peers lists each of ``nodes`` with the shards placed on it."""
+        first = self.nodes[0]
+        while True:
+            known = {p.get("peer_id"): p for p in _http_json(f"{first.http}/v1/peers") or []
+                     if isinstance(p, dict)}
+            # the same shards and this run's addresses (a restarted node keeps its PeerID)
+            missing = [n for n in nodes
+                       if n.peer_id not in known
+                       or sorted(known[n.peer_id].get("shards") or []) != sorted(n.shards)
+                       or not set(known[n.peer_id].get("addrs") or []) & set(n.multiaddrs)]
+            if not missing:
+                return
+            for n in missing:
+                assert n.proc is not None
+                if n.proc.poll() is not None:
+                    raise self._fail(n, f"exited with code {n.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise self._fail(missing[0], f"is not known to node 0 ({first.http}/v1/peers) "
+                                             f"after {self.timeout:g} s")
+            time.sleep(0.1)
+
+    def _write_state(self) -> None:
+        if self._lock is None:
+            return
+        tmp = self.state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def setup() -> None:  # runs in the child between fork and exec
+        if _prctl is not None:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return setup
+
+
+def _signal(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    if proc is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _http_json(url: str, timeout: float = 2.0) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def short(peer_id: str | None) -> str:
+    return f"{peer_id[:8]}…{peer_id[-6:]}" if peer_id else "-"
