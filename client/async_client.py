@@ -128,8 +128,14 @@ class AsyncClient:
                 await self._host.close()
             # host.run()'s nursery was opened in __aenter__, so it must close outside any
             # cancel scope opened here.
-            await self._stack.aclose()
-            self._stack = None
+            stack, self._stack = self._stack, None
+            self._pipeline, self._host = None, None
+            await stack.aclose()
+
+    def _check_open(self) -> Pipeline:
+        if self._stack is None or self._pipeline is None:
+            raise RuntimeError("the client is not open: use it inside 'async with'")
+        return self._pipeline
 
     def _load_pipeline(self) -> Pipeline:
         manifest = Manifest.load(self.deployment)
@@ -144,13 +150,14 @@ class AsyncClient:
 
     @property
     def manifest(self) -> Manifest:
-        assert self._pipeline is not None, "use the client inside 'async with'"
-        return self._pipeline.manifest
+        return self._check_open().manifest
 
     # -- directory ------------------------------------------------------------------------------
 
     async def refresh(self) -> list[PeerRecord]:
         """Ask the bootstrap nodes who serves what. Raises QueryError if none answers."""
+        if self._host is None:
+            raise RuntimeError("the client is not open: use it inside 'async with'")
         errors = []
         for addr in self.bootstrap:
             try:
@@ -189,7 +196,7 @@ class AsyncClient:
             raise TypeError("embed() takes a sequence of texts, not one string")
         if not texts:
             raise ValueError("embed() needs at least one text")
-        tokenizer = self._pipeline.tokenizer if self._pipeline else None
+        tokenizer = self._check_open().tokenizer
         if tokenizer is None:
             raise ManifestError(f"{self.deployment}: the deployment names no tokenizer")
         outputs, hops = await self.run(tokenizer(list(texts)))
@@ -198,8 +205,7 @@ class AsyncClient:
     async def run(self, inputs: Mapping[str, np.ndarray],
                   ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
         """Model inputs by name -> (model outputs by name, one HopRecord per node shard)."""
-        pipeline = self._pipeline
-        assert pipeline is not None, "use the client inside 'async with'"
+        pipeline = self._check_open()
         env: dict[str, np.ndarray] = dict(inputs)
         hops: list[HopRecord] = []
         try:
