@@ -24,23 +24,41 @@ from typing import Any
 import multiaddr
 import numpy as np
 import trio
+from libp2p.peer.id import ID
 
 from crypto.identity import Identity, public_from_peer_id, verify
 from models import Manifest, ManifestError, Pipeline, ShardSpec
-from node.p2p import INFER, PEERS, RemoteError, connect, ensure_connected, make_host, peer_info
+from node.p2p import (
+    INFER,
+    PEERS,
+    STREAM_ERRORS,
+    RemoteError,
+    close_quietly,
+    connect,
+    ensure_connected,
+    exchange,
+    make_host,
+    open_stream,
+    peer_info,
+)
 from node.p2p import request as p2p_request
 from node.peers import PeerRecord, parse_record
 from node.wire import (
     DEFAULT_FRAME_LIMIT,
     WIRE_VERSION,
+    DigestEntry,
     WireError,
     decode_tensors,
+    digest_entry,
+    digest_of,
     encode_tensors,
     receipt_payload,
-    tensors_digest,
 )
 
 log = logging.getLogger("veilnet.client")
+# Idle infer streams are reused for this long; nodes close them after 30 s (idle_timeout).
+STREAM_REUSE_S = 20.0
+MAX_IDLE_STREAMS = 4
 
 
 class QueryError(RuntimeError):
@@ -103,6 +121,7 @@ class AsyncClient:
         self._host: Any = None
         self._peers: dict[str, PeerRecord] = {}
         self._penalty: dict[str, float] = {}  # peer id -> time of its last failure
+        self._idle: dict[str, list[tuple[Any, float]]] = {}  # peer id -> idle infer streams
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -208,12 +227,17 @@ class AsyncClient:
         pipeline = self._check_open()
         env: dict[str, np.ndarray] = dict(inputs)
         hops: list[HopRecord] = []
+        # digest entries of tensors a node returned, reused when they feed the next hop
+        known: dict[str, tuple[np.ndarray, DigestEntry]] = {}
         try:
             with trio.fail_after(self.timeout):
                 for shard in pipeline.manifest.shards:
                     feeds = {t.name: env[t.name] for t in shard.inputs}
                     if shard.role == "node":
-                        outputs, hop = await self._hop(shard, feeds)
+                        entries = {n: known[n][1] if n in known and known[n][0] is v
+                                   else digest_entry(n, v) for n, v in feeds.items()}
+                        outputs, hop, out_entries = await self._hop(shard, feeds, entries)
+                        known.update({n: (outputs[n], e) for n, e in out_entries.items()})
                         hops.append(hop)
                     else:
                         outputs = await trio.to_thread.run_sync(pipeline.run_local, shard, feeds)
@@ -223,19 +247,21 @@ class AsyncClient:
         return {t.name: env[t.name] for t in pipeline.manifest.outputs}, hops
 
     async def _hop(self, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                   ) -> tuple[dict[str, np.ndarray], HopRecord]:
+                   entries: dict[str, DigestEntry],
+                   ) -> tuple[dict[str, np.ndarray], HopRecord, dict[str, DigestEntry]]:
         candidates = self.providers(shard.cid)
         if not candidates:
             await self.refresh()
             candidates = self.providers(shard.cid)
         if not candidates:
             raise QueryError(f"hop {shard.index}: no known node serves shard {shard.cid}")
-        input_digest = tensors_digest(feeds)
+        input_digest = digest_of(entries)
         failures: list[str] = []
         for attempt, record in enumerate(candidates, 1):
             try:
                 with trio.fail_after(self.hop_timeout):
-                    outputs, hop = await self._call(record, shard, feeds, input_digest)
+                    outputs, hop, out_entries = await self._call(record, shard, feeds,
+                                                                 input_digest)
             except (Exception, trio.TooSlowError) as exc:
                 reason = _describe(exc, self.hop_timeout)
                 log.warning("hop %d on %s failed: %s", shard.index, record.peer_id, reason)
@@ -243,25 +269,27 @@ class AsyncClient:
                 self._penalty[record.peer_id] = time.monotonic()
                 continue
             return outputs, HopRecord(**{**asdict(hop), "attempts": attempt,
-                                         "failures": tuple(failures)})
+                                         "failures": tuple(failures)}), out_entries
         raise QueryError(f"hop {shard.index} (shard {shard.cid}): all {len(candidates)} nodes "
                          "failed: " + "; ".join(failures))
 
     async def _call(self, record: PeerRecord, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                    input_digest: bytes) -> tuple[dict[str, np.ndarray], HopRecord]:
+                    input_digest: bytes,
+                    ) -> tuple[dict[str, np.ndarray], HopRecord, dict[str, DigestEntry]]:
         peer = await ensure_connected(self._host, record.peer_id, record.addrs,
                                       self.connect_timeout)
         request_id = secrets.token_hex(16)
         started = time.perf_counter()
-        response = await p2p_request(self._host, peer, INFER, {
+        response = await self._infer(peer, {
             "v": WIRE_VERSION, "id": request_id, "shard": shard.cid,
-            "inputs": encode_tensors(feeds)}, self.hop_timeout, self.frame_limit)
+            "inputs": encode_tensors(feeds)})
         latency_ms = (time.perf_counter() - started) * 1e3
         if response.get("id") != request_id or response.get("shard") != shard.cid:
             raise WireError("bad_response", "the response is for another request or shard")
         outputs = decode_tensors(response.get("outputs"), "'outputs'")
         _check_outputs(shard, outputs)
-        output_digest = tensors_digest(outputs)
+        out_entries = {n: digest_entry(n, v) for n, v in outputs.items()}
+        output_digest = digest_of(out_entries)
         signature = response.get("signature")
         if response.get("input_digest") != input_digest:
             raise WireError("bad_response", "the node signed a different input digest")
@@ -275,7 +303,41 @@ class AsyncClient:
             shard_index=shard.index, shard_cid=shard.cid, node_did=record.did,
             peer_id=record.peer_id, latency_ms=round(latency_ms, 3), request_id=request_id,
             input_digest=input_digest.hex(), output_digest=output_digest.hex(),
-            signature=signature.hex(), signature_verified=True, attempts=1)
+            signature=signature.hex(), signature_verified=True, attempts=1), out_entries
+
+
+    async def _infer(self, peer: ID, message: dict[str, Any]) -> dict[str, Any]:
+        """One infer exchange, on an idle stream to ``peer`` when there is one (saving the
+        stream negotiation) and on a new stream otherwise. A reused stream that the node has
+        closed meanwhile is replaced once; a stream is pooled again only after a clean answer.
+        """
+        idle = self._idle.setdefault(str(peer), [])
+        while idle:
+            stream, since = idle.pop()
+            if time.monotonic() - since < STREAM_REUSE_S:
+                try:
+                    response = await exchange(stream, message, self.frame_limit)
+                except (WireError, *STREAM_ERRORS) as exc:
+                    log.debug("reused stream to %s failed (%s); opening a new one", peer, exc)
+                    await close_quietly(stream)
+                    continue
+                except BaseException:
+                    await close_quietly(stream)
+                    raise
+                idle.append((stream, time.monotonic()))
+                return response
+            await close_quietly(stream)
+        stream = await open_stream(self._host, peer, INFER)
+        try:
+            response = await exchange(stream, message, self.frame_limit)
+        except BaseException:
+            await close_quietly(stream)
+            raise
+        if len(idle) < MAX_IDLE_STREAMS:
+            idle.append((stream, time.monotonic()))
+        else:
+            await close_quietly(stream)
+        return response
 
 
 def _check_outputs(shard: ShardSpec, outputs: dict[str, np.ndarray]) -> None:

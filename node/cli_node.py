@@ -17,6 +17,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir, "listen": args.listen, "http": args.http,
         "bootstrap": args.bootstrap, "capacity": args.capacity, "threads": args.threads,
         "frame_limit": args.frame_limit, "request_timeout": args.request_timeout,
+        "idle_timeout": args.idle_timeout,
         "announce_interval": args.announce_interval, "log_level": args.log_level,
     })
     return start(config)
@@ -70,6 +71,9 @@ def register(sub: Any) -> None:
                     help="largest frame accepted (default 64 MiB)")
     st.add_argument("--request-timeout", type=float, metavar="SECONDS",
                     help="time to receive and answer one request (default 60)")
+    st.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                    help="how long an idle infer stream stays open for the client's next "
+                         "request (default 30)")
     st.add_argument("--announce-interval", type=float, metavar="SECONDS",
                     help="seconds between hellos to the bootstrap nodes (default 10)")
     st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

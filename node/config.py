@@ -10,6 +10,7 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     threads = 0            # onnxruntime intra-op threads per run (0: onnxruntime's default)
     frame_limit = 67108864 # bytes
     request_timeout = 60   # seconds to receive and answer one request
+    idle_timeout = 30      # seconds an idle infer stream stays open for the next request
     announce_interval = 10 # seconds between hellos to the bootstrap nodes
     log_level = "info"
 """
@@ -38,6 +39,7 @@ class NodeConfig:
     threads: int = 0
     frame_limit: int = DEFAULT_FRAME_LIMIT
     request_timeout: float = 60.0
+    idle_timeout: float = 30.0
     announce_interval: float = 10.0
     log_level: str = "info"
 
@@ -58,8 +60,9 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.threads < 0:
             raise ConfigError("threads must be 0 (onnxruntime's default) or more")
-        if self.request_timeout <= 0 or self.announce_interval <= 0:
-            raise ConfigError("request_timeout and announce_interval must be positive")
+        if min(self.request_timeout, self.idle_timeout, self.announce_interval) <= 0:
+            raise ConfigError("request_timeout, idle_timeout and announce_interval must be "
+                              "positive")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
 
@@ -67,7 +70,8 @@ class NodeConfig:
 _TYPES: dict[str, Any] = {
     "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
     "capacity": (int,), "threads": (int,), "frame_limit": (int,),
-    "request_timeout": (int, float), "announce_interval": (int, float), "log_level": (str,),
+    "request_timeout": (int, float), "idle_timeout": (int, float),
+    "announce_interval": (int, float), "log_level": (str,),
 }
 
 

@@ -45,6 +45,7 @@ async def run_node(config: NodeConfig) -> None:
     executor = ShardExecutor(store, config.capacity, config.threads or None)
     service = NodeService(identity, store, executor, frame_limit=config.frame_limit,
                           request_timeout=config.request_timeout,
+                          idle_timeout=config.idle_timeout,
                           peer_ttl=max(45.0, 4 * config.announce_interval))
     listen = [parse_multiaddr(a) for a in config.listen]
     host_name, port = config.http_host_port()

@@ -18,8 +18,10 @@ from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 
 from crypto.identity import Identity
 from node.wire import DEFAULT_FRAME_LIMIT, WireError, read_frame, write_frame
@@ -36,6 +38,9 @@ SHARD = TProtocol("/veilnet/shard/1")
 PEERS = TProtocol("/veilnet/peers/1")
 
 log = logging.getLogger("veilnet.p2p")
+
+# What a stream the peer has closed or reset raises on use.
+STREAM_ERRORS: tuple[type[BaseException], ...] = (StreamError, MuxedStreamError, EOFError)
 
 
 def make_host(identity: Identity) -> IHost:
@@ -122,29 +127,47 @@ async def ensure_connected(host: IHost, peer_id: str, addrs: Sequence[str],
     raise ConnectionError(f"cannot reach {peer_id}: " + "; ".join(errors or ["no addresses"]))
 
 
+async def open_stream(host: IHost, peer_id: ID, protocol: TProtocol) -> INetStream:
+    """A new stream to ``peer_id`` speaking ``protocol``, with a wide receive window."""
+    stream = await host.new_stream(peer_id, [protocol])
+    try:
+        await widen_window(stream)
+    except BaseException:
+        await close_quietly(stream)
+        raise
+    return stream
+
+
+async def exchange(stream: INetStream, message: Mapping[str, Any],
+                   limit: int = DEFAULT_FRAME_LIMIT) -> dict[str, Any]:
+    """Write one request frame and read the response frame (the caller bounds the time).
+
+    Raises WireError on a malformed or missing response and RemoteError on an error frame."""
+    await write_frame(stream, message)
+    response = await read_frame(stream, limit)
+    if response is None:
+        raise WireError("truncated", "the peer closed the stream without answering")
+    error = response.get("error")
+    if error is not None:
+        if not isinstance(error, dict):
+            raise WireError("bad_frame", "malformed error frame")
+        raise RemoteError(str(error.get("code")), str(error.get("message")))
+    return response
+
+
 async def request(host: IHost, peer_id: ID, protocol: TProtocol, message: Mapping[str, Any],
                   timeout: float, limit: int = DEFAULT_FRAME_LIMIT) -> dict[str, Any]:
-    """Send one request frame on a new stream and return the response frame.
+    """Send one request frame on a new stream, return the response frame, close the stream.
 
     Raises trio.TooSlowError after ``timeout`` seconds, WireError on a malformed response and
     RemoteError when the peer answers with an error frame.
     """
     with trio.fail_after(timeout):
-        stream = await host.new_stream(peer_id, [protocol])
+        stream = await open_stream(host, peer_id, protocol)
         try:
-            await widen_window(stream)
-            await write_frame(stream, message)
-            response = await read_frame(stream, limit)
+            return await exchange(stream, message, limit)
         finally:
             await close_quietly(stream)
-    if response is None:
-        raise WireError("truncated", f"{protocol}: the peer closed the stream without answering")
-    error = response.get("error")
-    if error is not None:
-        if not isinstance(error, dict):
-            raise WireError("bad_frame", f"{protocol}: malformed error frame")
-        raise RemoteError(str(error.get("code")), str(error.get("message")))
-    return response
 
 
 class RemoteError(Exception):

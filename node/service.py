@@ -39,9 +39,12 @@ from node.store import ShardStore, StoreError
 from node.wire import (
     WIRE_VERSION,
     WireError,
+    decode_body,
     decode_tensors,
     encode_tensors,
+    read_exactly,
     read_frame,
+    read_frame_length,
     receipt_payload,
     tensors_digest,
     write_frame,
@@ -60,7 +63,8 @@ Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 
 class NodeService:
     def __init__(self, identity: Identity, store: ShardStore, executor: ShardExecutor,
-                 *, frame_limit: int, request_timeout: float, peer_ttl: float = 45.0) -> None:
+                 *, frame_limit: int, request_timeout: float, peer_ttl: float = 45.0,
+                 idle_timeout: float = 30.0) -> None:
         self.identity = identity
         self.store = store
         self.executor = executor
@@ -68,6 +72,7 @@ class NodeService:
         self.peers = PeerTable(peer_ttl)
         self.frame_limit = frame_limit
         self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout  # a reused infer stream is closed after this long idle
         self.host: IHost | None = None
         self.http_url: str | None = None
         self.started = time.time()
@@ -89,15 +94,43 @@ class NodeService:
 
     # -- request plumbing -----------------------------------------------------------------------
 
-    async def _serve(self, stream: INetStream, protocol: str, handle: Handler) -> None:
-        self.metrics.requests.labels(protocol).inc()
-        request_id: str | None = None
+    async def _serve(self, stream: INetStream, protocol: str, handle: Handler,
+                     persistent: bool = False) -> None:
+        """Answer requests on ``stream``: one, or (``persistent``) one after another until the
+        peer closes it, stays idle for ``idle_timeout`` or breaks the framing."""
         try:
-            with trio.fail_after(self.request_timeout):
-                await widen_window(stream)
-                message = await read_frame(stream, self.frame_limit)
-                if message is None:
+            await widen_window(stream)
+            first = True
+            while await self._serve_one(stream, protocol, handle, first) and persistent:
+                first = False
+        finally:
+            await close_quietly(stream, 2.0)
+
+    async def _serve_one(self, stream: INetStream, protocol: str, handle: Handler,
+                         first: bool) -> bool:
+        """Serve one request; True when the stream can carry another one."""
+        request_id: str | None = None
+        framing_ok = True
+        try:
+            with trio.move_on_after(self.request_timeout if first else self.idle_timeout) as wait:
+                length = await read_frame_length(stream)
+            if wait.cancelled_caught:
+                if first:
+                    raise trio.TooSlowError
+                return False  # idle: close quietly
+            if length is None:
+                if first:
                     raise WireError("bad_request", "the stream closed before a request frame")
+                return False
+            self.metrics.requests.labels(protocol).inc()
+            with trio.fail_after(self.request_timeout):
+                framing_ok = False
+                if length > self.frame_limit:
+                    raise WireError("frame_too_large", f"the frame has {length} bytes, the "
+                                                       f"limit is {self.frame_limit}")
+                body = await read_exactly(stream, length)
+                framing_ok = True
+                message = decode_body(body)
                 raw_id = message.get("id")
                 if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_LENGTH:
                     request_id = raw_id
@@ -108,9 +141,11 @@ class NodeService:
                 if request_id is None:
                     raise WireError("bad_request", f"'id' must be a string of at most "
                                                    f"{MAX_ID_LENGTH} characters")
-                await handle(stream, message)
+                await handle(stream, message)  # raises WireError only before it writes
+                return True
         except WireError as exc:
             await self._send_error(stream, protocol, exc, request_id)
+            return framing_ok
         except trio.TooSlowError:
             await self._send_error(stream, protocol, WireError(
                 "timeout", f"no complete request within {self.request_timeout:g} s"), request_id)
@@ -118,8 +153,7 @@ class NodeService:
             log.exception("%s: internal error", protocol)
             await self._send_error(stream, protocol, WireError(
                 "internal", f"{type(exc).__name__} while handling the request"), request_id)
-        finally:
-            await close_quietly(stream, 2.0)
+        return False
 
     async def _send_error(self, stream: INetStream, protocol: str, exc: WireError,
                           request_id: str | None) -> None:
@@ -132,7 +166,7 @@ class NodeService:
     # -- /veilnet/infer/1 -----------------------------------------------------------------------
 
     async def handle_infer(self, stream: INetStream) -> None:
-        await self._serve(stream, str(INFER), self._infer)
+        await self._serve(stream, str(INFER), self._infer, persistent=True)
 
     async def _infer(self, stream: INetStream, message: dict[str, Any]) -> None:
         started = time.perf_counter()

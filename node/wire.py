@@ -196,21 +196,30 @@ def decode_tensors(obj: Any, what: str) -> dict[str, np.ndarray]:
     return {name: decode_tensor(value, name) for name, value in obj.items()}
 
 
+DigestEntry = list  # [name, dtype, shape, SHA-256 of the little-endian bytes]
+
+
+def digest_entry(name: str, array: np.ndarray) -> DigestEntry:
+    array = np.asarray(array)
+    little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    data = little.view(np.uint8) if little.ndim else little.tobytes()
+    return [name, array.dtype.name, list(array.shape), hashlib.sha256(data).digest()]
+
+
+def digest_of(entries: Mapping[str, DigestEntry]) -> bytes:
+    return hashlib.sha256(cbor2.dumps([entries[n] for n in sorted(entries)],
+                                      canonical=True)).digest()
+
+
 def tensors_digest(tensors: Mapping[str, np.ndarray]) -> bytes:
     """SHA-256 of the deterministic CBOR (RFC 8949 §4.2) of
     ``[[name, dtype, shape, SHA-256(data)], ...]`` with the names in sorted order.
 
     Hashing each tensor's little-endian bytes in place, rather than a CBOR encoding of the whole
-    map, saves a copy of every activation on both ends of every hop.
+    map, saves a copy of every activation on both ends of every hop; and a tensor's entry can be
+    reused when the same tensor goes into the next hop (``digest_entry``/``digest_of``).
     """
-    entries = []
-    for name in sorted(tensors):
-        array = np.asarray(tensors[name])
-        little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
-        entries.append([name, array.dtype.name, list(array.shape),
-                        hashlib.sha256(little.view(np.uint8) if little.ndim else
-                                       little.tobytes()).digest()])
-    return hashlib.sha256(cbor2.dumps(entries, canonical=True)).digest()
+    return digest_of({name: digest_entry(name, value) for name, value in tensors.items()})
 
 
 def receipt_payload(request_id: str, shard_cid: str, input_digest: bytes,

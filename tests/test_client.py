@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import trio
 from libp2p.abc import IHost, INetStream
-from node_helpers import REPO, ClientThread, NodeProcess, start_node
+from node_helpers import REPO, ClientThread, NodeProcess, metric_value, start_node
 
 from client import AsyncClient, Client, EmbedResult, HopRecord, QueryError
 from crypto.identity import Identity, public_from_did, public_from_peer_id, verify
@@ -318,6 +318,27 @@ def test_client_honest_path(honest: NodeProcess, deployment_dir: Path, manifest:
     with pytest.raises(RuntimeError, match="closed"):
         client.refresh()
     client.close()  # closing twice is harmless
+
+
+def test_streams_closed_by_an_idle_node_are_replaced(request: pytest.FixtureRequest,
+                                                    deployment_dir: Path, tmp_path: Path,
+                                                    manifest: Manifest,
+                                                    expected: np.ndarray) -> None:
+    """The client reuses infer streams; a node closes idle ones (here after 1 s). A query after
+    that must open new streams to the same node, not count the node as failed."""
+    ShardStore(tmp_path / "D").add_deployment(deployment_dir)
+    node = _started(request, start_node(tmp_path / "D", "--idle-timeout", "1"))
+    with Client([node.addr], deployment_dir) as client:
+        first = client.embed(TEXTS)
+        time.sleep(2.5)  # every pooled stream is now closed by the node
+        second = client.embed(TEXTS)
+    for result in (first, second):
+        assert_matches(result.embeddings, expected)
+        assert_honest_hops(result, node, manifest)
+        assert all(h.attempts == 1 and not h.failures for h in result.hops), result.hops
+    served = metric_value(httpx.get(f"{node.http}/metrics", timeout=5).text,
+                          "veilnet_requests_total", protocol="/veilnet/infer/1")
+    assert served == 2 * len(manifest.node_shards)
 
 
 def test_async_client_honest_path(honest: NodeProcess, deployment_dir: Path, manifest: Manifest,

@@ -41,7 +41,7 @@ from node_helpers import (
 
 from crypto.identity import Identity, did_from_peer_id, public_from_did, public_from_peer_id, verify
 from models import Manifest, Pipeline, ShardSession, ShardSpec, cid_of_bytes, cid_of_file
-from node.p2p import INFER, PEERS, SHARD, close_quietly, peer_info
+from node.p2p import INFER, PEERS, SHARD, close_quietly, connect, peer_info
 from node.store import ShardStore
 from node.wire import (
     DEFAULT_FRAME_LIMIT,
@@ -393,6 +393,37 @@ def test_malformed_request_gets_a_structured_error_and_node_keeps_serving(
     finally:  # whatever the error frame looked like, the node must still serve
         check_valid_response(ok, message, hop, node1)
         assert node1.proc.poll() is None, node1.log()
+
+
+def test_one_stream_carries_several_requests(node1: NodeProcess, hop: Hop,
+                                            client: ClientThread) -> None:
+    """An infer stream stays open after an answer (and after an error that leaves the framing
+    intact) for the next request; after a framing error the node closes it."""
+    async def main(host: IHost) -> list[Any]:
+        info = peer_info(node1.addr)
+        await connect(host, info, 10)
+        seen: list[Any] = []
+        with trio.fail_after(30):
+            stream = await host.new_stream(info.peer_id, [INFER])
+            try:
+                for message in (hop.request(), hop.request(shard=hop.head_cid), hop.request()):
+                    await stream.write(encode_frame(message))
+                    seen.append((message, await read_frame(stream)))
+                # an oversize header breaks the framing: error frame, then end of stream
+                await stream.write(encode_varint(1 << 40))
+                seen.append(await read_frame(stream))
+                seen.append(await read_frame(stream))
+            finally:
+                await close_quietly(stream)
+        return seen
+
+    (m1, r1), (m2, r2), (m3, r3), oversize, after = client.run(main)
+    check_valid_response(r1, m1, hop, node1)
+    check_error(r2, "unknown_shard", m2["id"])
+    check_valid_response(r3, m3, hop, node1)
+    assert r1["signature"] != r3["signature"]  # separate requests, separately signed
+    check_error(oversize, "frame_too_large", None)
+    assert after is None  # the node closed the stream
 
 
 def test_raw_tcp_junk_to_the_libp2p_port(node1: NodeProcess, hop: Hop,
