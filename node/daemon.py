@@ -53,6 +53,8 @@ async def run_node(config: NodeConfig) -> None:
     hconfig.bind = [f"[{host_name}]:{port}" if ":" in host_name else f"{host_name}:{port}"]
     hconfig.graceful_timeout = 2
     hconfig.accesslog = None
+    # Hypercorn's own "Running on" line would repeat the banner's http URL
+    hconfig.loglevel = "DEBUG" if config.log_level.lower() == "debug" else "WARNING"
     shutdown, http_done = trio.Event(), trio.Event()
     app = create_app(service)
 
