@@ -1,0 +1,343 @@
+"""Integration tests of the client SDK against misbehaving nodes and an unreachable bootstrap.
+
+Honest nodes are real ``veilnet node start`` subprocesses. Misbehaving nodes are real py-libp2p
+hosts (TCP, Noise, yamux) living in this process: each registers its own /veilnet/infer/1
+handler and announces itself over /veilnet/peers/1 to a real bootstrap node, so the client learns
+of it exactly as it learns of honest nodes. Only that network edge is faked; nothing of the
+client or the node is mocked. Expected embeddings come from the in-process plaintext pipeline.
+
+Topology (module scope): ``honest`` holds every node shard; ``directory`` holds none and
+bootstraps from ``honest``. Fakes announce to ``directory`` only, so clients bootstrapping from
+``honest`` never see them; a fake withdraws its shards (re-announces with none) when it stops.
+``honest``, ``manifest``, ``expected`` and the checks live in client_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import pytest
+import trio
+from client_fixtures import TEXTS, assert_matches, closed_port_addr, stop_at_teardown
+from libp2p.abc import IHost, INetStream
+from node_helpers import ClientThread, NodeProcess, start_node
+
+from client import AsyncClient, Client, EmbedResult, QueryError
+from crypto.identity import Identity, public_from_peer_id, verify
+from models import Manifest
+from node.p2p import INFER, PEERS, close_quietly, connect, full_addrs, peer_info, request
+from node.wire import (
+    WIRE_VERSION,
+    decode_tensors,
+    encode_varint,
+    read_frame,
+    receipt_payload,
+    tensors_digest,
+    write_frame,
+)
+
+pytest_plugins = ["client_fixtures"]
+
+HOP_TIMEOUT = 2.0
+SLACK = 15.0  # seconds on top of the client's own bounds (2 cores, nodes on the same machine)
+T = TypeVar("T")
+MAX_CLIENTS = 12  # fresh clients tried until a misbehaving node is picked first for some hop
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def directory(request: pytest.FixtureRequest, honest: NodeProcess, manifest: Manifest,
+              tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
+    """A node with no shards that knows ``honest``: the bootstrap node fakes announce to."""
+    data_dir = tmp_path_factory.mktemp("directory") / "D"
+    node = stop_at_teardown(request, start_node(data_dir, "--bootstrap", honest.addr,
+                                                "--announce-interval", "1"))
+    wanted = {s.cid for s in manifest.node_shards}
+    deadline = time.monotonic() + 20
+    while True:
+        peers = httpx.get(f"{node.http}/v1/peers", timeout=5).json()
+        if any(p["peer_id"] == honest.peer_id and wanted <= set(p["shards"]) for p in peers):
+            return node
+        assert time.monotonic() < deadline, f"directory never learnt of honest: {peers}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def lonely(request: pytest.FixtureRequest, tmp_path: Path) -> NodeProcess:
+    """A node with no shards that knows no other node."""
+    return stop_at_teardown(request, start_node(tmp_path / "lonely"))
+
+
+# -- misbehaving nodes --------------------------------------------------------------------------
+
+Behaviour = Callable[["FakeNode", INetStream, dict[str, Any]], Awaitable[None]]
+
+
+class FakeNode:
+    """A real libp2p host on its own trio loop (thread) with a misbehaving infer handler."""
+
+    def __init__(self, behaviour: Behaviour, honest: NodeProcess | None = None) -> None:
+        self.behaviour = behaviour
+        self.honest = honest
+        self.thread = ClientThread()
+        self.requests = 0
+        self._announced: list[str] = []
+
+    @property
+    def peer_id(self) -> str:
+        return self.thread.identity.peer_id
+
+    def start(self) -> FakeNode:
+        self.thread.start()
+
+        async def attach(host: IHost) -> None:
+            host.set_stream_handler(INFER, self._handle)
+
+        self.thread.run(attach)
+        return self
+
+    async def _handle(self, stream: INetStream) -> None:
+        try:
+            message = await read_frame(stream)
+            if message is None:
+                return
+            self.requests += 1
+            await self.behaviour(self, stream, message)
+        finally:
+            await close_quietly(stream)
+
+    def announce(self, bootstrap: str, shards: list[str]) -> None:
+        """Tell ``bootstrap`` over /veilnet/peers/1 that this host serves ``shards``."""
+        self.thread.run(self._hello, bootstrap, shards)
+        self._announced.append(bootstrap)
+
+    async def _hello(self, host: IHost, bootstrap: str, shards: list[str]) -> None:
+        info = peer_info(bootstrap)
+        await connect(host, info, 10)
+        answer = await request(host, info.peer_id, PEERS, {
+            "v": WIRE_VERSION, "id": secrets.token_hex(8),
+            "node": {"peer_id": self.peer_id, "did": self.thread.identity.did,
+                     "addrs": full_addrs(host), "shards": shards, "http": None}}, 10)
+        assert (answer.get("node") or {}).get("peer_id") == str(info.peer_id), answer
+
+    def close(self) -> None:
+        """Withdraw the announced shards (so later clients never pick this host), then stop."""
+        try:
+            for bootstrap in self._announced:
+                self.thread.run(self._hello, bootstrap, [])
+        finally:
+            self.thread.close()
+            assert not self.thread._thread.is_alive(), "the fake node's loop did not stop"
+
+    async def relay(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The honest node's answer to the same request (its id, its signature)."""
+        assert self.honest is not None
+        host = self.thread.host
+        info = peer_info(self.honest.addr)
+        await connect(host, info, 10)
+        return await request(host, info.peer_id, INFER, message, 20)
+
+
+async def hang(fake: FakeNode, stream: INetStream, message: dict[str, Any]) -> None:
+    await trio.sleep_forever()
+
+
+async def relay_honest_signature(fake: FakeNode, stream: INetStream,
+                                 message: dict[str, Any]) -> None:
+    """Correct outputs and digests, signed by the honest node's key (not the fake's)."""
+    await write_frame(stream, await fake.relay(message))
+
+
+async def sign_with_other_key(fake: FakeNode, stream: INetStream,
+                              message: dict[str, Any]) -> None:
+    """Correct outputs and digests, signed by a fresh key."""
+    response = await fake.relay(message)
+    response["signature"] = Identity.generate().sign(receipt_payload(
+        response["id"], response["shard"], response["input_digest"], response["output_digest"]))
+    response["node"] = fake.thread.identity.did
+    await write_frame(stream, response)
+
+
+async def rename_outputs(fake: FakeNode, stream: INetStream, message: dict[str, Any]) -> None:
+    """Real tensors under wrong names, digested and signed correctly by the fake's own key."""
+    response = await fake.relay(message)
+    outputs = {f"bogus_{name}": t for name, t in response["outputs"].items()}
+    digest = tensors_digest(decode_tensors(outputs, "outputs"))
+    response.update(outputs=outputs, output_digest=digest, node=fake.thread.identity.did,
+                    signature=fake.thread.identity.sign(receipt_payload(
+                        response["id"], response["shard"], response["input_digest"], digest)))
+    await write_frame(stream, response)
+
+
+async def garbage_frame(fake: FakeNode, stream: INetStream, message: dict[str, Any]) -> None:
+    """A well-framed body that is not CBOR (0xff is a lone 'break')."""
+    body = b"\xff" + os.urandom(255)
+    await stream.write(encode_varint(len(body)) + body)
+
+
+async def random_bytes(fake: FakeNode, stream: INetStream, message: dict[str, Any]) -> None:
+    await stream.write(os.urandom(300))
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+def bounded(fn: Callable[[], T], limit: float) -> T:
+    """``fn()`` on a worker thread; fails (instead of hanging the run) after ``limit`` s."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="bounded-call", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        raise AssertionError(f"still running after {limit:g} s: a hang")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def timed_embed(client: Client, limit: float) -> tuple[EmbedResult, float]:
+    started = time.monotonic()
+    result = bounded(lambda: client.embed(TEXTS), limit)
+    elapsed = time.monotonic() - started
+    assert elapsed < limit, f"the query took {elapsed:.1f} s, the bound is {limit:g} s"
+    return result, elapsed
+
+
+# -- 1. a hanging node next to an honest one ----------------------------------------------------
+
+@pytest.fixture
+def fake_factory(manifest: Manifest) -> Iterator[Callable[..., FakeNode]]:
+    fakes: list[FakeNode] = []
+
+    def make(behaviour: Behaviour, bootstrap: NodeProcess,
+             honest: NodeProcess | None = None) -> FakeNode:
+        fake = FakeNode(behaviour, honest).start()
+        fakes.append(fake)
+        fake.announce(bootstrap.addr, [s.cid for s in manifest.node_shards])
+        return fake
+
+    yield make
+    with contextlib.ExitStack() as stack:  # every fake is closed even if one close fails
+        for fake in fakes:
+            stack.callback(fake.close)
+
+
+def test_hanging_node_is_skipped_after_hop_timeout(
+        honest: NodeProcess, directory: NodeProcess, deployment_dir: Path, manifest: Manifest,
+        expected: np.ndarray, fake_factory: Callable[..., FakeNode]) -> None:
+    hanging = fake_factory(hang, directory)
+    seen = []
+    for _ in range(MAX_CLIENTS):
+        with Client([directory.addr], deployment_dir, hop_timeout=HOP_TIMEOUT) as client:
+            result, _ = timed_embed(client, HOP_TIMEOUT + SLACK)
+        assert_matches(result.embeddings, expected)
+        assert [h.peer_id for h in result.hops] == [honest.peer_id] * len(manifest.node_shards)
+        for hop in result.hops:
+            assert hop.signature_verified
+            assert hop.attempts == 1 + len(hop.failures)
+            for failure in hop.failures:
+                assert failure == f"{hanging.peer_id}: no answer within {HOP_TIMEOUT:g} s"
+        seen = [h for h in result.hops if h.attempts == 2]
+        if seen:
+            break
+    assert seen, f"{MAX_CLIENTS} clients never tried the hanging node first"
+    assert hanging.requests >= 1
+    assert any(hanging.peer_id in f and "no answer within" in f for f in seen[0].failures)
+
+
+# -- 2. only a hanging node serves the shards ---------------------------------------------------
+
+def test_only_hanging_node_gives_query_error(
+        lonely: NodeProcess, deployment_dir: Path, manifest: Manifest,
+        fake_factory: Callable[..., FakeNode]) -> None:
+    hanging = fake_factory(hang, lonely)
+    shards = len(manifest.node_shards)
+    first = manifest.node_shards[0]
+    with Client([lonely.addr], deployment_dir, hop_timeout=HOP_TIMEOUT) as client:
+        limit = HOP_TIMEOUT * shards + SLACK
+        started = time.monotonic()
+        with pytest.raises(QueryError) as info:
+            bounded(lambda: client.embed(TEXTS), limit)
+        elapsed = time.monotonic() - started
+    assert elapsed < limit, f"the query failed only after {elapsed:.1f} s"
+    assert elapsed >= HOP_TIMEOUT * 0.9, f"gave up after {elapsed:.2f} s, before the hop timeout"
+    message = str(info.value)
+    assert f"hop {first.index}" in message and first.cid in message, message
+    assert hanging.peer_id in message, message
+    assert f"no answer within {HOP_TIMEOUT:g} s" in message, message
+    assert hanging.requests == 1
+
+
+# -- 3. lying and garbage-speaking nodes next to an honest one ----------------------------------
+
+@pytest.mark.parametrize(("behaviour", "reasons"), [
+    (relay_honest_signature, ("bad_signature",)),
+    (sign_with_other_key, ("bad_signature",)),
+    (rename_outputs, ("bad_response", "bogus_")),
+    (garbage_frame, ("bad_frame",)),
+    (random_bytes, None),
+], ids=["honest-nodes-signature", "other-key", "wrong-output-names", "non-cbor-frame",
+        "random-bytes"])
+def test_misbehaving_node_is_rejected(
+        behaviour: Behaviour, reasons: tuple[str, ...] | None, honest: NodeProcess,
+        directory: NodeProcess, deployment_dir: Path, manifest: Manifest, expected: np.ndarray,
+        fake_factory: Callable[..., FakeNode]) -> None:
+    liar = fake_factory(behaviour, directory, honest)
+    caught: list[str] = []
+    for _ in range(MAX_CLIENTS):
+        with Client([directory.addr], deployment_dir, hop_timeout=10) as client:
+            result, _ = timed_embed(client, 10 + SLACK)
+        assert_matches(result.embeddings, expected)
+        for hop in result.hops:
+            assert hop.peer_id == honest.peer_id, f"accepted an answer from {hop.peer_id}"
+            assert hop.signature_verified
+            assert verify(public_from_peer_id(honest.peer_id), bytes.fromhex(hop.signature),
+                          receipt_payload(hop.request_id, hop.shard_cid,
+                                          bytes.fromhex(hop.input_digest),
+                                          bytes.fromhex(hop.output_digest)))
+            assert hop.attempts == 1 + len(hop.failures)
+            caught += [f for f in hop.failures if f.startswith(f"{liar.peer_id}: ")]
+        if caught:
+            break
+    assert caught, f"{MAX_CLIENTS} clients never tried the misbehaving node first"
+    assert liar.requests >= 1
+    for failure in caught:
+        if reasons is None:  # random bytes: some wire error, whichever the bytes make
+            assert re.search(r"bad_frame|frame_too_large|truncated|bad_response", failure), failure
+        else:
+            assert all(r in failure for r in reasons), failure
+
+
+# -- 4. an unreachable bootstrap ----------------------------------------------------------------
+
+def test_unreachable_bootstrap(deployment_dir: Path) -> None:
+    addr = closed_port_addr()
+    started = time.monotonic()
+    with pytest.raises(QueryError) as info:
+        bounded(lambda: Client([addr], deployment_dir, connect_timeout=5), 45)
+    assert time.monotonic() - started < 15
+    assert addr in str(info.value)
+
+    async def main() -> None:
+        with trio.fail_after(15), pytest.raises(QueryError, match=re.escape(addr)):
+            async with AsyncClient([addr], deployment_dir, connect_timeout=5):
+                pass
+
+    trio.run(main)
