@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from node_helpers import NodeProcess, start_node
+from node_helpers import NodeProcess, serving_node
 
 from client import EmbedResult, HopRecord
 from crypto.identity import Identity, public_from_did, public_from_peer_id, verify
 from models import Manifest, Pipeline
-from node.store import ShardStore
 from node.wire import receipt_payload
 
 TEXTS = ["A man is eating food.", "Encrypted inference keeps activations private, 24/7."]
@@ -39,18 +38,11 @@ def manifest(deployment_dir: Path) -> Manifest:
     return Manifest.load(deployment_dir)
 
 
-def stop_at_teardown(request: pytest.FixtureRequest, node: NodeProcess) -> NodeProcess:
-    """``node``, stopped (SIGTERM, then SIGKILL) when ``request``'s scope ends."""
-    request.addfinalizer(node.stop)
-    return node
-
-
 @pytest.fixture(scope="module")
 def honest(request: pytest.FixtureRequest, deployment_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
-    data_dir = tmp_path_factory.mktemp("honest") / "D"
-    ShardStore(data_dir).add_deployment(deployment_dir)
-    return stop_at_teardown(request, start_node(data_dir, "--request-timeout", "20"))
+    return serving_node(request, tmp_path_factory.mktemp("honest") / "D", deployment_dir,
+                        "--request-timeout", "20")
 
 
 def closed_port_addr() -> str:

@@ -214,3 +214,17 @@ def metric_value(text: str, sample: str, **labels: str) -> float:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return 0.0
+
+
+def stop_at_teardown(request: Any, node: NodeProcess) -> NodeProcess:
+    """``node``, stopped (SIGTERM, then SIGKILL) when ``request``'s scope ends."""
+    request.addfinalizer(node.stop)
+    return node
+
+
+def serving_node(request: Any, data_dir: Path, deployment: Path, *extra: str) -> NodeProcess:
+    """A node process holding every node shard of ``deployment``, stopped at teardown."""
+    from node.store import ShardStore
+
+    ShardStore(data_dir).add_deployment(deployment)
+    return stop_at_teardown(request, start_node(data_dir, *extra))

@@ -22,12 +22,18 @@ import cbor2
 import numpy as np
 import pytest
 from libp2p.abc import IHost
-from node_helpers import ClientThread, NodeProcess, exchange, start_node
+from node_helpers import (
+    ClientThread,
+    NodeProcess,
+    exchange,
+    serving_node,
+    start_node,
+    stop_at_teardown,
+)
 
 from crypto.identity import did_from_peer_id, public_from_did, public_from_peer_id, verify
 from models import Manifest, Pipeline, ShardSession, ShardSpec, cid_of_file
 from node.p2p import INFER
-from node.store import ShardStore
 from node.wire import (
     WIRE_VERSION,
     decode_tensors,
@@ -75,24 +81,18 @@ def hop(deployment_dir: Path) -> Hop:
                head.cid, manifest.tail.cid)
 
 
-def _node_fixture(request: pytest.FixtureRequest, node: NodeProcess) -> NodeProcess:
-    request.addfinalizer(node.stop)
-    return node
-
-
 @pytest.fixture(scope="module")
 def node1(request: pytest.FixtureRequest, deployment_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
-    data_dir = tmp_path_factory.mktemp("node1") / "D"
-    ShardStore(data_dir).add_deployment(deployment_dir)
-    return _node_fixture(request, start_node(data_dir, "--request-timeout", "20"))
+    return serving_node(request, tmp_path_factory.mktemp("node1") / "D", deployment_dir,
+                        "--request-timeout", "20")
 
 
 @pytest.fixture(scope="module")
 def node2(request: pytest.FixtureRequest, node1: NodeProcess,
           tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
     data_dir = tmp_path_factory.mktemp("node2") / "D"
-    return _node_fixture(request, start_node(data_dir, "--bootstrap", node1.addr,
+    return stop_at_teardown(request, start_node(data_dir, "--bootstrap", node1.addr,
                                              "--announce-interval", "1"))
 
 
@@ -100,7 +100,7 @@ def node2(request: pytest.FixtureRequest, node1: NodeProcess,
 def small(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
           ) -> NodeProcess:
     data_dir = tmp_path_factory.mktemp("small") / "D"
-    return _node_fixture(request, start_node(data_dir, "--frame-limit", "2048",
+    return stop_at_teardown(request, start_node(data_dir, "--frame-limit", "2048",
                                              "--request-timeout", "1"))
 
 

@@ -24,9 +24,8 @@ from client_fixtures import (
     assert_honest_hops,
     assert_matches,
     closed_port_addr,
-    stop_at_teardown,
 )
-from node_helpers import REPO, NodeProcess, metric_value, start_node
+from node_helpers import REPO, NodeProcess, metric_value, start_node, stop_at_teardown
 
 from client import AsyncClient, Client, EmbedResult, QueryError
 from crypto.identity import public_from_peer_id, verify

@@ -28,9 +28,9 @@ import httpx
 import numpy as np
 import pytest
 import trio
-from client_fixtures import TEXTS, assert_matches, closed_port_addr, stop_at_teardown
+from client_fixtures import TEXTS, assert_matches, closed_port_addr
 from libp2p.abc import IHost, INetStream
-from node_helpers import ClientThread, NodeProcess, start_node
+from node_helpers import ClientThread, NodeProcess, start_node, stop_at_teardown
 
 from client import AsyncClient, Client, EmbedResult, QueryError
 from crypto.identity import Identity, public_from_peer_id, verify
