@@ -28,7 +28,9 @@ from node.p2p import (
     RemoteError,
     close_quietly,
     connect,
+    ensure_connected,
     full_addrs,
+    open_stream,
     peer_info,
     remote_peer,
     request,
@@ -206,14 +208,13 @@ class NodeService:
         for offset in range(0, len(data), CHUNK):
             await write_frame(stream, {"data": data[offset:offset + CHUNK]})
 
-    async def fetch_blob(self, peer: ID, cid: str, kind: str, timeout: float) -> None:
-        """Fetch a shard or manifest from ``peer`` into the store, checking it against ``cid``."""
+    async def fetch_blob(self, peer: ID, cid: str, timeout: float) -> list[bytes]:
+        """The chunks of a shard or manifest fetched from ``peer`` (not yet checked)."""
         assert self.host is not None
-        writer = self.store.writer(cid, kind)
+        chunks: list[bytes] = []
         with trio.fail_after(timeout):
-            stream = await self.host.new_stream(peer, [SHARD])
+            stream = await open_stream(self.host, peer, SHARD)
             try:
-                await widen_window(stream)
                 await write_frame(stream, {"v": WIRE_VERSION, "id": f"fetch-{cid}", "cid": cid})
                 header = await read_frame(stream, self.frame_limit)
                 if header is None or "error" in header:
@@ -230,35 +231,32 @@ class NodeService:
                     if not isinstance(data, bytes) or received + len(data) > size:
                         raise WireError("bad_frame", f"bad chunk after {received} of {size} "
                                                      "bytes")
-                    writer.add(data)
+                    chunks.append(data)
                     received += len(data)
             finally:
                 await close_quietly(stream)
-        await trio.to_thread.run_sync(writer.commit)
+        return chunks
 
     async def fetch_deployment(self, deployment: str, shards: Sequence[str] | None,
                                source: str | None, timeout: float = 120.0) -> list[str]:
-        """Fetch a deployment manifest and its node shards (all, or ``shards``) from a peer."""
+        """Fetch a deployment manifest and its node shards (all, or ``shards``) from a peer:
+        the one at ``source``, else each known peer in turn. Everything is checked against its
+        CID before it is stored."""
         assert self.host is not None
         if source is not None:
             info = peer_info(source)
-            await connect(self.host, info, 10)
-            providers = [info.peer_id]
+            providers = [(str(info.peer_id), [source])]
         else:
-            providers = [ID.from_base58(r.peer_id) for r in self.peers.records()]
-            for r in self.peers.records():
-                if r.addrs:
-                    try:
-                        await connect(self.host, peer_info(r.addrs[0]), 5)
-                    except (Exception, trio.TooSlowError):
-                        continue
+            providers = [(r.peer_id, r.addrs) for r in self.peers.records()]
         if not providers:
             raise FetchRefused("no peer to fetch from: name one with 'peer'")
         errors: list[str] = []
-        for provider in providers:
+        for peer_id, addrs in providers:
             try:
+                peer = await ensure_connected(self.host, peer_id, addrs, 10)
                 if self.store.blob_path(deployment) is None:
-                    await self.fetch_blob(provider, deployment, "manifest", timeout)
+                    data = b"".join(await self.fetch_blob(peer, deployment, timeout))
+                    self.store.add_manifest_bytes(data, expected_cid=deployment)
                 _, manifest = self.store.add_manifest_bytes(
                     self.store.manifest_path(deployment).read_bytes())
                 node_cids = [s.cid for s in manifest.node_shards]
@@ -269,12 +267,13 @@ class NodeService:
                                        "a node never takes client material")
                 for cid in wanted:
                     if self.store.blob_path(cid) is None:
-                        await self.fetch_blob(provider, cid, "shard", timeout)
+                        chunks = await self.fetch_blob(peer, cid, timeout)
+                        await trio.to_thread.run_sync(self.store.add_shard_bytes, cid, chunks)
                 return wanted
             except FetchRefused:
                 raise
             except (Exception, trio.TooSlowError) as exc:
-                errors.append(f"{provider}: {exc or type(exc).__name__}")
+                errors.append(f"{peer_id}: {exc or type(exc).__name__}")
         raise StoreError("fetch failed: " + "; ".join(errors))
 
     # -- /veilnet/peers/1 -----------------------------------------------------------------------

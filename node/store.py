@@ -78,13 +78,21 @@ class ShardStore:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def add_manifest_bytes(self, data: bytes) -> tuple[str, Manifest]:
+    def add_manifest_bytes(self, data: bytes, expected_cid: str | None = None,
+                           ) -> tuple[str, Manifest]:
+        """Validate and store a manifest; with ``expected_cid``, only if the bytes match it."""
         manifest = Manifest.from_json_bytes(data, "deployment manifest")
         mcid = cid_of_bytes(data)
+        if expected_cid is not None and mcid != expected_cid:
+            raise StoreError(f"content does not match CID {expected_cid}; not stored")
         target = self.manifest_path(mcid)
         if not target.exists():
             self._write_atomic(target, [data], mcid)
         return mcid, manifest
+
+    def add_shard_bytes(self, cid: str, chunks: Iterable[bytes]) -> None:
+        """Store a node shard received in ``chunks`` if their SHA-256 matches ``cid``."""
+        self._write_atomic(self.shard_path(cid), chunks, cid)
 
     def add_deployment(self, deploy_dir: Path, only: Iterable[str] | None = None,
                        ) -> tuple[str, list[str]]:
@@ -122,8 +130,7 @@ class ShardStore:
                 raise StoreError(f"{source}: node shard {spec.cid} is missing")
             if not self.shard_path(spec.cid).is_file():
                 with open(source, "rb") as f:
-                    self._write_atomic(self.shard_path(spec.cid), iter(lambda: f.read(1 << 20),
-                                                                       b""), spec.cid)
+                    self.add_shard_bytes(spec.cid, iter(lambda: f.read(1 << 20), b""))
             installed.append(spec.cid)
         return mcid, installed
 
@@ -144,21 +151,3 @@ class ShardStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def writer(self, cid: str, kind: str) -> BlobWriter:
-        """A streaming, CID-checked writer for a blob fetched from a peer."""
-        target = self.shard_path(cid) if kind == "shard" else self.manifest_path(cid)
-        return BlobWriter(self, target, cid)
-
-
-class BlobWriter:
-    def __init__(self, store: ShardStore, target: Path, cid: str) -> None:
-        self._store, self.target, self.cid = store, target, cid
-        self._chunks: list[bytes] = []
-
-    def add(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-
-    def commit(self) -> None:
-        self._store._write_atomic(self.target, self._chunks, self.cid)
-        self._chunks.clear()

@@ -140,21 +140,21 @@ def test_malformed_manifest_is_a_store_error(tmp_path: Path) -> None:
         ShardStore(tmp_path / "D").add_deployment(bad)
 
 
-def test_blob_writer_checks_the_cid(deployment_dir: Path, tmp_path: Path) -> None:
+def test_received_blobs_are_checked_against_their_cid(deployment_dir: Path,
+                                                      tmp_path: Path) -> None:
     store = ShardStore(tmp_path / "D")
     spec = Manifest.load(deployment_dir).node_shards[0]
     data = (deployment_dir / spec.path).read_bytes()
-    bad = store.writer(spec.cid, "shard")
-    bad.add(data[:1000])
-    bad.add(b"\x00" + data[1001:])
     with pytest.raises(StoreError, match="does not match"):
-        bad.commit()
+        store.add_shard_bytes(spec.cid, [data[:1000], b"\x00" + data[1001:]])
     assert not store.shard_path(spec.cid).exists()
-    good = store.writer(spec.cid, "shard")
-    for offset in range(0, len(data), 1 << 20):
-        good.add(data[offset:offset + (1 << 20)])
-    good.commit()
+    store.add_shard_bytes(spec.cid, [data[offset:offset + (1 << 20)]
+                                     for offset in range(0, len(data), 1 << 20)])
     assert store.shard_path(spec.cid).read_bytes() == data
+    manifest = (deployment_dir / "manifest.json").read_bytes()
+    with pytest.raises(StoreError, match="does not match"):
+        store.add_manifest_bytes(manifest, expected_cid=spec.cid)
+    assert not list(store.manifest_dir.iterdir())
 
 
 @pytest.mark.parametrize("text", ["", "hello", "../../etc/passwd", "bafkrei",
