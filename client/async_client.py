@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +268,7 @@ class AsyncClient:
                 failures.append(f"{record.peer_id}: {reason}")
                 self._penalty[record.peer_id] = time.monotonic()
                 continue
-            return outputs, HopRecord(**{**asdict(hop), "attempts": attempt,
-                                         "failures": tuple(failures)}), out_entries
+            return outputs, replace(hop, attempts=attempt, failures=tuple(failures)), out_entries
         raise QueryError(f"hop {shard.index} (shard {shard.cid}): all {len(candidates)} nodes "
                          "failed: " + "; ".join(failures))
 
