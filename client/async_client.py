@@ -30,19 +30,16 @@ from crypto.identity import Identity, public_from_peer_id, verify
 from models import Manifest, ManifestError, Pipeline, ShardSpec
 from node.p2p import (
     INFER,
-    PEERS,
     STREAM_ERRORS,
     RemoteError,
     close_quietly,
-    connect,
     ensure_connected,
     exchange,
     make_host,
     open_stream,
     peer_info,
 )
-from node.p2p import request as p2p_request
-from node.peers import PeerRecord, parse_record
+from node.peers import PeerRecord, exchange_peers
 from node.wire import (
     DEFAULT_FRAME_LIMIT,
     WIRE_VERSION,
@@ -180,19 +177,10 @@ class AsyncClient:
         errors = []
         for addr in self.bootstrap:
             try:
-                info = peer_info(addr)
-                await connect(self._host, info, self.connect_timeout)
-                response = await p2p_request(self._host, info.peer_id, PEERS, {
-                    "v": WIRE_VERSION, "id": secrets.token_hex(8), "node": None},
-                    self.connect_timeout + 5)
-                own = parse_record(response.get("node"), str(info.peer_id))
-                self._peers[own.peer_id] = own
-                for doc in response.get("peers") or []:
-                    try:
-                        record = parse_record(doc)
-                    except ValueError as exc:
-                        log.info("bootstrap %s relayed a bad record: %s", addr, exc)
-                        continue
+                responder, relayed = await exchange_peers(
+                    self._host, addr, None, self.connect_timeout + 5, self.connect_timeout)
+                self._peers[responder.peer_id] = responder
+                for record, _ in relayed:
                     self._peers.setdefault(record.peer_id, record)
             except (Exception, trio.TooSlowError) as exc:
                 errors.append(f"{addr}: {exc or type(exc).__name__}")

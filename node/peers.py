@@ -8,12 +8,20 @@ signed by the PeerID it actually reached.
 
 from __future__ import annotations
 
+import logging
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from libp2p.abc import IHost
+
 from crypto.identity import IdentityError, did_from_peer_id
 from models import is_valid_cid
+from node.p2p import PEERS, connect, peer_info, request
+from node.wire import WIRE_VERSION
+
+log = logging.getLogger("veilnet.peers")
 
 MAX_ADDRS = 8
 MAX_SHARDS = 256
@@ -83,3 +91,30 @@ class PeerTable:
         for pid in [p for p, r in self._peers.items() if r.last_seen < cutoff]:
             del self._peers[pid]
         return sorted(self._peers.values(), key=lambda r: r.peer_id)
+
+
+async def exchange_peers(host: IHost, addr: str, own: PeerRecord | None, timeout: float,
+                         dial_timeout: float | None = None,
+                         ) -> tuple[PeerRecord, list[tuple[PeerRecord, float]]]:
+    """Say hello to the node at ``addr`` over /veilnet/peers/1 (with ``own`` record, or none
+    for a client). Returns its record, checked against the PeerID the stream reached, and the
+    records it relays with their age in seconds; a malformed relayed record is logged and
+    skipped."""
+    info = peer_info(addr)
+    await connect(host, info, dial_timeout or timeout)
+    response = await request(host, info.peer_id, PEERS, {
+        "v": WIRE_VERSION, "id": secrets.token_hex(8),
+        "node": own.to_json() if own else None}, timeout)
+    responder = parse_record(response.get("node"), str(info.peer_id))
+    relayed = []
+    for doc in response.get("peers") or []:
+        try:
+            relayed.append((parse_record(doc), _age(doc)))
+        except ValueError as exc:
+            log.info("%s relayed a bad node record: %s", addr, exc)
+    return responder, relayed
+
+
+def _age(doc: Any) -> float:
+    age = doc.get("age") if isinstance(doc, dict) else None
+    return float(age) if isinstance(age, int | float) and 0 <= age < 1e9 else 0.0

@@ -27,16 +27,14 @@ from node.p2p import (
     SHARD,
     RemoteError,
     close_quietly,
-    connect,
     ensure_connected,
     full_addrs,
     open_stream,
     peer_info,
     remote_peer,
-    request,
     widen_window,
 )
-from node.peers import PeerRecord, PeerTable, parse_record
+from node.peers import PeerRecord, PeerTable, exchange_peers, parse_record
 from node.store import ShardStore, StoreError
 from node.wire import (
     WIRE_VERSION,
@@ -297,18 +295,14 @@ class NodeService:
         assert self.host is not None
         for addr in bootstrap:
             try:
-                info = peer_info(addr)
-                if str(info.peer_id) == self.identity.peer_id:
+                if str(peer_info(addr).peer_id) == self.identity.peer_id:
                     continue
-                await connect(self.host, info, timeout)
-                response = await request(self.host, info.peer_id, PEERS, {
-                    "v": WIRE_VERSION, "id": f"hello-{time.time_ns()}",
-                    "node": self.record().to_json()}, timeout)
-                self.peers.upsert(parse_record(response.get("node"), str(info.peer_id)))
-                for doc in response.get("peers") or []:
-                    record = parse_record(doc)
+                responder, relayed = await exchange_peers(self.host, addr, self.record(),
+                                                          timeout)
+                self.peers.upsert(responder)
+                for record, age in relayed:
                     if record.peer_id != self.identity.peer_id:
-                        self.peers.upsert(record, age=_age(doc))
+                        self.peers.upsert(record, age=age)
             except (Exception, trio.TooSlowError) as exc:
                 log.warning("bootstrap %s: %s", addr, exc or type(exc).__name__)
 
@@ -324,7 +318,3 @@ def _peer_of(stream: INetStream) -> str:
     except Exception:
         return "?"
 
-
-def _age(doc: Any) -> float:
-    age = doc.get("age") if isinstance(doc, dict) else None
-    return float(age) if isinstance(age, int | float) and 0 <= age < 1e9 else 0.0
