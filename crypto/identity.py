@@ -117,6 +117,10 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)
 
+    def private_key(self) -> Ed25519PrivateKey:
+        """The key object, for signing libraries (PyJWT) in this process only."""
+        return self._private
+
     @property
     def key_id(self) -> str:
         """The did:key URL of the verification method (``did:key:z6Mk...#z6Mk...``)."""
