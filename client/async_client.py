@@ -28,6 +28,7 @@ from libp2p.peer.id import ID
 
 from crypto.identity import Identity, public_from_peer_id, verify
 from models import Manifest, ManifestError, Pipeline, ShardSpec
+from node.discovery import lookup_cards
 from node.p2p import (
     INFER,
     STREAM_ERRORS,
@@ -39,7 +40,7 @@ from node.p2p import (
     open_stream,
     peer_info,
 )
-from node.peers import PeerRecord, exchange_peers
+from node.peers import PeerRecord
 from node.wire import (
     DEFAULT_FRAME_LIMIT,
     WIRE_VERSION,
@@ -171,19 +172,26 @@ class AsyncClient:
     # -- directory ------------------------------------------------------------------------------
 
     async def refresh(self) -> list[PeerRecord]:
-        """Ask the bootstrap nodes who serves what. Raises QueryError if none answers."""
+        """Ask the bootstrap nodes for the agent cards of the deployment's nodes (card
+        discovery). Every card is verified here: the bootstrap node is only an entry point.
+        Raises QueryError if no bootstrap node answers."""
         if self._host is None:
             raise RuntimeError("the client is not open: use it inside 'async with'")
+        pipeline = self._check_open()
         errors = []
         for addr in self.bootstrap:
             try:
-                responder, relayed = await exchange_peers(
-                    self._host, addr, None, self.connect_timeout + 5, self.connect_timeout)
-                self._peers[responder.peer_id] = responder
-                for record, _ in relayed:
-                    self._peers.setdefault(record.peer_id, record)
+                cards, rejected = await lookup_cards(
+                    self._host, addr, deployment=pipeline.manifest.cid,
+                    timeout=self.connect_timeout + 5, dial_timeout=self.connect_timeout)
             except (Exception, trio.TooSlowError) as exc:
                 errors.append(f"{addr}: {exc or type(exc).__name__}")
+                continue
+            for reason in rejected:
+                log.warning("%s returned a card that does not verify: %s", addr, reason)
+            for card in cards:
+                self._peers[card.peer_id] = PeerRecord(card.peer_id, card.did, card.multiaddrs,
+                                                       card.shard_cids, card.http)
         if len(errors) == len(self.bootstrap):
             raise QueryError("no bootstrap node answered: " + "; ".join(errors))
         return list(self._peers.values())

@@ -18,7 +18,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "bootstrap": args.bootstrap, "capacity": args.capacity, "threads": args.threads,
         "frame_limit": args.frame_limit, "request_timeout": args.request_timeout,
         "idle_timeout": args.idle_timeout,
-        "announce_interval": args.announce_interval, "log_level": args.log_level,
+        "announce_interval": args.announce_interval, "domain": args.domain,
+        "log_level": args.log_level,
     })
     return start(config)
 
@@ -75,7 +76,11 @@ def register(sub: Any) -> None:
                     help="how long an idle infer stream stays open for the client's next "
                          "request (default 30)")
     st.add_argument("--announce-interval", type=float, metavar="SECONDS",
-                    help="seconds between hellos to the bootstrap nodes (default 10)")
+                    help="seconds between hellos to the bootstrap nodes and between card "
+                         "announcements; a card stays valid 3 intervals (default 10)")
+    st.add_argument("--domain", metavar="HOST[:PORT]",
+                    help="a domain whose https://HOST/agents/<PeerID>/did.json serves this "
+                         "node's documents: adds a did:wba DID (default: did:key only)")
     st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     st.set_defaults(func=_cmd_start)
 

@@ -11,7 +11,8 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     frame_limit = 67108864 # bytes
     request_timeout = 60   # seconds to receive and answer one request
     idle_timeout = 30      # seconds an idle infer stream stays open for the next request
-    announce_interval = 10 # seconds between hellos to the bootstrap nodes
+    announce_interval = 10 # seconds between hellos and card announcements (cards live 3x this)
+    domain = "node1.example.org"  # optional: publish a did:wba DID for this domain too
     log_level = "info"
 """
 
@@ -41,7 +42,13 @@ class NodeConfig:
     request_timeout: float = 60.0
     idle_timeout: float = 30.0
     announce_interval: float = 10.0
+    domain: str | None = None
     log_level: str = "info"
+
+    @property
+    def card_ttl(self) -> float:
+        """How long a published card stays valid: three announce intervals, at least 30 s."""
+        return max(30.0, 3 * self.announce_interval)
 
     def http_host_port(self) -> tuple[str, int]:
         host, sep, port = self.http.rpartition(":")
@@ -71,7 +78,7 @@ _TYPES: dict[str, Any] = {
     "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
     "capacity": (int,), "threads": (int,), "frame_limit": (int,),
     "request_timeout": (int, float), "idle_timeout": (int, float),
-    "announce_interval": (int, float), "log_level": (str,),
+    "announce_interval": (int, float), "domain": (str,), "log_level": (str,),
 }
 
 

@@ -21,15 +21,18 @@ from hypercorn.config import Config as HypercornConfig
 
 from crypto.identity import Identity
 from node.config import NodeConfig
+from node.discovery import Discovery
 from node.executor import ShardExecutor
 from node.http_api import create_app
 from node.p2p import make_host, parse_multiaddr, quiet_libraries
 from node.service import NodeService
 from node.store import ShardStore
+from registry.index import CardIndex
 
 log = logging.getLogger("veilnet.node")
 READY_FILE = "node.json"
 IDENTITY_FILE = "identity.key"
+CARDS_FILE = "cards.sqlite"
 
 
 def open_data_dir(data_dir: Path) -> tuple[Identity, bool]:
@@ -46,7 +49,11 @@ async def run_node(config: NodeConfig) -> None:
     service = NodeService(identity, store, executor, frame_limit=config.frame_limit,
                           request_timeout=config.request_timeout,
                           idle_timeout=config.idle_timeout,
-                          peer_ttl=max(45.0, 4 * config.announce_interval))
+                          peer_ttl=max(45.0, 4 * config.announce_interval),
+                          card_ttl=config.card_ttl)
+    index = CardIndex(data_dir / CARDS_FILE)
+    service.discovery = Discovery(identity.peer_id, index, service.metrics, service.build_card,
+                                  config.announce_interval)
     listen = [parse_multiaddr(a) for a in config.listen]
     host_name, port = config.http_host_port()
     hconfig = HypercornConfig()
@@ -56,7 +63,7 @@ async def run_node(config: NodeConfig) -> None:
     # Hypercorn's own "Running on" line would repeat the banner's http URL
     hconfig.loglevel = "DEBUG" if config.log_level.lower() == "debug" else "WARNING"
     shutdown, http_done = trio.Event(), trio.Event()
-    app = create_app(service)
+    app = create_app(service, domain=config.domain)
 
     async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
                          ) -> None:
@@ -77,6 +84,7 @@ async def run_node(config: NodeConfig) -> None:
                 service.http_url = binds[0] if binds else None
                 for cid in sorted(store.shards()):  # load sessions before saying "ready"
                     await executor.session(cid)
+                await nursery.start(service.discovery.run, host)
                 if config.bootstrap:
                     nursery.start_soon(service.announce_loop, config.bootstrap,
                                        config.announce_interval)
@@ -96,6 +104,7 @@ async def run_node(config: NodeConfig) -> None:
                 nursery.cancel_scope.cancel()
         finally:
             ready_file.unlink(missing_ok=True)
+            index.close()
             with trio.move_on_after(2) as scope, contextlib.suppress(Exception):
                 scope.shield = True
                 await host.close()

@@ -22,9 +22,14 @@ class FetchRequest(BaseModel):
                                                "(default: any known peer)")
 
 
-def create_app(service: NodeService) -> FastAPI:
+def create_app(service: NodeService, domain: str | None = None) -> FastAPI:
     app = FastAPI(title="veilnet node", version="1",
-                  description="Health, metrics, identity and peers of one veilnet node.")
+                  description="Health, metrics, identity, peers, agent cards and A2A/ANP "
+                              "endpoints of one veilnet node.")
+    if service.discovery is not None:
+        from node.http_registry import registry_router
+
+        app.include_router(registry_router(service, domain))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
@@ -36,6 +41,8 @@ def create_app(service: NodeService) -> FastAPI:
         service.metrics.shards_served.set(len(service.store.shards()))
         service.metrics.shards_loaded.set(len(service.executor.loaded()))
         service.metrics.peers.set(len(service.peers.records()))
+        if service.discovery is not None:
+            service.metrics.cards_indexed.set(service.discovery.index.count())
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/node")

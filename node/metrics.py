@@ -28,5 +28,19 @@ class NodeMetrics:
         self.peers = Gauge("veilnet_peers_known", "Peers in the peer table",
                            registry=self.registry)
 
+        self.cards_received = Counter("veilnet_cards_received",
+                                      "Agent cards received and indexed, by outcome "
+                                      "(new, updated, stale)", ["outcome"],
+                                      registry=self.registry)
+        self.cards_dropped = Counter("veilnet_cards_dropped",
+                                     "Agent cards rejected, by reason and source "
+                                     "(pubsub, http, lookup)", ["reason", "source"],
+                                     registry=self.registry)
+        self.cards_indexed = Gauge("veilnet_cards_indexed", "Unexpired cards in the index",
+                                   registry=self.registry)
+        self.cards_published = Counter("veilnet_cards_published",
+                                       "Times this node published its own card",
+                                       registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,6 +36,7 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 INFER = TProtocol("/veilnet/infer/1")
 SHARD = TProtocol("/veilnet/shard/1")
 PEERS = TProtocol("/veilnet/peers/1")
+CARDS = TProtocol("/veilnet/cards/1")
 
 log = logging.getLogger("veilnet.p2p")
 

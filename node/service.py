@@ -8,10 +8,11 @@ a log line and a counter in /metrics.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -22,6 +23,7 @@ from models import is_valid_cid
 from node.executor import ShardExecutor
 from node.metrics import NodeMetrics
 from node.p2p import (
+    CARDS,
     INFER,
     PEERS,
     SHARD,
@@ -49,8 +51,10 @@ from node.wire import (
     tensors_digest,
     write_frame,
 )
+from registry.card import ServedShard, build_card, extension_params
 
 log = logging.getLogger("veilnet.node")
+VERSION = importlib.metadata.version("veilnet")
 CHUNK = 1 << 20
 MAX_ID_LENGTH = 128
 
@@ -58,13 +62,16 @@ class FetchRefused(ValueError):
     """A fetch request that cannot be served whatever the peers hold (HTTP 400)."""
 
 
+if TYPE_CHECKING:
+    from node.discovery import Discovery
+
 Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 
 
 class NodeService:
     def __init__(self, identity: Identity, store: ShardStore, executor: ShardExecutor,
                  *, frame_limit: int, request_timeout: float, peer_ttl: float = 45.0,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, card_ttl: float = 30.0) -> None:
         self.identity = identity
         self.store = store
         self.executor = executor
@@ -73,6 +80,8 @@ class NodeService:
         self.frame_limit = frame_limit
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout  # a reused infer stream is closed after this long idle
+        self.card_ttl = card_ttl
+        self.discovery: Discovery | None = None  # set by the daemon before attach()
         self.host: IHost | None = None
         self.http_url: str | None = None
         self.started = time.time()
@@ -91,6 +100,20 @@ class NodeService:
         host.set_stream_handler(INFER, self.handle_infer)
         host.set_stream_handler(SHARD, self.handle_shard)
         host.set_stream_handler(PEERS, self.handle_peers)
+        if self.discovery is not None:
+            host.set_stream_handler(CARDS, self.handle_cards)
+
+    def served_shards(self) -> list[ServedShard]:
+        return [ServedShard(s.deployment, s.model, cid, s.spec.index)
+                for cid, s in sorted(self.store.shards().items())]
+
+    def build_card(self) -> dict[str, Any]:
+        """This node's signed agent card, valid for ``card_ttl`` seconds from now."""
+        http = self.http_url or ""
+        return build_card(self.identity, a2a_url=f"{http}/a2a", http=http,
+                          multiaddrs=self.addrs(), shards=self.served_shards(),
+                          capacity=int(self.executor.limiter.total_tokens), ttl=self.card_ttl,
+                          version=VERSION)
 
     # -- request plumbing -----------------------------------------------------------------------
 
@@ -170,6 +193,12 @@ class NodeService:
 
     async def _infer(self, stream: INetStream, message: dict[str, Any]) -> None:
         started = time.perf_counter()
+        await write_frame(stream, await self.infer(message))
+        self.metrics.latency.observe(time.perf_counter() - started)
+
+    async def infer(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The signed response to an infer request (already checked for ``v`` and ``id``);
+        raises WireError. Used by /veilnet/infer/1 and the A2A endpoint."""
         shard = message.get("shard")
         if not isinstance(shard, str) or not is_valid_cid(shard):
             raise WireError("bad_request", "'shard' must be a shard CID")
@@ -181,12 +210,11 @@ class NodeService:
         output_digest = tensors_digest(outputs)
         signature = self.identity.sign(
             receipt_payload(message["id"], shard, input_digest, output_digest))
-        await write_frame(stream, {
+        return {
             "v": WIRE_VERSION, "id": message["id"], "shard": shard,
             "outputs": encode_tensors(outputs), "input_digest": input_digest,
             "output_digest": output_digest, "node": self.identity.did, "signature": signature,
-        })
-        self.metrics.latency.observe(time.perf_counter() - started)
+        }
 
     # -- /veilnet/shard/1 -----------------------------------------------------------------------
 
@@ -244,8 +272,12 @@ class NodeService:
         if source is not None:
             info = peer_info(source)
             providers = [(str(info.peer_id), [source])]
-        else:
-            providers = [(r.peer_id, r.addrs) for r in self.peers.records()]
+        else:  # nodes whose cards name the deployment first, then every known peer
+            cards = self.discovery.index.query(deployment=deployment) if self.discovery else []
+            providers = [(p["peerId"], p.get("multiaddrs", []))
+                         for p in map(extension_params, cards)]
+            providers += [(r.peer_id, r.addrs) for r in self.peers.records()]
+            providers = [p for p in providers if p[0] != self.identity.peer_id]
         if not providers:
             raise FetchRefused("no peer to fetch from: name one with 'peer'")
         errors: list[str] = []
@@ -267,12 +299,20 @@ class NodeService:
                     if self.store.blob_path(cid) is None:
                         chunks = await self.fetch_blob(peer, cid, timeout)
                         await trio.to_thread.run_sync(self.store.add_shard_bytes, cid, chunks)
+                if self.discovery is not None:
+                    self.discovery.announce_soon()  # the card now names the new shards
                 return wanted
             except FetchRefused:
                 raise
             except (Exception, trio.TooSlowError) as exc:
                 errors.append(f"{peer_id}: {exc or type(exc).__name__}")
         raise StoreError("fetch failed: " + "; ".join(errors))
+
+    # -- /veilnet/cards/1 -----------------------------------------------------------------------
+
+    async def handle_cards(self, stream: INetStream) -> None:
+        assert self.discovery is not None
+        await self._serve(stream, str(CARDS), self.discovery.lookup)
 
     # -- /veilnet/peers/1 -----------------------------------------------------------------------
 

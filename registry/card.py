@@ -203,7 +203,7 @@ def verify_card(card: Any, *, origin_peer: str | None = None,
     size = len(json.dumps(card, separators=(",", ":"), ensure_ascii=False).encode())
     if size > MAX_CARD_BYTES:
         raise CardRejected("oversized", f"card is {size} bytes, limit {MAX_CARD_BYTES}")
-    params = _extension_params(card)
+    params = extension_params(card)
     did, peer_id = _identity_of(params)
     _check_signature(card, did)
     if origin_peer is not None and origin_peer != peer_id:
@@ -224,7 +224,9 @@ def verify_card(card: Any, *, origin_peer: str | None = None,
                     expires_at=expires, shards=_shards(params))
 
 
-def _extension_params(card: dict[str, Any]) -> dict[str, Any]:
+def extension_params(card: dict[str, Any]) -> dict[str, Any]:
+    """The params of the card's veilnet extension; raises CardRejected when the card's shape
+    is wrong."""
     for key in ("name", "description", "version"):
         if not isinstance(card.get(key), str) or not card[key]:
             raise CardRejected("malformed", f"card field {key!r} must be a non-empty string")

@@ -11,6 +11,8 @@ Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet im
         net.nodes           # list[NodeInfo]: index, pid, peer_id, did, multiaddrs, http,
                             #   data_dir, shards (CIDs), log, alive
         net.placement       # {shard CID: [node indexes]}
+        net.discovery_s     # seconds from spawning nodes 1..N-1 (or a restarted node) until
+                            #   every node had indexed every node's card
         net.stop_node(2)              # SIGTERM one node (kill=True: SIGKILL, like a crash)
         net.start_node(2)             # start it again (same identity, same shards)
         net.log_tail(2)               # last lines of its node.log
@@ -177,6 +179,7 @@ class Testnet:
         self._lock: IO[str] | None = None
         self._log_files: list[IO[bytes]] = []
         self._started = False
+        self.discovery_s: float | None = None  # last wait until every node had every card
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -271,11 +274,12 @@ class Testnet:
         if node.alive:
             raise TestnetError(f"node {index} is already running")
         bootstrap = None if index == 0 else self.bootstrap
+        spawned = time.monotonic()
         self._spawn(node, bootstrap)
-        deadline = time.monotonic() + self.timeout
+        deadline = spawned + self.timeout
         self._wait_ready(node, deadline)
         if index != 0 and self.nodes[0].alive:
-            self._wait_peers([node], deadline)
+            self._wait_peers([n for n in self.nodes if n.alive], deadline, since=spawned)
         self._write_state()
         return node
 
@@ -294,6 +298,7 @@ class Testnet:
             "deployment": str(self.deployment), "model": str(self.model) if self.model else None,
             "bootstrap": self.bootstrap, "pid": os.getpid(),
             "placement": {cid: idx for cid, idx in self.placement.items()},
+            "discovery_s": self.discovery_s,
         }
 
     def summary(self) -> str:
@@ -306,7 +311,9 @@ class Testnet:
             f"  deployment  {self.deployment}",
             f"              manifest {manifest.cid}, {len(manifest.node_shards)} node shards, "
             f"encryption {manifest.encryption}",
-            f"  bootstrap   {self.bootstrap}",
+            f"  bootstrap   {self.bootstrap} (the only address any node was given)",
+            f"  discovery   every node had every node's signed card "
+            f"{self.discovery_s} s after nodes 1..{self.n - 1} were started",
             f"  state       {self.state_file}",
             "",
             f"  {'node':<5}{'pid':<9}{'peer id':<20}{'http':<25}shards (index)",
@@ -366,11 +373,12 @@ class Testnet:
         first = self.nodes[0]
         self._spawn(first, None)
         self._wait_ready(first, deadline)
+        spawned = time.monotonic()
         for node in self.nodes[1:]:
             self._spawn(node, first.multiaddr)
         for node in self.nodes[1:]:
             self._wait_ready(node, deadline)
-        self._wait_peers(self.nodes[1:], deadline)
+        self._wait_peers(self.nodes, deadline, since=spawned)
 
     def _spawn(self, node: NodeInfo, bootstrap: str | None) -> None:
         (node.data_dir / "node.json").unlink(missing_ok=True)
@@ -416,26 +424,35 @@ class Testnet:
                 raise self._fail(node, f"{what} within {self.timeout:g} s")
             time.sleep(0.1)
 
-    def _wait_peers(self, nodes: Sequence[NodeInfo], deadline: float) -> None:
-        """Wait until node 0's /v1/peers lists each of ``nodes`` with the shards placed on it."""
-        first = self.nodes[0]
+    def _wait_peers(self, nodes: Sequence[NodeInfo], deadline: float,
+                    since: float | None = None) -> None:
+        """Wait until every running node's card index (/v1/agents) holds a card of each of
+        ``nodes`` with the shards placed on it and this run's addresses: discovery by signed
+        cards alone, from the one bootstrap address each node was given. Sets discovery_s:
+        seconds from ``since`` (default: now) until then."""
+        started = time.monotonic() if since is None else since
         while True:
-            known = {p.get("peer_id"): p for p in _http_json(f"{first.http}/v1/peers") or []
-                     if isinstance(p, dict)}
-            # the same shards and this run's addresses (a restarted node keeps its PeerID)
-            missing = [n for n in nodes
-                       if n.peer_id not in known
-                       or sorted(known[n.peer_id].get("shards") or []) != sorted(n.shards)
-                       or not set(known[n.peer_id].get("addrs") or []) & set(n.multiaddrs)]
+            missing: list[tuple[NodeInfo, NodeInfo]] = []
+            for viewer in self.nodes:
+                if not viewer.alive or viewer.http is None:
+                    continue
+                known = {}
+                for card in _http_json(f"{viewer.http}/v1/agents") or []:
+                    params = _veilnet_params(card)
+                    known[params.get("peerId")] = params
+                missing += [(viewer, n) for n in nodes if not _card_matches(known.get(n.peer_id),
+                                                                            n)]
             if not missing:
+                self.discovery_s = round(time.monotonic() - started, 3)
                 return
-            for n in missing:
+            for _, n in missing:
                 assert n.proc is not None
                 if n.proc.poll() is not None:
                     raise self._fail(n, f"exited with code {n.proc.returncode}")
             if time.monotonic() > deadline:
-                raise self._fail(missing[0], f"is not known to node 0 ({first.http}/v1/peers) "
-                                             f"after {self.timeout:g} s")
+                viewer, n = missing[0]
+                raise self._fail(n, f"has no current card at node {viewer.index} "
+                                    f"({viewer.http}/v1/agents) after {self.timeout:g} s")
             time.sleep(0.1)
 
     def _write_state(self) -> None:
@@ -447,6 +464,26 @@ class Testnet:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _veilnet_params(card: Any) -> dict[str, Any]:
+    from registry.card import CardRejected, extension_params
+
+    try:
+        return extension_params(card)
+    except (CardRejected, AttributeError):
+        return {}
+
+
+def _card_matches(params: dict[str, Any] | None, node: NodeInfo) -> bool:
+    """The card names the shards placed on ``node`` and its addresses of this run (a restarted
+    node keeps its PeerID)."""
+    if not params:
+        return False
+    shards = [s.get("cid") for d in params.get("deployments") or []
+              for s in d.get("shards") or []]
+    return (sorted(shards) == sorted(node.shards)
+            and bool(set(params.get("multiaddrs") or []) & set(node.multiaddrs)))
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:

@@ -2,13 +2,16 @@
 
 Honest nodes are real ``veilnet node start`` subprocesses. Misbehaving nodes are real py-libp2p
 hosts (TCP, Noise, yamux) living in this process: each registers its own /veilnet/infer/1
-handler and announces itself over /veilnet/peers/1 to a real bootstrap node, so the client learns
-of it exactly as it learns of honest nodes. Only that network edge is faked; nothing of the
+handler and announces itself with a signed agent card POSTed to a real bootstrap node's
+/v1/agents, so the client learns of it from that node's card index exactly as it learns of
+honest nodes. Only that network edge is faked; nothing of the
 client or the node is mocked. Expected embeddings come from the in-process plaintext pipeline.
 
 Topology (module scope): ``honest`` holds every node shard; ``directory`` holds none and
 bootstraps from ``honest``. Fakes announce to ``directory`` only, so clients bootstrapping from
-``honest`` never see them; a fake withdraws its shards (re-announces with none) when it stops.
+``honest`` never see them (a card POSTed to a node is indexed there, not gossiped: only a
+node's own cards travel on the topic); a fake withdraws its shards (a newer card with none) when
+it stops.
 ``honest``, ``manifest``, ``expected`` and the checks live in client_fixtures.py.
 """
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -34,10 +36,9 @@ from node_helpers import ClientThread, NodeProcess, start_node, stop_at_teardown
 
 from client import AsyncClient, Client, EmbedResult, QueryError
 from crypto.identity import Identity, public_from_peer_id, verify
-from models import Manifest
-from node.p2p import INFER, PEERS, close_quietly, connect, full_addrs, peer_info, request
+from models import Manifest, ShardSpec
+from node.p2p import INFER, close_quietly, connect, full_addrs, peer_info, request
 from node.wire import (
-    WIRE_VERSION,
     decode_tensors,
     encode_varint,
     read_frame,
@@ -45,6 +46,7 @@ from node.wire import (
     tensors_digest,
     write_frame,
 )
+from registry.card import ServedShard, build_card, verify_card
 
 pytest_plugins = ["client_fixtures"]
 
@@ -66,10 +68,10 @@ def directory(request: pytest.FixtureRequest, honest: NodeProcess, manifest: Man
     wanted = {s.cid for s in manifest.node_shards}
     deadline = time.monotonic() + 20
     while True:
-        peers = httpx.get(f"{node.http}/v1/peers", timeout=5).json()
-        if any(p["peer_id"] == honest.peer_id and wanted <= set(p["shards"]) for p in peers):
+        cards = [verify_card(c) for c in httpx.get(f"{node.http}/v1/agents", timeout=5).json()]
+        if any(c.peer_id == honest.peer_id and wanted <= set(c.shard_cids) for c in cards):
             return node
-        assert time.monotonic() < deadline, f"directory never learnt of honest: {peers}"
+        assert time.monotonic() < deadline, f"directory never indexed honest's card: {cards}"
         time.sleep(0.1)
 
 
@@ -92,7 +94,7 @@ class FakeNode:
         self.honest = honest
         self.thread = ClientThread()
         self.requests = 0
-        self._announced: list[str] = []
+        self._announced: list[tuple[NodeProcess, Manifest]] = []
 
     @property
     def peer_id(self) -> str:
@@ -117,25 +119,26 @@ class FakeNode:
         finally:
             await close_quietly(stream)
 
-    def announce(self, bootstrap: str, shards: list[str]) -> None:
-        """Tell ``bootstrap`` over /veilnet/peers/1 that this host serves ``shards``."""
-        self.thread.run(self._hello, bootstrap, shards)
-        self._announced.append(bootstrap)
+    def announce(self, bootstrap: NodeProcess, manifest: Manifest,
+                 shards: list[ShardSpec]) -> None:
+        """POST a card saying this host serves ``shards`` to ``bootstrap``'s /v1/agents."""
+        self.thread.run(self._post_card, bootstrap, manifest, shards)
+        self._announced.append((bootstrap, manifest))
 
-    async def _hello(self, host: IHost, bootstrap: str, shards: list[str]) -> None:
-        info = peer_info(bootstrap)
-        await connect(host, info, 10)
-        answer = await request(host, info.peer_id, PEERS, {
-            "v": WIRE_VERSION, "id": secrets.token_hex(8),
-            "node": {"peer_id": self.peer_id, "did": self.thread.identity.did,
-                     "addrs": full_addrs(host), "shards": shards, "http": None}}, 10)
-        assert (answer.get("node") or {}).get("peer_id") == str(info.peer_id), answer
+    async def _post_card(self, host: IHost, bootstrap: NodeProcess, manifest: Manifest,
+                         shards: list[ShardSpec]) -> None:
+        served = [ServedShard(manifest.cid, manifest.name, s.cid, s.index) for s in shards]
+        card = build_card(self.thread.identity, a2a_url="http://127.0.0.1:9/a2a",
+                          multiaddrs=full_addrs(host), shards=served, ttl=600,
+                          now=time.time() + len(self._announced))  # a later card replaces
+        answer = httpx.post(f"{bootstrap.http}/v1/agents", json=card, timeout=10)
+        assert answer.status_code == 201, answer.text
 
     def close(self) -> None:
         """Withdraw the announced shards (so later clients never pick this host), then stop."""
         try:
-            for bootstrap in self._announced:
-                self.thread.run(self._hello, bootstrap, [])
+            for bootstrap, manifest in list(self._announced):
+                self.thread.run(self._post_card, bootstrap, manifest, [])
         finally:
             self.thread.close()
             assert not self.thread._thread.is_alive(), "the fake node's loop did not stop"
@@ -230,7 +233,7 @@ def fake_factory(manifest: Manifest) -> Iterator[Callable[..., FakeNode]]:
              honest: NodeProcess | None = None) -> FakeNode:
         fake = FakeNode(behaviour, honest).start()
         fakes.append(fake)
-        fake.announce(bootstrap.addr, [s.cid for s in manifest.node_shards])
+        fake.announce(bootstrap, manifest, manifest.node_shards)
         return fake
 
     yield make

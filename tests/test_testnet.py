@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from models import Manifest, Pipeline
+from registry.card import verify_card
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -175,8 +176,11 @@ def test_query_through_testnet_matches_plaintext(start_testnet: Callable[..., Ne
         assert pid_alive(n["pid"])
         served = {s["cid"] for s in http_json(f"{n['http']}/v1/node")["shards"]}
         assert served == set(n["shards"])
-    known = {p["peer_id"] for p in http_json(f"{state['nodes'][0]['http']}/v1/peers")}
-    assert known == set(nodes) - {state["nodes"][0]["peer_id"]}
+    # discovery: every node indexed every node's signed card, naming the shards it serves
+    for viewer in state["nodes"]:
+        cards = http_json(f"{viewer['http']}/v1/agents")
+        known = {verify_card(c).peer_id: set(verify_card(c).shard_cids) for c in cards}
+        assert known == {pid: set(n["shards"]) for pid, n in nodes.items()}
 
     answer = query_json(state["bootstrap"], deployment_dir, TEXTS)
     embeddings = np.asarray(answer["embeddings"], dtype=np.float32)

@@ -1,0 +1,236 @@
+"""Card discovery: signed agent cards over gossipsub, the card index, and card lookups.
+
+Every node subscribes to the gossipsub topic ``veilnet/cards/1`` and publishes its own signed
+card there: at start, every announce interval, when its shards change, and when a peer it had no
+card for appears (so a node that joins late has every card within a second or two instead of
+waiting a full interval). libp2p's strict signing proves which peer originated a message; a card
+is indexed only if its own JWS verifies and names that same peer, it has not expired and it is
+not oversized. Anything else is dropped, logged with the reason and counted in
+``veilnet_cards_dropped_total{reason,source}``.
+
+``/veilnet/cards/1`` answers lookups from the index, so a client that knows one bootstrap node
+finds the nodes of every shard (and checks each card itself: the answering node is not trusted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from models import is_valid_cid
+from node.metrics import NodeMetrics
+from node.p2p import CARDS, connect, ensure_connected, peer_info, request
+from node.wire import WIRE_VERSION, WireError, write_frame
+from registry.card import MAX_CARD_BYTES, CardInfo, CardRejected, parse_card_json, verify_card
+from registry.index import CardIndex
+
+log = logging.getLogger("veilnet.discovery")
+
+CARDS_TOPIC = "veilnet/cards/1"
+MAX_LOOKUP_CARDS = 256
+MAX_PEERS = 8            # connections a node opens to peers it learns from cards
+NEW_PEER_DELAY = (0.05, 0.5)  # re-announce after a random delay in this range (coalesces)
+MESH_POLL_S = 0.25           # how often the announce loop looks for new mesh peers
+
+
+class Discovery:
+    """One node's card publisher, receiver and index."""
+
+    def __init__(self, peer_id: str, index: CardIndex, metrics: NodeMetrics,
+                 make_card: Callable[[], dict[str, Any]], interval: float,
+                 max_peers: int = MAX_PEERS) -> None:
+        self.peer_id = peer_id
+        self.index = index
+        self.metrics = metrics
+        self.make_card = make_card
+        self.interval = interval
+        self.max_peers = max_peers
+        self.card: dict[str, Any] | None = None
+        self.pubsub: Pubsub | None = None
+        self._host: IHost | None = None
+        self._wake = trio.Event()
+        self._announce_at: float | None = None  # trio clock time of the next announcement
+        self._nursery: trio.Nursery | None = None
+
+    # -- own card ---------------------------------------------------------------------------------
+
+    def refresh_card(self) -> dict[str, Any]:
+        """Sign a fresh card and index it locally."""
+        self.card = self.make_card()
+        self.index.put(verify_card(self.card))
+        return self.card
+
+    def announce_soon(self, delay: float = 0.0) -> None:
+        """Publish the card again after ``delay`` seconds (e.g. the served shards changed)."""
+        at = trio.current_time() + delay
+        if self._announce_at is None or at < self._announce_at:
+            self._announce_at = at
+        self._wake.set()
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def run(self, host: IHost, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        """Join the card topic and publish until cancelled."""
+        self._host = host
+        router = GossipSub([PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4,
+                           degree_high=12, heartbeat_interval=1)
+        pubsub = Pubsub(host, router, max_inbound_rpc_size=4 * MAX_CARD_BYTES)
+        async with background_trio_service(pubsub), background_trio_service(router), \
+                trio.open_nursery() as nursery:
+            await pubsub.wait_until_ready()
+            pubsub.set_topic_validator(CARDS_TOPIC, self._validate, False)
+            subscription = await pubsub.subscribe(CARDS_TOPIC)
+            self.pubsub = pubsub
+            self._nursery = nursery
+            self.refresh_card()
+            nursery.start_soon(self._receive, subscription)
+            nursery.start_soon(self._announce_loop, router)
+            task_status.started()
+
+    def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        """The topic validator: only valid cards published by their own node are relayed."""
+        try:
+            self._check(msg)
+            return True
+        except CardRejected as exc:
+            self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
+            log.info("dropped card from %s (relayed by %s): %s", _origin(msg), forwarder, exc)
+            return False
+
+    def _check(self, msg: rpc_pb2.Message) -> CardInfo:
+        return verify_card(parse_card_json(msg.data), origin_peer=_origin(msg))
+
+    async def _receive(self, subscription: Any) -> None:
+        while True:
+            msg = await subscription.get()
+            try:
+                info = self._check(msg)  # checked again: it may have expired since validation
+            except CardRejected as exc:
+                self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
+                continue
+            self.accept(info)
+
+    def accept(self, info: CardInfo) -> str:
+        """Index a verified card; a card from a peer we had none for triggers our own
+        announcement (so the newcomer learns ours) and maybe a direct connection."""
+        outcome = self.index.put(info)
+        self.metrics.cards_received.labels(outcome).inc()
+        if outcome == "new" and info.peer_id != self.peer_id:
+            log.info("discovered %s serving %d shards", info.peer_id, len(info.shard_cids))
+            self.announce_soon(random.uniform(*NEW_PEER_DELAY))
+            self._maybe_connect(info)
+        return outcome
+
+    def _maybe_connect(self, info: CardInfo) -> None:
+        host, nursery = self._host, self._nursery
+        if host is None or nursery is None or not info.multiaddrs:
+            return
+        connected = host.get_connected_peers()
+        if len(connected) >= self.max_peers or ID.from_base58(info.peer_id) in connected:
+            return
+
+        async def dial() -> None:
+            try:
+                await ensure_connected(host, info.peer_id, info.multiaddrs, 5.0)
+            except (Exception, trio.TooSlowError) as exc:
+                log.info("cannot reach %s from its card: %s", info.peer_id, exc)
+
+        nursery.start_soon(dial)
+
+    async def _announce_loop(self, router: GossipSub) -> None:
+        """Publish every interval, on request, and when the topic mesh gains a peer (gossipsub
+        forwards only to mesh peers, so a newcomer is greeted once it is grafted)."""
+        self.announce_soon(0.0)
+        mesh_before: set[ID] = set()
+        while True:
+            mesh = set(router.mesh.get(CARDS_TOPIC, ()))
+            if mesh - mesh_before:
+                self.announce_soon(random.uniform(*NEW_PEER_DELAY))
+            mesh_before = mesh
+            now = trio.current_time()
+            due = self._announce_at if self._announce_at is not None else now + self.interval
+            if due > now:
+                with trio.move_on_after(min(due - now, MESH_POLL_S)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            self._announce_at = now + self.interval
+            await self.publish()
+
+    async def publish(self) -> None:
+        assert self.pubsub is not None
+        self.index.purge()
+        card = self.refresh_card()
+        try:
+            await self.pubsub.publish(CARDS_TOPIC, json.dumps(card, separators=(",", ":"))
+                                      .encode())
+            self.metrics.cards_published.inc()
+        except Exception as exc:  # a pubsub failure must not stop the node
+            log.warning("publishing the card failed: %s", exc or type(exc).__name__)
+
+    # -- /veilnet/cards/1 -------------------------------------------------------------------------
+
+    async def lookup(self, stream: INetStream, message: dict[str, Any]) -> None:
+        """Answer a card lookup: ``{deployment?, shard?, model?}`` -> ``{cards: [JSON text]}``."""
+        filters = {}
+        for key in ("deployment", "shard", "model"):
+            value = message.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value or len(value) > 200 or (
+                    key != "model" and not is_valid_cid(value)):
+                raise WireError("bad_request", f"{key!r} must be "
+                                               f"{'a name' if key == 'model' else 'a CID'}")
+            filters[key] = value
+        cards = self.index.query(**filters)[:MAX_LOOKUP_CARDS]
+        await write_frame(stream, {
+            "v": WIRE_VERSION, "id": message["id"],
+            "cards": [json.dumps(c, separators=(",", ":")) for c in cards]})
+
+
+def _origin(msg: rpc_pb2.Message) -> str:
+    try:
+        return ID(msg.from_id).to_base58()
+    except Exception:
+        return "?"
+
+
+async def lookup_cards(host: IHost, addr: str, *, deployment: str | None = None,
+                       shard: str | None = None, timeout: float = 10.0,
+                       dial_timeout: float | None = None,
+                       ) -> tuple[list[CardInfo], list[str]]:
+    """Ask the node at ``addr`` for the cards it indexed; returns the cards that verify here
+    and one reason for each that does not (the answering node is not trusted)."""
+    info = peer_info(addr)
+    await connect(host, info, dial_timeout or timeout)
+    message: dict[str, Any] = {"v": WIRE_VERSION, "id": secrets.token_hex(8)}
+    if deployment:
+        message["deployment"] = deployment
+    if shard:
+        message["shard"] = shard
+    response = await request(host, info.peer_id, CARDS, message, timeout)
+    raw = response.get("cards")
+    if not isinstance(raw, list):
+        raise WireError("bad_frame", "card lookup response has no 'cards' list")
+    found, rejected = [], []
+    for text in raw[:MAX_LOOKUP_CARDS]:
+        try:
+            if not isinstance(text, str):
+                raise CardRejected("malformed", "a card must be JSON text")
+            found.append(verify_card(parse_card_json(text)))
+        except CardRejected as exc:
+            rejected.append(str(exc))
+    return found, rejected
