@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,8 +148,12 @@ class ClientThread:
     that loop and returns its result (or raises its exception) in the calling thread.
     """
 
-    def __init__(self, identity: Identity | None = None) -> None:
+    def __init__(self, identity: Identity | None = None,
+                 services: Callable[[IHost], AbstractAsyncContextManager[Any]] | None = None,
+                 ) -> None:
         self.identity = identity or Identity.generate()
+        self.services = services  # entered with the host; its value is ``self.extra``
+        self.extra: Any = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._thread_main, name="libp2p-client",
@@ -165,8 +170,10 @@ class ClientThread:
             self._ready.set()
 
     async def _main(self) -> None:
-        async with client_host(self.identity) as host:
+        async with client_host(self.identity) as host, AsyncExitStack() as stack:
             self.host = host
+            if self.services is not None:
+                self.extra = await stack.enter_async_context(self.services(host))
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
             self._ready.set()
