@@ -32,6 +32,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(PY) bench/ee_overhead.py
 	$(PY) bench/e2e.py
+	$(PY) bench/discovery.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

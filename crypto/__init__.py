@@ -1,6 +1,7 @@
 """Cryptographic building blocks: secure randomness and equivariant-encryption key material.
 
-Identity (Ed25519, did:key), signing and CKKS arrive with later issues.
+Ed25519 identities (PeerID, did:key) live in crypto.identity and JWS in crypto.jws; CKKS
+arrives with a later issue.
 """
 
 from crypto.csprng import SecureRandom

@@ -109,6 +109,10 @@ class Discovery:
             self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
             log.info("dropped card from %s (relayed by %s): %s", _origin(msg), forwarder, exc)
             return False
+        except Exception:  # a bug in the checks must neither pass a card nor stop the node
+            self.metrics.cards_dropped.labels("malformed", "pubsub").inc()
+            log.exception("dropped card from %s: internal error while checking it", _origin(msg))
+            return False
 
     def _check(self, msg: rpc_pb2.Message) -> CardInfo:
         return verify_card(parse_card_json(msg.data), origin_peer=_origin(msg))
@@ -120,6 +124,9 @@ class Discovery:
                 info = self._check(msg)  # checked again: it may have expired since validation
             except CardRejected as exc:
                 self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
+                continue
+            except Exception:
+                log.exception("internal error while checking a card")
                 continue
             self.accept(info)
 

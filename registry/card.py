@@ -32,6 +32,7 @@ MAX_CARD_BYTES = 64 * 1024     # a card naming 256 shards and 8 addresses is abo
 MAX_TTL_S = 24 * 3600          # longest validity a card may claim
 CLOCK_SKEW_S = 60              # how far in the future issuedAt may be
 MAX_ADDRS = 8
+MAX_DEPTH = 32                 # nesting of objects and lists (a2a-sdk refuses beyond 128)
 MAX_SHARDS = 256
 
 # Drop reasons, also the values of the ``reason`` label in /metrics.
@@ -200,7 +201,12 @@ def verify_card(card: Any, *, origin_peer: str | None = None,
     """
     if not isinstance(card, dict):
         raise CardRejected("malformed", "card is not a JSON object")
-    size = len(json.dumps(card, separators=(",", ":"), ensure_ascii=False).encode())
+    if _depth(card) > MAX_DEPTH:
+        raise CardRejected("malformed", f"card nests deeper than {MAX_DEPTH} levels")
+    try:
+        size = len(json.dumps(card, separators=(",", ":"), ensure_ascii=False).encode())
+    except (ValueError, TypeError) as exc:  # lone surrogates, non-JSON values
+        raise CardRejected("malformed", f"card is not encodable JSON: {exc}") from None
     if size > MAX_CARD_BYTES:
         raise CardRejected("oversized", f"card is {size} bytes, limit {MAX_CARD_BYTES}")
     params = extension_params(card)
@@ -222,6 +228,21 @@ def verify_card(card: Any, *, origin_peer: str | None = None,
                     http=_opt_str(params, "http"), a2a_url=_a2a_url(card),
                     capacity=_int(params, "capacity", default=1), issued_at=issued,
                     expires_at=expires, shards=_shards(params))
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and objects, without recursion (cards come from strangers)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            if deepest > MAX_DEPTH:
+                return deepest
+            stack.extend((v, level + 1) for v in item)
+    return deepest
 
 
 def extension_params(card: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet im
         net.placement       # {shard CID: [node indexes]}
         net.discovery_s     # seconds from spawning nodes 1..N-1 (or a restarted node) until
                             #   every node had indexed every node's card
+        net.ready_s         # seconds from spawning nodes 1..N-1 until all were ready
         net.stop_node(2)              # SIGTERM one node (kill=True: SIGKILL, like a crash)
         net.start_node(2)             # start it again (same identity, same shards)
         net.log_tail(2)               # last lines of its node.log
@@ -180,6 +181,7 @@ class Testnet:
         self._log_files: list[IO[bytes]] = []
         self._started = False
         self.discovery_s: float | None = None  # last wait until every node had every card
+        self.ready_s: float | None = None  # from spawning nodes 1..N-1 until all were ready
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -378,6 +380,7 @@ class Testnet:
             self._spawn(node, first.multiaddr)
         for node in self.nodes[1:]:
             self._wait_ready(node, deadline)
+        self.ready_s = round(time.monotonic() - spawned, 3)
         self._wait_peers(self.nodes, deadline, since=spawned)
 
     def _spawn(self, node: NodeInfo, bootstrap: str | None) -> None:

@@ -206,8 +206,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         victim = _crash_candidate(net)
         if victim is not None:
             net.stop_node(victim, kill=True)
-            print(f"\nNode {victim} crashed (SIGKILL). Node 0 still lists it until its entry "
-                  "expires,\nso a client may try it first and retry the hop on another replica.")
+            print(f"\nNode {victim} crashed (SIGKILL). Its signed card stays in the other nodes' "
+                  "indexes until it\nexpires (3 announce intervals), so a client may try it "
+                  "first and retry the hop on another replica.")
             worst = max(worst, _demo_query(net, DEMO_SENTENCES, reference,
                                            f"Query 2: with node {victim} down",
                                            detail=False))

@@ -42,6 +42,7 @@ from crypto.identity import Identity, did_from_peer_id
 from models import cid_of_bytes, cid_of_file
 from node.p2p import INFER, PEERS, SHARD, close_quietly, peer_info
 from node.wire import encode_frame, read_frame
+from registry.card import verify_card
 
 pytest_plugins = ["protocol_fixtures"]
 
@@ -241,6 +242,16 @@ def test_fetch_shards_from_a_peer(node1: NodeProcess, node2: NodeProcess, hop: H
 
     # node2 now serves the fetched shard, with its own signature
     client.run(valid_request, node2, hop)
+
+    # and says so: its signed card, and node1's index of it, name the fetched shards
+    deadline = time.monotonic() + 10
+    while True:
+        own = verify_card(get_json(node2.http + "/.well-known/agent-card.json"))
+        seen = [verify_card(c) for c in get_json(f"{node1.http}/v1/agents?shard={node_cids[0]}")]
+        if set(own.shard_cids) == set(node_cids) and node2.peer_id in {c.peer_id for c in seen}:
+            break
+        assert time.monotonic() < deadline, (own.shard_cids, [c.peer_id for c in seen])
+        time.sleep(0.1)
 
 
 def test_fetching_client_material_fails(node1: NodeProcess, node2: NodeProcess,
