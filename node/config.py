@@ -70,6 +70,13 @@ class NodeConfig:
         if min(self.request_timeout, self.idle_timeout, self.announce_interval) <= 0:
             raise ConfigError("request_timeout, idle_timeout and announce_interval must be "
                               "positive")
+        if self.domain is not None:
+            from registry.anp import check_domain
+
+            try:
+                self.domain = check_domain(self.domain)
+            except ValueError as exc:
+                raise ConfigError(f"domain: {exc}") from None
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
 

@@ -131,6 +131,13 @@ def _split_domain(domain: Any) -> tuple[str, int | None]:
     return host, port
 
 
+def check_domain(domain: str) -> str:
+    """``domain`` normalized (lower-case host, optional port); raises ValueError naming what
+    is wrong, so a node can refuse a bad ``--domain`` at start instead of at the first request."""
+    host, port = _split_domain(domain)
+    return host if port is None else f"{host}:{port}"
+
+
 def _segments(path: str) -> list[str]:
     segments = path.strip("/").split("/") if path.strip("/") else []
     for s in segments:

@@ -289,6 +289,20 @@ def test_out_of_range_values_are_named(tmp_path: Path, key: str, value: object) 
         load_config(None, {"data_dir": tmp_path, key: value})
 
 
+@pytest.mark.parametrize("domain", ["localhost", "http://veil.example.org/", "10.0.0.1",
+                                    "veil.example.org:0", "bad_label.example.org"])
+def test_bad_domain_is_refused_at_start(tmp_path: Path, domain: str) -> None:
+    with pytest.raises(ConfigError, match="domain"):
+        load_config(None, {"data_dir": tmp_path, "domain": domain})
+
+
+def test_domain_is_normalized(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, 'data_dir = "D"\ndomain = "Veil.Example.ORG:8443"\n'), {})
+    assert config.domain == "veil.example.org:8443"
+    assert load_config(None, {"data_dir": tmp_path}).card_ttl == 30.0
+    assert load_config(None, {"data_dir": tmp_path, "announce_interval": 20}).card_ttl == 60.0
+
+
 def test_no_data_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data"):
         load_config(None, {})
