@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 rejoin.append(net.discovery_s)
             log(f"run {run + 1}/{args.runs}: ready {ready[-1]:.2f} s, discovery "
                 f"{discovery[-1]:.2f} s, rejoin {rejoin[-1]:.2f} s")
-    p50 = statistics.median
+    def p50(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
     print(json.dumps({
         "nodes": args.nodes, "runs": args.runs, "bootstrap_addresses_per_node": 1,
         "ready_s": ready, "discovery_s": discovery, "rejoin_s": rejoin,

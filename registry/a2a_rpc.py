@@ -178,18 +178,24 @@ def infer_request_from_part(data: dict[str, Any], message_id: str) -> dict[str, 
             "inputs": _tensors(data.get("inputs"), "inputs", "bad_tensor", _tensor_from_json)}
 
 
+def _response_fields(doc: dict[str, Any], tensor: Callable[..., dict[str, Any]],
+                     blob: Callable[[Any, str, str], Any]) -> dict[str, Any]:
+    """The fields of an infer response, converted one way (wire to JSON) or the other."""
+    code = "bad_response"
+    return {"id": _str(doc.get("id"), "id", code),
+            "shard": _str(doc.get("shard"), "shard", code),
+            "outputs": _tensors(doc.get("outputs"), "outputs", code, tensor),
+            "input_digest": blob(doc.get("input_digest"), "input_digest", code),
+            "output_digest": blob(doc.get("output_digest"), "output_digest", code),
+            "node": _str(doc.get("node"), "node", code),
+            "signature": blob(doc.get("signature"), "signature", code)}
+
+
 def infer_response_to_part(resp: dict[str, Any]) -> dict[str, Any]:
     """The JSON data part of a wire infer response; raises InferFailed(bad_response)."""
-    code = "bad_response"
     if not isinstance(resp, dict):
-        raise InferFailed(code, "the infer response must be a map")
-    return {DATA_KEY: DATA_KIND, "id": _str(resp.get("id"), "id", code),
-            "shard": _str(resp.get("shard"), "shard", code),
-            "outputs": _tensors(resp.get("outputs"), "outputs", code, _tensor_to_json),
-            "input_digest": _b64(resp.get("input_digest"), "input_digest", code),
-            "output_digest": _b64(resp.get("output_digest"), "output_digest", code),
-            "node": _str(resp.get("node"), "node", code),
-            "signature": _b64(resp.get("signature"), "signature", code)}
+        raise InferFailed("bad_response", "the infer response must be a map")
+    return {DATA_KEY: DATA_KIND, **_response_fields(resp, _tensor_to_json, _b64)}
 
 
 def infer_response_from_part(data: dict[str, Any]) -> dict[str, Any]:
@@ -197,16 +203,10 @@ def infer_response_from_part(data: dict[str, Any]) -> dict[str, Any]:
 
     Only the shape is checked: the caller still verifies digests and signature.
     """
-    code = "bad_response"
     if not isinstance(data, dict) or data.get(DATA_KEY) != DATA_KIND:
-        raise InferFailed(code, f'the data part must hold "{DATA_KEY}": "{DATA_KIND}"')
-    return {"v": 1, "id": _str(data.get("id"), "id", code),
-            "shard": _str(data.get("shard"), "shard", code),
-            "outputs": _tensors(data.get("outputs"), "outputs", code, _tensor_from_json),
-            "input_digest": _unb64(data.get("input_digest"), "input_digest", code),
-            "output_digest": _unb64(data.get("output_digest"), "output_digest", code),
-            "node": _str(data.get("node"), "node", code),
-            "signature": _unb64(data.get("signature"), "signature", code)}
+        raise InferFailed("bad_response",
+                          f'the data part must hold "{DATA_KEY}": "{DATA_KIND}"')
+    return {"v": 1, **_response_fields(data, _tensor_from_json, _unb64)}
 
 
 # -- JSON-RPC -----------------------------------------------------------------------------------
