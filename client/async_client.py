@@ -26,6 +26,7 @@ import numpy as np
 import trio
 from libp2p.peer.id import ID
 
+from client.receipts import LedgerReceipt, ReceiptError, log_entry, receipt_entry
 from crypto.identity import Identity, public_from_peer_id, verify
 from models import Manifest, ManifestError, Pipeline, ShardSpec
 from node.discovery import lookup_cards
@@ -52,6 +53,7 @@ from node.wire import (
     encode_tensors,
     receipt_payload,
 )
+from registry.card import CardInfo
 
 log = logging.getLogger("veilnet.client")
 # Idle infer streams are reused for this long; nodes close them after 30 s (idle_timeout).
@@ -90,6 +92,8 @@ class HopRecord:
 class EmbedResult:
     embeddings: np.ndarray
     hops: list[HopRecord]
+    receipt: LedgerReceipt | None = None  # the query's logged receipt (ledger=True)
+    receipt_error: str | None = None      # why there is none, when logging was asked for
 
 
 class AsyncClient:
@@ -103,7 +107,8 @@ class AsyncClient:
     def __init__(self, bootstrap: Sequence[str], deployment: Path | str, *,
                  timeout: float = 120.0, hop_timeout: float = 30.0, connect_timeout: float = 5.0,
                  threads: int | None = None, frame_limit: int = DEFAULT_FRAME_LIMIT,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, ledger: bool = False,
+                 witness_quorum: int = 1, receipt_timeout: float = 15.0) -> None:
         if not bootstrap:
             raise ValueError("at least one bootstrap multiaddr is needed")
         for addr in bootstrap:
@@ -120,6 +125,10 @@ class AsyncClient:
         self._peers: dict[str, PeerRecord] = {}
         self._penalty: dict[str, float] = {}  # peer id -> time of its last failure
         self._idle: dict[str, list[tuple[Any, float]]] = {}  # peer id -> idle infer streams
+        self.ledger, self.witness_quorum = ledger, witness_quorum
+        self.receipt_timeout = receipt_timeout
+        self._ledgers: dict[str, CardInfo] = {}     # nodes whose cards name a ledger key
+        self._witness_keys: dict[str, str] = {}     # peer id -> cosignature verifier key
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -192,9 +201,45 @@ class AsyncClient:
             for card in cards:
                 self._peers[card.peer_id] = PeerRecord(card.peer_id, card.did, card.multiaddrs,
                                                        card.shard_cids, card.http)
+            if self.ledger:
+                await self._refresh_ledgers(addr)
         if len(errors) == len(self.bootstrap):
             raise QueryError("no bootstrap node answered: " + "; ".join(errors))
         return list(self._peers.values())
+
+    async def _refresh_ledgers(self, addr: str) -> None:
+        """Ledger nodes and witness keys, from every card the bootstrap node knows."""
+        try:
+            cards, _ = await lookup_cards(self._host, addr, timeout=self.connect_timeout + 5,
+                                          dial_timeout=self.connect_timeout)
+        except (Exception, trio.TooSlowError) as exc:
+            log.warning("%s: no ledger lookup: %s", addr, exc or type(exc).__name__)
+            return
+        for card in cards:
+            if card.ledger_key:
+                self._ledgers[card.peer_id] = card
+            if card.witness_key:
+                self._witness_keys[card.peer_id] = card.witness_key
+
+    async def log_receipt(self, hops: Sequence[HopRecord]) -> LedgerReceipt:
+        """Sign an infer-receipt/1 entry for a query's hops, log it at a ledger node and return
+        it with a tlog-proof cosigned by ``witness_quorum`` witnesses; raises ReceiptError."""
+        if not self._ledgers:
+            for addr in self.bootstrap:
+                await self._refresh_ledgers(addr)
+        if not self._ledgers:
+            raise ReceiptError("no ledger node is known (none of the cards names a ledger key)")
+        entry = receipt_entry(self.identity, self.manifest.cid, hops)
+        errors = []
+        for ledger in self._ledgers.values():
+            witnesses = [k for p, k in sorted(self._witness_keys.items())
+                         if p != ledger.peer_id]
+            try:
+                return await log_entry(self._host, ledger, entry, witnesses,
+                                       self.witness_quorum, self.receipt_timeout)
+            except (Exception, trio.TooSlowError) as exc:
+                errors.append(f"{ledger.peer_id}: {exc or type(exc).__name__}")
+        raise ReceiptError("; ".join(errors))
 
     def providers(self, shard_cid: str) -> list[PeerRecord]:
         """Nodes known to serve ``shard_cid``: never-failed first (shuffled), then by last
@@ -215,7 +260,14 @@ class AsyncClient:
         if tokenizer is None:
             raise ManifestError(f"{self.deployment}: the deployment names no tokenizer")
         outputs, hops = await self.run(tokenizer(list(texts)))
-        return EmbedResult(outputs[self.manifest.outputs[0].name], hops)
+        embeddings = outputs[self.manifest.outputs[0].name]
+        if not self.ledger:
+            return EmbedResult(embeddings, hops)
+        try:
+            return EmbedResult(embeddings, hops, receipt=await self.log_receipt(hops))
+        except ReceiptError as exc:  # the answer stands; say why it is not logged
+            log.warning("receipt not logged: %s", exc)
+            return EmbedResult(embeddings, hops, receipt_error=str(exc))
 
     async def run(self, inputs: Mapping[str, np.ndarray],
                   ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:

@@ -19,6 +19,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "frame_limit": args.frame_limit, "request_timeout": args.request_timeout,
         "idle_timeout": args.idle_timeout,
         "announce_interval": args.announce_interval, "domain": args.domain,
+        "ledger": True if args.ledger else None,
         "log_level": args.log_level,
     })
     return start(config)
@@ -81,6 +82,9 @@ def register(sub: Any) -> None:
     st.add_argument("--domain", metavar="HOST[:PORT]",
                     help="a domain whose https://HOST/agents/<PeerID>/did.json serves this "
                          "node's documents: adds a did:wba DID (default: did:key only)")
+    st.add_argument("--ledger", action="store_true",
+                    help="keep a transparency log in D/ledger that clients submit receipts to "
+                         "(its key is published in this node's card; docs/ledger.md)")
     st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     st.set_defaults(func=_cmd_start)
 

@@ -13,6 +13,7 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     idle_timeout = 30      # seconds an idle infer stream stays open for the next request
     announce_interval = 10 # seconds between hellos and card announcements (cards live 3x this)
     domain = "node1.example.org"  # optional: publish a did:wba DID for this domain too
+    ledger = false         # keep a transparency log in D/ledger (every node is a witness)
     log_level = "info"
 """
 
@@ -43,6 +44,7 @@ class NodeConfig:
     idle_timeout: float = 30.0
     announce_interval: float = 10.0
     domain: str | None = None
+    ledger: bool = False
     log_level: str = "info"
 
     @property
@@ -85,7 +87,8 @@ _TYPES: dict[str, Any] = {
     "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
     "capacity": (int,), "threads": (int,), "frame_limit": (int,),
     "request_timeout": (int, float), "idle_timeout": (int, float),
-    "announce_interval": (int, float), "domain": (str,), "log_level": (str,),
+    "announce_interval": (int, float), "domain": (str,), "ledger": (bool,),
+    "log_level": (str,),
 }
 
 
@@ -103,7 +106,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown keys {unknown}; known: {sorted(_TYPES)}")
         for key, value in raw.items():
-            if not isinstance(value, _TYPES[key]) or isinstance(value, bool):
+            if not isinstance(value, _TYPES[key]) or (isinstance(value, bool)
+                                                       and bool not in _TYPES[key]):
                 raise ConfigError(f"{path}: {key} has the wrong type "
                                   f"({type(value).__name__})")
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):

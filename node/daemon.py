@@ -20,10 +20,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from crypto.identity import Identity
+from ledger.log import Log
+from ledger.witness import Witness
 from node.config import NodeConfig
 from node.discovery import Discovery
 from node.executor import ShardExecutor
 from node.http_api import create_app
+from node.ledger_service import LedgerService
 from node.p2p import make_host, parse_multiaddr, quiet_libraries
 from node.service import NodeService
 from node.store import ShardStore
@@ -33,6 +36,8 @@ log = logging.getLogger("veilnet.node")
 READY_FILE = "node.json"
 IDENTITY_FILE = "identity.key"
 CARDS_FILE = "cards.sqlite"
+WITNESS_FILE = "witness.sqlite"
+LEDGER_DIR = "ledger"
 
 
 def open_data_dir(data_dir: Path) -> tuple[Identity, bool]:
@@ -54,6 +59,11 @@ async def run_node(config: NodeConfig) -> None:
     index = CardIndex(data_dir / CARDS_FILE)
     service.discovery = Discovery(identity.peer_id, index, service.metrics, service.build_card,
                                   config.announce_interval)
+    witness = Witness(data_dir / WITNESS_FILE, identity, f"veilnet-witness/{identity.peer_id}")
+    ledger = (Log.open_or_init(data_dir / LEDGER_DIR, f"veilnet.local/ledger/{identity.peer_id}",
+                               Identity.generate()) if config.ledger else None)
+    service.ledger = LedgerService(identity.peer_id, witness, service.metrics, service.discovery,
+                                   ledger)
     listen = [parse_multiaddr(a) for a in config.listen]
     host_name, port = config.http_host_port()
     hconfig = HypercornConfig()
@@ -85,6 +95,7 @@ async def run_node(config: NodeConfig) -> None:
                 for cid in sorted(store.shards()):  # load sessions before saying "ready"
                     await executor.session(cid)
                 await nursery.start(service.discovery.run, host)
+                await nursery.start(service.ledger.run)
                 if config.bootstrap:
                     nursery.start_soon(service.announce_loop, config.bootstrap,
                                        config.announce_interval)
@@ -105,6 +116,9 @@ async def run_node(config: NodeConfig) -> None:
         finally:
             ready_file.unlink(missing_ok=True)
             index.close()
+            witness.close()
+            if ledger is not None:
+                ledger.close()
             with trio.move_on_after(2) as scope, contextlib.suppress(Exception):
                 scope.shield = True
                 await host.close()

@@ -30,6 +30,10 @@ def create_app(service: NodeService, domain: str | None = None) -> FastAPI:
         from node.http_registry import registry_router
 
         app.include_router(registry_router(service, domain))
+    if service.ledger is not None and service.ledger.ledger is not None:
+        from node.http_ledger import ledger_router
+
+        app.include_router(ledger_router(service.ledger))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:

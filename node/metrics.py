@@ -42,5 +42,20 @@ class NodeMetrics:
                                        "Times this node published its own card",
                                        registry=self.registry)
 
+        self.ledger_entries = Counter("veilnet_ledger_entries", "Entries this node's log "
+                                      "committed", registry=self.registry)
+        self.ledger_size = Gauge("veilnet_ledger_size", "Entries in this node's log",
+                                 registry=self.registry)
+        self.ledger_cosignatures = Gauge("veilnet_ledger_cosignatures",
+                                         "Witnesses that cosigned the latest checkpoint",
+                                         registry=self.registry)
+        self.witness_cosigned = Counter("veilnet_witness_cosigned",
+                                        "Checkpoints this node's witness cosigned",
+                                        registry=self.registry)
+        self.witness_refused = Counter("veilnet_witness_refused",
+                                       "Checkpoints this node's witness refused, by reason "
+                                       "(fork, inconsistent, conflict, unknown-log, bad-note)",
+                                       ["reason"], registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,6 +37,8 @@ INFER = TProtocol("/veilnet/infer/1")
 SHARD = TProtocol("/veilnet/shard/1")
 PEERS = TProtocol("/veilnet/peers/1")
 CARDS = TProtocol("/veilnet/cards/1")
+LEDGER = TProtocol("/veilnet/ledger/1")
+WITNESS = TProtocol("/veilnet/witness/1")
 
 log = logging.getLogger("veilnet.p2p")
 

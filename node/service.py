@@ -25,8 +25,10 @@ from node.metrics import NodeMetrics
 from node.p2p import (
     CARDS,
     INFER,
+    LEDGER,
     PEERS,
     SHARD,
+    WITNESS,
     RemoteError,
     close_quietly,
     ensure_connected,
@@ -64,6 +66,7 @@ class FetchRefused(ValueError):
 
 if TYPE_CHECKING:
     from node.discovery import Discovery
+    from node.ledger_service import LedgerService
 
 Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 
@@ -82,6 +85,7 @@ class NodeService:
         self.idle_timeout = idle_timeout  # a reused infer stream is closed after this long idle
         self.card_ttl = card_ttl
         self.discovery: Discovery | None = None  # set by the daemon before attach()
+        self.ledger: LedgerService | None = None  # likewise
         self.host: IHost | None = None
         self.http_url: str | None = None
         self.started = time.time()
@@ -102,6 +106,10 @@ class NodeService:
         host.set_stream_handler(PEERS, self.handle_peers)
         if self.discovery is not None:
             host.set_stream_handler(CARDS, self.handle_cards)
+        if self.ledger is not None:
+            self.ledger.host = host
+            host.set_stream_handler(LEDGER, self.handle_ledger)
+            host.set_stream_handler(WITNESS, self.handle_witness)
 
     def served_shards(self) -> list[ServedShard]:
         return [ServedShard(s.deployment, s.model, cid, s.spec.index)
@@ -110,10 +118,14 @@ class NodeService:
     def build_card(self) -> dict[str, Any]:
         """This node's signed agent card, valid for ``card_ttl`` seconds from now."""
         http = self.http_url or ""
+        ledger = self.ledger
         return build_card(self.identity, a2a_url=f"{http}/a2a", http=http,
                           multiaddrs=self.addrs(), shards=self.served_shards(),
                           capacity=int(self.executor.limiter.total_tokens), ttl=self.card_ttl,
-                          version=VERSION)
+                          version=VERSION,
+                          ledger_key=ledger.ledger.verifier_key if ledger and ledger.ledger
+                          else None,
+                          witness_key=ledger.witness.verifier_key if ledger else None)
 
     # -- request plumbing -----------------------------------------------------------------------
 
@@ -313,6 +325,16 @@ class NodeService:
     async def handle_cards(self, stream: INetStream) -> None:
         assert self.discovery is not None
         await self._serve(stream, str(CARDS), self.discovery.lookup)
+
+    # -- /veilnet/ledger/1 and /veilnet/witness/1 -------------------------------------------------
+
+    async def handle_ledger(self, stream: INetStream) -> None:
+        assert self.ledger is not None
+        await self._serve(stream, str(LEDGER), self.ledger.handle_ledger)
+
+    async def handle_witness(self, stream: INetStream) -> None:
+        assert self.ledger is not None
+        await self._serve(stream, str(WITNESS), self.ledger.handle_witness)
 
     # -- /veilnet/peers/1 -----------------------------------------------------------------------
 

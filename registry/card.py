@@ -71,6 +71,8 @@ class CardInfo:
     issued_at: int
     expires_at: int
     shards: list[ServedShard] = field(default_factory=list)
+    ledger_key: str | None = None   # C2SP verifier key of the log this node keeps, if any
+    witness_key: str | None = None  # C2SP cosignature verifier key of this node's witness
 
     @property
     def shard_cids(self) -> list[str]:
@@ -112,6 +114,7 @@ def sign_card(card: dict[str, Any], identity: Identity) -> dict[str, Any]:
 def build_card(identity: Identity, *, a2a_url: str, multiaddrs: Iterable[str],
                shards: Iterable[ServedShard], http: str | None = None, capacity: int = 1,
                ttl: float = 60.0, version: str = "0.1.0", now: float | None = None,
+               ledger_key: str | None = None, witness_key: str | None = None,
                ) -> dict[str, Any]:
     """The signed card of a node serving ``shards``, valid for ``ttl`` seconds from ``now``."""
     issued = int(now if now is not None else time.time())
@@ -134,6 +137,10 @@ def build_card(identity: Identity, *, a2a_url: str, multiaddrs: Iterable[str],
             for cid, group in sorted(by_deployment.items())
         ],
     }
+    if ledger_key:
+        params["ledgerKey"] = ledger_key
+    if witness_key:
+        params["witnessKey"] = witness_key
     skills = []
     for model in models:
         mine = [s for s in served if s.model == model]
@@ -227,7 +234,9 @@ def verify_card(card: Any, *, origin_peer: str | None = None,
     return CardInfo(card=card, did=did, peer_id=peer_id, multiaddrs=_addrs(params),
                     http=_opt_str(params, "http"), a2a_url=_a2a_url(card),
                     capacity=_int(params, "capacity", default=1), issued_at=issued,
-                    expires_at=expires, shards=_shards(params))
+                    expires_at=expires, shards=_shards(params),
+                    ledger_key=_opt_str(params, "ledgerKey"),
+                    witness_key=_opt_str(params, "witnessKey"))
 
 
 def _depth(value: Any) -> int:

@@ -18,11 +18,12 @@ Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet im
         net.start_node(2)             # start it again (same identity, same shards)
         net.log_tail(2)               # last lines of its node.log
 
-``Testnet(dir, nodes=3, replicas=1, node_shards=None, *, deployment=None, model=None,
-node_args=(), timeout=60.0, log=<stderr>)``: ``deployment``/``model`` reuse existing directories
-instead of T/deploy and T/model; ``node_shards`` (default 3) only matters when MiniLM has to be
-imported; ``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads 1``,
-``--capacity 2``); ``timeout`` bounds the start-up. ``start()``/``stop()`` can be called instead of
+``Testnet(dir, nodes=3, replicas=1, node_shards=None, *, deployment=None, model=None, node_args=(),
+ledger_nodes=(0,), timeout=60.0, log=<stderr>)``: ``deployment``/``model`` reuse existing
+directories instead of T/deploy and T/model; ``node_shards`` (default 3) only matters when MiniLM
+has to be imported; ``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads
+1``, ``--capacity 2``); the nodes in ``ledger_nodes`` also keep a ledger (``--ledger``; every node
+is a witness); ``timeout`` bounds the start-up. ``start()``/``stop()`` can be called instead of
 ``with``; ``stop()`` is idempotent. Any failure while starting stops every process started so far
 and raises ``TestnetError`` naming the node and quoting the tail of its log.
 
@@ -160,6 +161,7 @@ class Testnet:
     def __init__(self, dir: Path | str = DEFAULT_DIR, nodes: int = 3, replicas: int = 1,
                  node_shards: int | None = None, *, deployment: Path | str | None = None,
                  model: Path | str | None = None, node_args: Iterable[str] = (),
+                 ledger_nodes: Iterable[int] = (0,),
                  timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
         if nodes < 1:
             raise TestnetError("a testnet needs at least one node")
@@ -172,6 +174,7 @@ class Testnet:
         self.deployment: Path | None = Path(deployment).absolute() if deployment else None
         self.model: Path | None = Path(model).absolute() if model else None
         self.node_args = [str(a) for a in node_args]
+        self.ledger_nodes = sorted(set(ledger_nodes))  # started with --ledger
         self.timeout = timeout
         self.log = log
         self.nodes: list[NodeInfo] = []
@@ -300,7 +303,7 @@ class Testnet:
             "deployment": str(self.deployment), "model": str(self.model) if self.model else None,
             "bootstrap": self.bootstrap, "pid": os.getpid(),
             "placement": {cid: idx for cid, idx in self.placement.items()},
-            "discovery_s": self.discovery_s,
+            "discovery_s": self.discovery_s, "ledger_nodes": self.ledger_nodes,
         }
 
     def summary(self) -> str:
@@ -389,6 +392,8 @@ class Testnet:
                "--data-dir", str(node.data_dir), "--listen", LISTEN, "--http", HTTP]
         if bootstrap:
             cmd += ["--bootstrap", bootstrap]
+        if node.index in self.ledger_nodes:
+            cmd.append("--ledger")
         cmd += self.node_args
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)

@@ -1,0 +1,104 @@
+"""Inference receipts in the ledger: what the client logs after a query, and the proof it gets.
+
+After a query the client signs an ``infer-receipt/1`` entry (docs/ledger.md) naming the
+deployment, and for each hop the shard, the node, the request id, both digests and the node's
+signature; it submits the entry to a ledger node over ``/veilnet/ledger/1`` and waits until the
+entry's checkpoint carries the log's signature and ``quorum`` witness cosignatures. The result,
+a ``LedgerReceipt``, verifies offline with the log's verifier key and the witnesses' keys.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+
+from crypto.identity import Identity
+from ledger.checkpoint import Checkpoint
+from ledger.entries import make_entry
+from ledger.note import NoteError, parse_verifier_key
+from ledger.tlog_proof import verify_proof
+from node.p2p import LEDGER, ensure_connected, request
+from node.wire import WIRE_VERSION
+from registry.card import CardInfo
+
+POLL_S = 0.1
+
+
+class ReceiptError(RuntimeError):
+    """The receipt could not be logged or proven; the message says why."""
+
+
+@dataclass(frozen=True)
+class LedgerReceipt:
+    entry: bytes               # the signed infer-receipt/1 entry, as logged
+    index: int                 # its index in the log
+    leaf_hash: bytes
+    log_key: str               # the log's C2SP verifier key (from the ledger node's card)
+    proof: str                 # C2SP tlog-proof: inclusion proof + cosigned checkpoint
+    witness_keys: tuple[str, ...]  # cosignature verifier keys of the witnesses known
+    quorum: int                # cosignatures required, and present, when it was returned
+
+    def verify(self) -> Checkpoint:
+        """Check the receipt offline: log signature, witness quorum, inclusion of the entry."""
+        return verify_proof(self.proof, self.entry, parse_verifier_key(self.log_key),
+                            [parse_verifier_key(k) for k in self.witness_keys], self.quorum)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "leaf_hash": self.leaf_hash.hex(), "log_key": self.log_key,
+                "proof": self.proof, "witness_keys": list(self.witness_keys),
+                "quorum": self.quorum, "entry": self.entry.hex()}
+
+
+def receipt_entry(identity: Identity, deployment: str, hops: Sequence[Any],
+                  verdict: str = "accepted") -> bytes:
+    """The signed ``infer-receipt/1`` entry of a query whose node hops are ``hops``
+    (``HopRecord`` objects)."""
+    return make_entry(identity, "infer-receipt/1", {
+        "query": secrets.token_hex(16), "deployment": deployment, "verdict": verdict,
+        "hops": [{"index": h.shard_index, "shard": h.shard_cid, "node": h.node_did,
+                  "id": h.request_id, "input_digest": bytes.fromhex(h.input_digest),
+                  "output_digest": bytes.fromhex(h.output_digest),
+                  "signature": bytes.fromhex(h.signature)} for h in hops],
+    })
+
+
+async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: Sequence[str],
+                    quorum: int, timeout: float) -> LedgerReceipt:
+    """Append ``entry`` at the ledger node ``ledger`` and wait for a proof with ``quorum``
+    witness cosignatures; raises ReceiptError when that does not happen within ``timeout``."""
+    if not ledger.ledger_key:
+        raise ReceiptError(f"{ledger.peer_id} keeps no ledger")
+    if quorum > len(witness_keys):
+        raise ReceiptError(f"a quorum of {quorum} needs that many witnesses; "
+                           f"{len(witness_keys)} known")
+    log_key = ledger.ledger_key
+    last_error = "the ledger node did not answer"
+    with trio.move_on_after(timeout):
+        peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
+        added = await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
+                                                   "op": "append", "entry": entry}, timeout)
+        index, leaf = added.get("index"), added.get("leaf_hash")
+        if not isinstance(index, int) or not isinstance(leaf, bytes):
+            raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
+        last_error = f"entry {index} logged, no proof yet"
+        while True:
+            answer = await request(host, peer, LEDGER, {
+                "v": WIRE_VERSION, "id": secrets.token_hex(8), "op": "proof", "index": index},
+                timeout)
+            proof = answer.get("proof")
+            if isinstance(proof, str):
+                receipt = LedgerReceipt(entry, index, leaf, log_key, proof, tuple(witness_keys),
+                                        quorum)
+                try:
+                    receipt.verify()
+                    return receipt
+                except (NoteError, ValueError) as exc:
+                    last_error = str(exc)
+            await trio.sleep(POLL_S)
+    raise ReceiptError(f"no receipt with {quorum} witness cosignature(s) within {timeout:g} s: "
+                       f"{last_error}")
