@@ -150,14 +150,16 @@ def _compare(embeddings: Any, reference: Any) -> tuple[float, Any]:
 
 
 def _demo_query(net: Testnet, texts: Sequence[str], reference: Any, title: str,
-                detail: bool = True) -> float:
+                detail: bool = True, quorum: int = 1) -> float:
     from client import Client
 
     print(f"\n{title}")
     started = time.perf_counter()
-    with Client([net.bootstrap], net.deployment) as client:  # type: ignore[arg-type]
+    with Client([net.bootstrap], net.deployment,  # type: ignore[arg-type]
+                ledger=bool(net.ledger_nodes), witness_quorum=quorum) as client:
         result = client.embed(texts)
     elapsed = time.perf_counter() - started
+    _print_receipt(result)
     diff, cos = _compare(result.embeddings, reference)
     print(f"  {len(texts)} sentences in {elapsed * 1000:.0f} ms (client start included); "
           f"hops:")
@@ -202,7 +204,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\nThe client keeps the key (deploy/client/); nodes hold only encrypted node "
               "shards.\nEach answer is compared with the plaintext model run in this process.")
         worst = max(worst, _demo_query(net, DEMO_SENTENCES, reference,
-                                       "Query 1: encrypted embeddings through the network"))
+                                       "Query 1: encrypted embeddings through the network",
+                                       quorum=min(2, net.n - 1)))
         victim = _crash_candidate(net)
         if victim is not None:
             net.stop_node(victim, kill=True)
@@ -211,7 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "first and retry the hop on another replica.")
             worst = max(worst, _demo_query(net, DEMO_SENTENCES, reference,
                                            f"Query 2: with node {victim} down",
-                                           detail=False))
+                                           detail=False, quorum=1))
     except _Stop as stop:
         net.log(f"{stop}: stopping")
         return 130
@@ -222,6 +225,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nmax |network - plaintext| over all queries: {worst:.2e} "
           f"({'ok' if ok else 'FAIL'}: tolerance {TOLERANCE:g}); all nodes stopped")
     return 0 if ok else 1
+
+
+def _print_receipt(result: Any) -> None:
+    receipt = result.receipt
+    if receipt is None:
+        if result.receipt_error:
+            print(f"  receipt: not logged ({result.receipt_error})")
+        return
+    checkpoint = receipt.verify()  # offline: log key, witness keys, the proof text
+    print(f"  receipt: entry {receipt.index} of the ledger (tree size {checkpoint.size}), "
+          f"checkpoint signed by the log and cosigned by >= {receipt.quorum} witness(es);\n"
+          f"           verified offline with the log key {receipt.log_key[:40]}...")
 
 
 def _crash_candidate(net: Testnet) -> int | None:
