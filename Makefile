@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/ee_overhead.py
 	$(PY) bench/e2e.py
 	$(PY) bench/discovery.py
+	$(PY) bench/ledger.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,15 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _open(directory: Path) -> Any:
+@contextlib.contextmanager
+def _open(directory: Path) -> Iterator[Any]:
     from ledger.log import Log
 
-    return Log.open(directory)
+    log = Log.open(directory)
+    try:
+        yield log
+    finally:
+        log.close()
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -44,57 +51,41 @@ def _cmd_append(args: argparse.Namespace) -> int:
             return _fail(f"{path}: {exc.strerror}")
     if len(data) > MAX_APPEND_BYTES:
         return _fail(f"an entry is at most {MAX_APPEND_BYTES} bytes")
-    log = _open(args.dir)
-    try:
+    with _open(args.dir) as log:
         [(index, leaf)], _ = log.append([data])
         print(json.dumps({"index": index, "leaf_hash": base64.b64encode(leaf).decode(),
                           "size": log.size}))
-    finally:
-        log.close()
     return 0
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    log = _open(args.dir)
-    try:
+    with _open(args.dir) as log:
         sys.stdout.write(log.checkpoint(args.size))
-    finally:
-        log.close()
     return 0
 
 
 def _cmd_key(args: argparse.Namespace) -> int:
-    log = _open(args.dir)
-    print(log.verifier_key)
-    log.close()
+    with _open(args.dir) as log:
+        print(log.verifier_key)
     return 0
 
 
 def _cmd_proof(args: argparse.Namespace) -> int:
-    log = _open(args.dir)
-    try:
+    with _open(args.dir) as log:
         sys.stdout.write(log.proof(args.index, args.size))
-    finally:
-        log.close()
     return 0
 
 
 def _cmd_consistency(args: argparse.Namespace) -> int:
-    log = _open(args.dir)
-    try:
+    with _open(args.dir) as log:
         for h in log.consistency(args.old, args.new):
             print(base64.b64encode(h).decode())
-    finally:
-        log.close()
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    log = _open(args.dir)
-    try:
+    with _open(args.dir) as log:
         report = log.verify()
-    finally:
-        log.close()
     print(json.dumps({"ok": report.ok, "entries": report.entries, "subtrees": report.subtrees,
                       "checkpoints": report.checkpoints, "problems": report.problems[:100]}))
     return 0 if report.ok else 1
@@ -103,8 +94,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from ledger.entries import EntryError, parse_entry
 
-    log = _open(args.dir)
-    try:
+    with _open(args.dir) as log:
         start = args.start or 0
         stop = log.size if args.stop is None else min(args.stop + 1, log.size)
         if start < 0 or start > log.size:
@@ -117,8 +107,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
                 row["raw"] = base64.b64encode(data).decode()
                 row["not_an_entry"] = str(exc)
             print(json.dumps(row))
-    finally:
-        log.close()
     return 0
 
 

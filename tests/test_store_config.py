@@ -303,6 +303,15 @@ def test_domain_is_normalized(tmp_path: Path) -> None:
     assert load_config(None, {"data_dir": tmp_path, "announce_interval": 20}).card_ttl == 60.0
 
 
+def test_ledger_flag_is_a_boolean(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, 'data_dir = "D"\nledger = true\n'), {}).ledger is True
+    assert load_config(None, {"data_dir": tmp_path}).ledger is False
+    with pytest.raises(ConfigError, match="ledger"):
+        load_config(write(tmp_path, 'data_dir = "D"\nledger = "yes"\n', "bad.toml"), {})
+    with pytest.raises(ConfigError, match="capacity"):  # booleans are not numbers
+        load_config(write(tmp_path, 'data_dir = "D"\ncapacity = true\n', "b2.toml"), {})
+
+
 def test_no_data_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data"):
         load_config(None, {})
