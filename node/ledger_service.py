@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import trio
 from libp2p.abc import IHost, INetStream
 
+from ledger.entries import EntryError, parse_entry
 from ledger.log import LedgerError, Log
 from ledger.note import NoteError, parse_verifier_key
 from ledger.witness import Witness, WitnessRefused
@@ -192,6 +193,10 @@ class LedgerService:
                 entry = message.get("entry")
                 if not isinstance(entry, bytes):
                     raise WireError("bad_request", "'entry' must be bytes")
+                try:  # over the network only signed veilnet entries are logged
+                    parse_entry(entry)
+                except EntryError as exc:
+                    raise WireError("bad_request", f"not a veilnet ledger entry: {exc}") from None
                 reply.update(await self.submit(entry))
             elif op == "checkpoint":
                 reply["note"] = await self.on_log(ledger.checkpoint, _opt_int(message, "size"))

@@ -23,7 +23,7 @@ from ledger.log import Log
 from ledger.merkle import leaf_hash, verify_consistency
 from ledger.note import parse_note, parse_verifier_key, verify_note
 from ledger.tlog_proof import parse_proof, verify_proof
-from node.p2p import WITNESS, connect, peer_info, request
+from node.p2p import LEDGER, WITNESS, RemoteError, connect, peer_info, request
 from node.wire import WIRE_VERSION, receipt_payload
 from registry.card import build_card, verify_card
 
@@ -178,3 +178,29 @@ def test_witness_node_cosigns_then_refuses_a_fork(witness_node: NodeProcess,
     assert metric_value(metrics, "veilnet_witness_cosigned_total") >= 2
     assert "witness: refused a checkpoint" in witness_node.log()
     assert httpx.get(f"{witness_node.http}/healthz", timeout=5).status_code == 200
+
+
+def test_ledger_node_logs_only_signed_entries(net: Any) -> None:
+    from ledger.entries import make_entry
+
+    peer = ClientThread().start()
+    try:
+        async def append(host: Any, entry: bytes) -> dict[str, Any]:
+            info = peer_info(net.nodes[0].multiaddrs[0])
+            await connect(host, info, 10)
+            try:
+                return await request(host, info.peer_id, LEDGER, {
+                    "v": WIRE_VERSION, "id": secrets.token_hex(8), "op": "append",
+                    "entry": entry}, 15)
+            except RemoteError as exc:
+                return {"error": exc.code, "message": exc.message}
+
+        good = make_entry(peer.identity, "node-join/1", {"node": peer.identity.did})
+        answer = peer.run(append, good)
+        assert isinstance(answer["index"], int) and answer["leaf_hash"] == leaf_hash(good)
+        for bad in (b"raw bytes", good[:-1] + bytes([good[-1] ^ 1])):
+            answer = peer.run(append, bad)
+            assert answer["error"] == "bad_request" and "not a veilnet ledger entry" in \
+                answer["message"]
+    finally:
+        peer.close()
