@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,17 @@ import numpy as np
 import trio
 from libp2p.peer.id import ID
 
-from client.receipts import LedgerReceipt, ReceiptError, log_entry, receipt_entry
+from client.receipts import (
+    LedgerReceipt,
+    ReceiptError,
+    append_entry,
+    log_entry,
+    receipt_entry,
+    score_report_entry,
+)
+from client.replicated import MODES, Reply, plan, run_hop
+from consensus.fingerprint import Tolerance, check_fingerprint, fingerprint
+from consensus.reputation import Reputation
 from crypto.identity import Identity, public_from_peer_id, verify
 from models import Manifest, ManifestError, Pipeline, ShardSpec
 from node.discovery import lookup_cards
@@ -51,6 +61,7 @@ from node.wire import (
     digest_entry,
     digest_of,
     encode_tensors,
+    fingerprint_payload,
     receipt_payload,
 )
 from registry.card import CardInfo
@@ -81,6 +92,7 @@ class HopRecord:
     signature_verified: bool
     attempts: int  # nodes tried for this hop, including the one that answered
     failures: tuple[str, ...] = ()
+    verdict: dict[str, Any] | None = None  # replicated hops: who agreed, who lost (consensus)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -108,7 +120,9 @@ class AsyncClient:
                  timeout: float = 120.0, hop_timeout: float = 30.0, connect_timeout: float = 5.0,
                  threads: int | None = None, frame_limit: int = DEFAULT_FRAME_LIMIT,
                  identity: Identity | None = None, ledger: bool = False,
-                 witness_quorum: int = 1, receipt_timeout: float = 15.0) -> None:
+                 witness_quorum: int = 1, receipt_timeout: float = 15.0,
+                 verify: str = "full", replicas: int = 3, spot_rate: float = 0.1,
+                 seed: int | None = None) -> None:
         if not bootstrap:
             raise ValueError("at least one bootstrap multiaddr is needed")
         for addr in bootstrap:
@@ -127,6 +141,15 @@ class AsyncClient:
         self._idle: dict[str, list[tuple[Any, float]]] = {}  # peer id -> idle infer streams
         self.ledger, self.witness_quorum = ledger, witness_quorum
         self.receipt_timeout = receipt_timeout
+        if verify not in MODES:
+            raise ValueError(f"verify={verify!r}: use one of {', '.join(MODES)}")
+        if replicas < 1 or not 0.0 <= spot_rate <= 1.0:
+            raise ValueError("replicas must be >= 1 and spot_rate between 0 and 1")
+        self.verify, self.replicas, self.spot_rate = verify, replicas, spot_rate
+        self.rng = random.Random(seed)
+        self.reputation = Reputation()
+        self.caught: set[str] = set()  # nodes that lost a decided verdict: avoided from now on
+        self.tolerance = Tolerance()
         self._ledgers: dict[str, CardInfo] = {}     # nodes whose cards name a ledger key
         self._witness_keys: dict[str, str] = {}     # peer id -> cosignature verifier key
 
@@ -134,6 +157,10 @@ class AsyncClient:
 
     async def __aenter__(self) -> AsyncClient:
         self._pipeline = await trio.to_thread.run_sync(self._load_pipeline)
+        tol = self._pipeline.manifest.extra.get("consensus")
+        if isinstance(tol, dict):
+            self.tolerance = Tolerance(float(tol.get("atol", self.tolerance.atol)),
+                                       float(tol.get("rtol", self.tolerance.rtol)))
         stack = AsyncExitStack()
         try:
             self._host = make_host(self.identity)
@@ -264,10 +291,27 @@ class AsyncClient:
         if not self.ledger:
             return EmbedResult(embeddings, hops)
         try:
-            return EmbedResult(embeddings, hops, receipt=await self.log_receipt(hops))
+            receipt = await self.log_receipt(hops)
         except ReceiptError as exc:  # the answer stands; say why it is not logged
             log.warning("receipt not logged: %s", exc)
             return EmbedResult(embeddings, hops, receipt_error=str(exc))
+        await self.publish_scores()
+        return EmbedResult(embeddings, hops, receipt=receipt)
+
+    async def publish_scores(self) -> int | None:
+        """Append this client's signed score report (its reputation view of the nodes it used)
+        to a ledger node; returns the entry's index, or None when it could not."""
+        report = {self._peers[p].did: row for p, row in self.reputation.report().items()
+                  if p in self._peers}
+        if not report or not self._ledgers:
+            return None
+        entry = score_report_entry(self.identity, report)
+        for ledger in self._ledgers.values():
+            try:
+                return await append_entry(self._host, ledger, entry, self.receipt_timeout)
+            except (Exception, trio.TooSlowError) as exc:
+                log.warning("score report not logged at %s: %s", ledger.peer_id, exc)
+        return None
 
     async def run(self, inputs: Mapping[str, np.ndarray],
                   ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
@@ -294,64 +338,75 @@ class AsyncClient:
             raise QueryError(f"the query took longer than {self.timeout:g} s") from None
         return {t.name: env[t.name] for t in pipeline.manifest.outputs}, hops
 
+    def plan(self, shard_cid: str) -> list[PeerRecord]:
+        """Nodes to ask for a hop, best first: by this client's reputation scores with some
+        randomness, never-failed before recently failed, nodes caught lying last."""
+        return plan(self.providers(shard_cid), self.reputation.score, self.caught, self.rng)
+
+    def mark_failed(self, peer_id: str) -> None:
+        self._penalty[peer_id] = time.monotonic()
+
     async def _hop(self, shard: ShardSpec, feeds: dict[str, np.ndarray],
                    entries: dict[str, DigestEntry],
                    ) -> tuple[dict[str, np.ndarray], HopRecord, dict[str, DigestEntry]]:
-        candidates = self.providers(shard.cid)
-        if not candidates:
+        if not self.providers(shard.cid):
             await self.refresh()
-            candidates = self.providers(shard.cid)
-        if not candidates:
-            raise QueryError(f"hop {shard.index}: no known node serves shard {shard.cid}")
-        input_digest = digest_of(entries)
-        failures: list[str] = []
-        for attempt, record in enumerate(candidates, 1):
-            try:
-                with trio.fail_after(self.hop_timeout):
-                    outputs, hop, out_entries = await self._call(record, shard, feeds,
-                                                                 input_digest)
-            except (Exception, trio.TooSlowError) as exc:
-                reason = _describe(exc, self.hop_timeout)
-                log.warning("hop %d on %s failed: %s", shard.index, record.peer_id, reason)
-                failures.append(f"{record.peer_id}: {reason}")
-                self._penalty[record.peer_id] = time.monotonic()
-                continue
-            return outputs, replace(hop, attempts=attempt, failures=tuple(failures)), out_entries
-        raise QueryError(f"hop {shard.index} (shard {shard.cid}): all {len(candidates)} nodes "
-                         "failed: " + "; ".join(failures))
+        return await run_hop(self, shard, feeds, digest_of(entries))
 
     async def _call(self, record: PeerRecord, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                    input_digest: bytes,
-                    ) -> tuple[dict[str, np.ndarray], HopRecord, dict[str, DigestEntry]]:
+                    input_digest: bytes, want: str = "outputs") -> Reply:
+        """One node's answer for one hop, checked: request id and shard echoed, output names,
+        dtypes and ranks, digests, the receipt signature and, for ``want="fingerprint"``, the
+        fingerprint and its signature. Raises WireError/RemoteError on anything wrong."""
         peer = await ensure_connected(self._host, record.peer_id, record.addrs,
                                       self.connect_timeout)
         request_id = secrets.token_hex(16)
         started = time.perf_counter()
-        response = await self._infer(peer, {
-            "v": WIRE_VERSION, "id": request_id, "shard": shard.cid,
-            "inputs": encode_tensors(feeds)})
+        message: dict[str, Any] = {"v": WIRE_VERSION, "id": request_id, "shard": shard.cid,
+                                   "inputs": encode_tensors(feeds)}
+        if want != "outputs":
+            message["want"] = want
+        response = await self._infer(peer, message)
         latency_ms = (time.perf_counter() - started) * 1e3
         if response.get("id") != request_id or response.get("shard") != shard.cid:
             raise WireError("bad_response", "the response is for another request or shard")
-        outputs = decode_tensors(response.get("outputs"), "'outputs'")
-        _check_outputs(shard, outputs)
-        out_entries = {n: digest_entry(n, v) for n, v in outputs.items()}
-        output_digest = digest_of(out_entries)
-        signature = response.get("signature")
         if response.get("input_digest") != input_digest:
             raise WireError("bad_response", "the node signed a different input digest")
-        if response.get("output_digest") != output_digest:
-            raise WireError("bad_response", "the output digest does not match the outputs")
+        public = public_from_peer_id(record.peer_id)
+        outputs = out_entries = None
+        fp_signature = None
+        if want == "outputs":
+            outputs = decode_tensors(response.get("outputs"), "'outputs'")
+            _check_outputs(shard, outputs)
+            out_entries = {n: digest_entry(n, v) for n, v in outputs.items()}
+            output_digest = digest_of(out_entries)
+            if response.get("output_digest") != output_digest:
+                raise WireError("bad_response", "the output digest does not match the outputs")
+            fp = fingerprint(outputs)
+        else:
+            output_digest = response.get("output_digest")
+            fp_signature = response.get("fingerprint_signature")
+            try:
+                fp = check_fingerprint(response.get("fingerprint"))
+            except ValueError as exc:
+                raise WireError("bad_response", f"bad fingerprint: {exc}") from None
+            _check_fingerprint_shape(shard, fp)
+            if not isinstance(output_digest, bytes) or len(output_digest) != 32:
+                raise WireError("bad_response", "'output_digest' must be 32 bytes")
+            if not isinstance(fp_signature, bytes) or not verify(
+                    public, fp_signature,
+                    fingerprint_payload(request_id, shard.cid, output_digest, fp)):
+                raise WireError("bad_signature", "the fingerprint signature does not verify")
+        signature = response.get("signature")
         payload = receipt_payload(request_id, shard.cid, input_digest, output_digest)
-        if not isinstance(signature, bytes) or not verify(public_from_peer_id(record.peer_id),
-                                                          signature, payload):
+        if not isinstance(signature, bytes) or not verify(public, signature, payload):
             raise WireError("bad_signature", "the node's signature does not verify")
-        return outputs, HopRecord(
+        hop = HopRecord(
             shard_index=shard.index, shard_cid=shard.cid, node_did=record.did,
             peer_id=record.peer_id, latency_ms=round(latency_ms, 3), request_id=request_id,
             input_digest=input_digest.hex(), output_digest=output_digest.hex(),
-            signature=signature.hex(), signature_verified=True, attempts=1), out_entries
-
+            signature=signature.hex(), signature_verified=True, attempts=1)
+        return Reply(record, hop, outputs, out_entries, fp, fp_signature)
 
     async def _infer(self, peer: ID, message: dict[str, Any]) -> dict[str, Any]:
         """One infer exchange, on an idle stream to ``peer`` when there is one (saving the
@@ -397,6 +452,19 @@ def _check_outputs(shard: ShardSpec, outputs: dict[str, np.ndarray]) -> None:
             raise WireError("bad_response", f"output {name!r} is {value.dtype.name} rank "
                                             f"{value.ndim}, expected {spec.dtype} rank "
                                             f"{len(spec.shape)}")
+
+
+def _check_fingerprint_shape(shard: ShardSpec, fp: dict[str, Any]) -> None:
+    expected = {t.name: t for t in shard.outputs}
+    tensors = fp.get("tensors", {})
+    if set(tensors) != set(expected):
+        raise WireError("bad_response", f"fingerprint of {sorted(tensors)}, expected "
+                                        f"{sorted(expected)}")
+    for name, spec in expected.items():
+        t = tensors[name]
+        if t.get("dtype") != spec.dtype or len(t.get("shape", ())) != len(spec.shape):
+            raise WireError("bad_response", f"fingerprint of {name!r} has the wrong dtype or "
+                                            "rank")
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -16,7 +16,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     options = {"timeout": args.timeout, "hop_timeout": args.hop_timeout,
-               "ledger": args.ledger, "witness_quorum": args.quorum}
+               "ledger": args.ledger, "witness_quorum": args.quorum,
+               "verify": args.verify, "replicas": args.replicas, "spot_rate": args.spot_rate}
     try:
         with Client(args.bootstrap, args.deployment, **options) as client:
             result = client.embed(args.texts)
@@ -39,6 +40,10 @@ def _cmd_query(args: argparse.Namespace) -> int:
         retried = f", after {hop.attempts - 1} failed node(s)" if hop.attempts > 1 else ""
         print(f"  shard {hop.shard_index} {hop.shard_cid[:16]}... on {hop.peer_id} "
               f"({hop.latency_ms:.1f} ms, signature verified{retried})")
+        if hop.verdict:
+            v = hop.verdict
+            print(f"    verdict: {len(v['winners'])} of {len(v['nodes'])} agree"
+                  + (f"; lost: {', '.join(v['losers'])}" if v["losers"] else ""))
     receipt = result.receipt
     if receipt is not None:
         print(f"receipt: entry {receipt.index} in the ledger, proof cosigned by "
@@ -48,7 +53,49 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rankings(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.http.rstrip("/") + "/v1/rankings"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            rows = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"veilnet: error: {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no rankings yet (they come from clients' score reports in a ledger)")
+        return 0
+    print(f"{'rank':<5}{'score':>7}{'agree':>8}{'avail':>8}{'lat ms':>9}{'reporters':>10}  did")
+    for i, row in enumerate(rows, 1):
+        cells = [_num(row, "score", ".3f"), _num(row, "agreement", ".3f"),
+                 _num(row, "availability", ".3f"), _num(row, "latency_ms", ".1f")]
+        print(f"{i:<5}{cells[0]:>7}{cells[1]:>8}{cells[2]:>8}{cells[3]:>9}"
+              f"{row.get('reporters', '-'):>10}  {row.get('did')}")
+    return 0
+
+
+def _num(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    return format(value, fmt) if isinstance(value, int | float) else "-"
+
+
 def register(sub: Any) -> None:
+    ranks = sub.add_parser(
+        "rankings", help="print the node rankings a node serves",
+        description="GET /v1/rankings from a node: nodes best first, each with its did, its "
+                    "score and the figures behind it (agreement, availability, latency, "
+                    "reporters). See docs/consensus.md.")
+    ranks.add_argument("--http", required=True, metavar="URL",
+                       help="a node's HTTP API, e.g. http://127.0.0.1:8401")
+    ranks.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    ranks.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    ranks.set_defaults(func=_cmd_rankings)
+
     query = sub.add_parser(
         "query", help="embed texts through the network (encrypted)",
         description="Run an encrypted query: the client head and tail run here with the key in "
@@ -65,6 +112,14 @@ def register(sub: Any) -> None:
                        help="limit for the whole query (default 120)")
     query.add_argument("--hop-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="limit for one node's answer before trying another (default 30)")
+    query.add_argument("--verify", choices=["full", "spot", "none"], default="full",
+                       help="consensus checks: full (each hop on --replicas nodes, majority "
+                            "wins), spot (a second node checks with probability --spot-rate), "
+                            "none (default full; docs/consensus.md)")
+    query.add_argument("--replicas", type=int, default=3, metavar="R",
+                       help="nodes per hop in full mode (default 3)")
+    query.add_argument("--spot-rate", type=float, default=0.1, metavar="P",
+                       help="probability of a check per hop in spot mode (default 0.1)")
     query.add_argument("--ledger", action="store_true",
                        help="log a signed receipt of the query at a ledger node and print it "
                             "with its tlog-proof")

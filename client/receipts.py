@@ -63,8 +63,27 @@ def receipt_entry(identity: Identity, deployment: str, hops: Sequence[Any],
         "hops": [{"index": h.shard_index, "shard": h.shard_cid, "node": h.node_did,
                   "id": h.request_id, "input_digest": bytes.fromhex(h.input_digest),
                   "output_digest": bytes.fromhex(h.output_digest),
-                  "signature": bytes.fromhex(h.signature)} for h in hops],
+                  "signature": bytes.fromhex(h.signature),
+                  **({"verdict": h.verdict} if h.verdict else {})} for h in hops],
     })
+
+
+def score_report_entry(identity: Identity, report: dict[str, dict[str, Any]]) -> bytes:
+    """The signed ``score-report/1`` entry of this client's reputation view (node did ->
+    score, agreement, latency_ms, availability, observations)."""
+    return make_entry(identity, "score-report/1", {"scores": report})
+
+
+async def append_entry(host: IHost, ledger: CardInfo, entry: bytes, timeout: float) -> int:
+    """Append ``entry`` at ``ledger`` without waiting for a proof; returns its index."""
+    with trio.fail_after(timeout):
+        peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
+        added = await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
+                                                   "op": "append", "entry": entry}, timeout)
+    index = added.get("index")
+    if not isinstance(index, int):
+        raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
+    return index
 
 
 async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: Sequence[str],

@@ -16,6 +16,8 @@ Types (``body`` fields):
                        "hops": [{"index": int, "shard": CID, "node": did, "id": str,
                                  "input_digest": bytes, "output_digest": bytes,
                                  "signature": bytes}]}
+    score-report/1    {"scores": {node did: {"score", "agreement", "latency_ms",
+                       "availability", "observations"}}}   (a client's own view of nodes)
     ranking/1         {"rows": [{"did": did, "score": float, ...}], "reporters": int}
     node-join/1, node-leave/1   {"node": did, "peer_id": str, "multiaddrs": [str]}
 """
@@ -31,7 +33,8 @@ import cbor2
 from crypto.identity import Identity, IdentityError, public_from_did, verify
 
 ENTRY_DOMAIN = "veilnet-entry/1"
-TYPES = frozenset({"infer-receipt/1", "ranking/1", "node-join/1", "node-leave/1"})
+TYPES = frozenset({"infer-receipt/1", "score-report/1", "ranking/1", "node-join/1",
+                   "node-leave/1"})
 MAX_ENTRY_BYTES = 1 << 20
 
 

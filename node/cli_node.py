@@ -20,6 +20,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "idle_timeout": args.idle_timeout,
         "announce_interval": args.announce_interval, "domain": args.domain,
         "ledger": True if args.ledger else None,
+        "byzantine_test_mode": args.byzantine_test_mode,
         "log_level": args.log_level,
     })
     return start(config)
@@ -85,6 +86,11 @@ def register(sub: Any) -> None:
     st.add_argument("--ledger", action="store_true",
                     help="keep a transparency log in D/ledger that clients submit receipts to "
                          "(its key is published in this node's card; docs/ledger.md)")
+    st.add_argument("--byzantine-test-mode", metavar="MODE",
+                    choices=["noise", "zeros", "stale", "wrong-shard", "random"],
+                    help="FOR TESTS ONLY: return wrong (but signed) answers of this kind, to "
+                         "exercise the clients' consensus checks (noise, zeros, stale, "
+                         "wrong-shard, random). Off by default.")
     st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     st.set_defaults(func=_cmd_start)
 

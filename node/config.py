@@ -45,6 +45,7 @@ class NodeConfig:
     announce_interval: float = 10.0
     domain: str | None = None
     ledger: bool = False
+    byzantine_test_mode: str | None = None
     log_level: str = "info"
 
     @property
@@ -79,6 +80,12 @@ class NodeConfig:
                 self.domain = check_domain(self.domain)
             except ValueError as exc:
                 raise ConfigError(f"domain: {exc}") from None
+        if self.byzantine_test_mode is not None:
+            from node.byzantine import MODES
+
+            if self.byzantine_test_mode not in MODES:
+                raise ConfigError(f"byzantine_test_mode {self.byzantine_test_mode!r}: use one "
+                                  f"of {', '.join(MODES)}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"log_level {self.log_level!r}: use debug, info, warning or error")
 
@@ -88,6 +95,7 @@ _TYPES: dict[str, Any] = {
     "capacity": (int,), "threads": (int,), "frame_limit": (int,),
     "request_timeout": (int, float), "idle_timeout": (int, float),
     "announce_interval": (int, float), "domain": (str,), "ledger": (bool,),
+    "byzantine_test_mode": (str,),
     "log_level": (str,),
 }
 

@@ -22,12 +22,14 @@ from hypercorn.config import Config as HypercornConfig
 from crypto.identity import Identity
 from ledger.log import Log
 from ledger.witness import Witness
+from node.byzantine import Byzantine
 from node.config import NodeConfig
 from node.discovery import Discovery
 from node.executor import ShardExecutor
 from node.http_api import create_app
 from node.ledger_service import LedgerService
 from node.p2p import make_host, parse_multiaddr, quiet_libraries
+from node.rankings_service import RankingService
 from node.service import NodeService
 from node.store import ShardStore
 from registry.index import CardIndex
@@ -62,8 +64,15 @@ async def run_node(config: NodeConfig) -> None:
     witness = Witness(data_dir / WITNESS_FILE, identity, f"veilnet-witness/{identity.peer_id}")
     ledger = (Log.open_or_init(data_dir / LEDGER_DIR, f"veilnet.local/ledger/{identity.peer_id}",
                                Identity.generate()) if config.ledger else None)
+    if config.byzantine_test_mode:
+        service.byzantine = Byzantine(config.byzantine_test_mode)
+        log.warning("BYZANTINE TEST MODE %r: this node returns wrong answers on purpose",
+                    config.byzantine_test_mode)
     service.ledger = LedgerService(identity.peer_id, witness, service.metrics, service.discovery,
                                    ledger)
+    service.rankings = RankingService(identity, service.ledger, service.discovery,
+                                      config.announce_interval)
+    service.ledger.rankings_entry = lambda: service.rankings.entry if service.rankings else None
     listen = [parse_multiaddr(a) for a in config.listen]
     host_name, port = config.http_host_port()
     hconfig = HypercornConfig()
@@ -96,6 +105,8 @@ async def run_node(config: NodeConfig) -> None:
                     await executor.session(cid)
                 await nursery.start(service.discovery.run, host)
                 await nursery.start(service.ledger.run)
+                service.rankings.host = host
+                nursery.start_soon(service.rankings.run)
                 if config.bootstrap:
                     nursery.start_soon(service.announce_loop, config.bootstrap,
                                        config.announce_interval)
@@ -103,6 +114,7 @@ async def run_node(config: NodeConfig) -> None:
                     "pid": os.getpid(), "peer_id": identity.peer_id, "did": identity.did,
                     "multiaddrs": service.addrs(), "http": service.http_url,
                     "shards": sorted(store.shards()), "identity_created": created,
+                    "byzantine": config.byzantine_test_mode,
                 }
                 _write_ready(ready_file, info)
                 _print_banner(info, data_dir)
@@ -140,6 +152,8 @@ def _print_banner(info: dict[str, object], data_dir: Path) -> None:
         *[f"  listen:    {a}" for a in info["multiaddrs"]],  # type: ignore[attr-defined]
         f"  http:      {info['http']}",
         f"  shards:    {len(info['shards'])}",  # type: ignore[arg-type]
+        *([f"  BYZANTINE TEST MODE: {info['byzantine']} (wrong answers on purpose)"]
+          if info.get("byzantine") else []),
         "  stop with Ctrl-C (SIGINT) or SIGTERM",
     ]
     print("\n".join(lines), flush=True)

@@ -66,6 +66,11 @@ def create_app(service: NodeService, domain: str | None = None) -> FastAPI:
     async def peers() -> list[dict[str, object]]:
         return [r.to_json() for r in service.peers.records()]
 
+    @app.get("/v1/rankings")
+    async def rankings() -> list[dict[str, object]]:
+        """Node rankings, best first: did, score and the figures behind it (docs/consensus.md)."""
+        return service.rankings.rows() if service.rankings is not None else []
+
     @app.post("/v1/shards/fetch")
     async def fetch(body: FetchRequest) -> dict[str, object]:
         for cid in [body.deployment, *(body.shards or [])]:

@@ -60,6 +60,8 @@ class LedgerService:
         self._push = trio.Event()
         self._witness_sizes: dict[str, int] = {}  # witness peer -> size it last cosigned
         self.host: IHost | None = None
+        self.on_commit: Callable[[], None] | None = None  # called after each committed batch
+        self.rankings_entry: Callable[[], bytes | None] | None = None  # newest ranking/1 entry
 
     # -- threads -----------------------------------------------------------------------------------
 
@@ -113,6 +115,8 @@ class LedgerService:
                 self.metrics.ledger_entries.inc(len(batch))
                 self.metrics.ledger_size.set(size)
                 self._push.set()
+                if self.on_commit is not None:
+                    self.on_commit()
             except Exception as exc:  # the batch is not committed: tell every submitter
                 log.exception("ledger append failed")
                 for _, result, _ in batch:
@@ -198,6 +202,11 @@ class LedgerService:
                 except EntryError as exc:
                     raise WireError("bad_request", f"not a veilnet ledger entry: {exc}") from None
                 reply.update(await self.submit(entry))
+            elif op == "rankings":
+                entry = self.rankings_entry() if self.rankings_entry else None
+                if entry is None:
+                    raise WireError("not_found", "no ranking snapshot yet")
+                reply["entry"] = entry
             elif op == "checkpoint":
                 reply["note"] = await self.on_log(ledger.checkpoint, _opt_int(message, "size"))
             elif op == "proof":
@@ -214,7 +223,7 @@ class LedgerService:
                                                     _opt_int(message, "new"))
             else:
                 raise WireError("bad_request", f"unknown op {op!r}: append, checkpoint, "
-                                               "proof, consistency")
+                                               "proof, consistency, rankings")
         except (LedgerError, IndexError) as exc:
             raise WireError("bad_request", str(exc)) from None
         await write_frame(stream, reply)

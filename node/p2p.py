@@ -109,6 +109,13 @@ async def close_quietly(stream: INetStream, timeout: float = 1.0) -> None:
 
 
 async def connect(host: IHost, info: PeerInfo, timeout: float) -> None:
+    """Dial ``info``. py-libp2p blocks a peer for a while after one failed dial (its "negative
+    cache"); an explicit connect is a new attempt, often at a new address (a restarted node),
+    so it lifts that block first. Measured: without this, a node that once dialled a stale
+    address from a card could not reach its bootstrap node for minutes."""
+    unblock = getattr(host.get_network(), "unblock_peer", None)
+    if unblock is not None:
+        unblock(info.peer_id)
     with trio.fail_after(timeout):
         await host.connect(info)
 

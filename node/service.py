@@ -18,6 +18,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
+from consensus.fingerprint import fingerprint
 from crypto.identity import Identity
 from models import is_valid_cid
 from node.executor import ShardExecutor
@@ -46,6 +47,7 @@ from node.wire import (
     decode_body,
     decode_tensors,
     encode_tensors,
+    fingerprint_payload,
     read_exactly,
     read_frame,
     read_frame_length,
@@ -65,8 +67,10 @@ class FetchRefused(ValueError):
 
 
 if TYPE_CHECKING:
+    from node.byzantine import Byzantine
     from node.discovery import Discovery
     from node.ledger_service import LedgerService
+    from node.rankings_service import RankingService
 
 Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 
@@ -86,6 +90,8 @@ class NodeService:
         self.card_ttl = card_ttl
         self.discovery: Discovery | None = None  # set by the daemon before attach()
         self.ledger: LedgerService | None = None  # likewise
+        self.byzantine: Byzantine | None = None  # --byzantine-test-mode only
+        self.rankings: RankingService | None = None  # set by the daemon
         self.host: IHost | None = None
         self.http_url: str | None = None
         self.started = time.time()
@@ -214,19 +220,33 @@ class NodeService:
         shard = message.get("shard")
         if not isinstance(shard, str) or not is_valid_cid(shard):
             raise WireError("bad_request", "'shard' must be a shard CID")
+        want = message.get("want", "outputs")
+        if want not in ("outputs", "fingerprint"):
+            raise WireError("bad_request", "'want' must be \"outputs\" or \"fingerprint\"")
         feeds = decode_tensors(message.get("inputs"), "'inputs'")
         run_started = time.perf_counter()
         outputs = await self.executor.run(shard, feeds)
         self.metrics.run_time.observe(time.perf_counter() - run_started)
+        if self.byzantine is not None:  # test mode: a wrong answer, signed as if right
+            outputs = await self.byzantine.corrupt(shard, feeds, outputs,
+                                                   sorted(self.store.shards()), self.executor.run)
         input_digest = tensors_digest(feeds)
         output_digest = tensors_digest(outputs)
         signature = self.identity.sign(
             receipt_payload(message["id"], shard, input_digest, output_digest))
-        return {
+        response = {
             "v": WIRE_VERSION, "id": message["id"], "shard": shard,
-            "outputs": encode_tensors(outputs), "input_digest": input_digest,
-            "output_digest": output_digest, "node": self.identity.did, "signature": signature,
+            "input_digest": input_digest, "output_digest": output_digest,
+            "node": self.identity.did, "signature": signature,
         }
+        if want == "outputs":
+            response["outputs"] = encode_tensors(outputs)
+        else:  # a replica's check: the fingerprint instead of the tensors (consensus checks)
+            fp = fingerprint(outputs)
+            response["fingerprint"] = fp
+            response["fingerprint_signature"] = self.identity.sign(
+                fingerprint_payload(message["id"], shard, output_digest, fp))
+        return response
 
     # -- /veilnet/shard/1 -----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ WIRE_VERSION = 1
 DEFAULT_FRAME_LIMIT = 64 * 1024 * 1024
 MAX_VARINT_BYTES = 9  # multiformats unsigned-varint: at most 63 bits
 RECEIPT_DOMAIN = "veilnet-infer-receipt/1"
+FINGERPRINT_DOMAIN = "veilnet-fingerprint/1"
 
 # dtypes a tensor may carry: fixed-size numeric types, always little-endian on the wire.
 DTYPES = frozenset({
@@ -226,4 +227,13 @@ def receipt_payload(request_id: str, shard_cid: str, input_digest: bytes,
                     output_digest: bytes) -> bytes:
     """The bytes a node signs for an inference response."""
     return cbor2.dumps([RECEIPT_DOMAIN, request_id, shard_cid, input_digest, output_digest],
+                       canonical=True)
+
+
+def fingerprint_payload(request_id: str, shard_cid: str, output_digest: bytes,
+                        fingerprint: Mapping[str, Any]) -> bytes:
+    """The bytes a node signs for the fingerprint of its outputs (consensus checks): the
+    fingerprint is bound to the request and to the digest of the full outputs it summarizes."""
+    fp_digest = hashlib.sha256(cbor2.dumps(dict(fingerprint), canonical=True)).digest()
+    return cbor2.dumps([FINGERPRINT_DOMAIN, request_id, shard_cid, output_digest, fp_digest],
                        canonical=True)

@@ -89,6 +89,7 @@ class NodeInfo:
     did: str | None = None
     multiaddrs: list[str] = field(default_factory=list)
     http: str | None = None
+    byzantine: str | None = None  # --byzantine-test-mode of this node, if any
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -109,7 +110,8 @@ class NodeInfo:
         return {"index": self.index, "pid": self.pid, "did": self.did, "peer_id": self.peer_id,
                 "multiaddrs": self.multiaddrs, "http": self.http,
                 "data_dir": str(self.data_dir), "shards": self.shards, "log": str(self.log),
-                "alive": self.alive}
+                "alive": self.alive, "byzantine": self.byzantine is not None,
+                "byzantine_mode": self.byzantine}
 
 
 def place_shards(shard_cids: Sequence[str], nodes: int, replicas: int) -> dict[str, list[int]]:
@@ -161,7 +163,8 @@ class Testnet:
     def __init__(self, dir: Path | str = DEFAULT_DIR, nodes: int = 3, replicas: int = 1,
                  node_shards: int | None = None, *, deployment: Path | str | None = None,
                  model: Path | str | None = None, node_args: Iterable[str] = (),
-                 ledger_nodes: Iterable[int] = (0,),
+                 ledger_nodes: Iterable[int] = (0,), byzantine: int = 0,
+                 byzantine_mode: str = "noise",
                  timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
         if nodes < 1:
             raise TestnetError("a testnet needs at least one node")
@@ -175,6 +178,10 @@ class Testnet:
         self.model: Path | None = Path(model).absolute() if model else None
         self.node_args = [str(a) for a in node_args]
         self.ledger_nodes = sorted(set(ledger_nodes))  # started with --ledger
+        if not 0 <= byzantine < nodes:
+            raise TestnetError(f"--byzantine {byzantine}: between 0 and {nodes - 1} (node 0, "
+                               "the bootstrap node, stays honest)")
+        self.byzantine, self.byzantine_mode = byzantine, byzantine_mode
         self.timeout = timeout
         self.log = log
         self.nodes: list[NodeInfo] = []
@@ -371,7 +378,8 @@ class Testnet:
             store = ShardStore(data_dir)
             if mine:
                 store.add_deployment(self.deployment, only=mine)
-            self.nodes.append(NodeInfo(i, data_dir, data_dir / "node.log", mine))
+            liar = self.byzantine_mode if i >= self.n - self.byzantine else None
+            self.nodes.append(NodeInfo(i, data_dir, data_dir / "node.log", mine, byzantine=liar))
 
     def _start_all(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -394,6 +402,8 @@ class Testnet:
             cmd += ["--bootstrap", bootstrap]
         if node.index in self.ledger_nodes:
             cmd.append("--ledger")
+        if node.byzantine:
+            cmd += ["--byzantine-test-mode", node.byzantine]
         cmd += self.node_args
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)

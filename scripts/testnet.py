@@ -86,7 +86,8 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
         node_args += ["--capacity", str(args.capacity)]
     return Testnet(args.dir, args.nodes, args.replicas, args.node_shards,
                    deployment=args.deployment, model=args.model, node_args=node_args,
-                   timeout=args.timeout)
+                   timeout=args.timeout, byzantine=args.byzantine,
+                   byzantine_mode=args.byzantine_mode)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -258,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(see the module docstring).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser, nodes: int, replicas: int) -> None:
+    def common(p: argparse.ArgumentParser, nodes: int, replicas: int, byzantine: int = 0,
+               ) -> None:
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, metavar="T",
                        help=f"work directory: model/, deploy/, nodes/node<i>/, {STATE_FILE} "
                             f"(default {DEFAULT_DIR}/)")
@@ -281,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shard runs at once per node (node --capacity)")
         p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                        help="limit for all nodes to come up (default 60)")
+        p.add_argument("--byzantine", type=int, default=byzantine, metavar="K",
+                       help=f"the last K nodes return wrong answers on purpose (node flag "
+                            f"--byzantine-test-mode; default {byzantine})")
+        p.add_argument("--byzantine-mode", default="noise",
+                       choices=["noise", "zeros", "stale", "wrong-shard", "random"],
+                       help="how the Byzantine nodes lie (default noise)")
 
     up = sub.add_parser(
         "up", help="start a testnet and run until Ctrl-C / SIGTERM",
