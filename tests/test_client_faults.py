@@ -6,6 +6,9 @@ handler and announces itself with a signed agent card POSTed to a real bootstrap
 /v1/agents, so the client learns of it from that node's card index exactly as it learns of
 honest nodes. Only that network edge is faked; nothing of the
 client or the node is mocked. Expected embeddings come from the in-process plaintext pipeline.
+Clients here use ``verify="none"`` (one node per hop, the next one on failure): these tests are
+about rejecting bad answers and failing over; replicated hops are tested in
+test_consensus_network.py.
 
 Topology (module scope): ``honest`` holds every node shard; ``directory`` holds none and
 bootstraps from ``honest``. Fakes announce to ``directory`` only, so clients bootstrapping from
@@ -248,7 +251,8 @@ def test_hanging_node_is_skipped_after_hop_timeout(
     hanging = fake_factory(hang, directory)
     seen = []
     for _ in range(MAX_CLIENTS):
-        with Client([directory.addr], deployment_dir, hop_timeout=HOP_TIMEOUT) as client:
+        with Client([directory.addr], deployment_dir, hop_timeout=HOP_TIMEOUT,
+                    verify="none") as client:
             result, _ = timed_embed(client, HOP_TIMEOUT + SLACK)
         assert_matches(result.embeddings, expected)
         assert [h.peer_id for h in result.hops] == [honest.peer_id] * len(manifest.node_shards)
@@ -273,7 +277,8 @@ def test_only_hanging_node_gives_query_error(
     hanging = fake_factory(hang, lonely)
     shards = len(manifest.node_shards)
     first = manifest.node_shards[0]
-    with Client([lonely.addr], deployment_dir, hop_timeout=HOP_TIMEOUT) as client:
+    with Client([lonely.addr], deployment_dir, hop_timeout=HOP_TIMEOUT,
+                verify="none") as client:
         limit = HOP_TIMEOUT * shards + SLACK
         started = time.monotonic()
         with pytest.raises(QueryError) as info:
@@ -305,7 +310,7 @@ def test_misbehaving_node_is_rejected(
     liar = fake_factory(behaviour, directory, honest)
     caught: list[str] = []
     for _ in range(MAX_CLIENTS):
-        with Client([directory.addr], deployment_dir, hop_timeout=10) as client:
+        with Client([directory.addr], deployment_dir, hop_timeout=10, verify="none") as client:
             result, _ = timed_embed(client, 10 + SLACK)
         assert_matches(result.embeddings, expected)
         for hop in result.hops:
