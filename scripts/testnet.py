@@ -130,15 +130,24 @@ TOLERANCE = 1e-4
 
 def _print_hops(hops: Sequence[Any], net: Testnet) -> None:
     by_peer = {n.peer_id: n.index for n in net.nodes}
-    print(f"    {'shard':<7}{'node':<6}{'peer id':<20}{'latency':>10}  signature  tries")
+    print(f"    {'shard':<7}{'node':<6}{'peer id':<20}{'latency':>10}  signature  verdict")
     for h in hops:
         sig = "verified" if h.signature_verified else "NOT VERIFIED"
         print(f"    {h.shard_index:<7}{by_peer.get(h.peer_id, '?')!s:<6}{short(h.peer_id):<20}"
-              f"{h.latency_ms:>8.1f}ms  {sig:<10} {h.attempts}")
+              f"{h.latency_ms:>8.1f}ms  {sig:<10} {_verdict(h.verdict, by_peer)}")
         for failure in h.failures:
             peer, _, reason = failure.partition(": ")
             reason = reason.replace(peer, short(peer)).split(": /")[0]  # drop the address
-            print(f"           tried node {by_peer.get(peer, '?')} first: {reason[:72]}")
+            print(f"           node {by_peer.get(peer, '?')} failed: {reason[:72]}")
+
+
+def _verdict(verdict: dict[str, Any] | None, by_peer: dict[str | None, int]) -> str:
+    if not verdict:
+        return "(one node)"
+    text = f"{len(verdict['winners'])} of {len(verdict['nodes'])} nodes agree"
+    if verdict["losers"]:
+        text += "; LOST: node " + ", ".join(str(by_peer.get(p, "?")) for p in verdict["losers"])
+    return text
 
 
 def _compare(embeddings: Any, reference: Any) -> tuple[float, Any]:
@@ -205,9 +214,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         reference = Pipeline(net.model).embed(DEMO_SENTENCES)
         print("\nThe client keeps the key (deploy/client/); nodes hold only encrypted node "
               "shards.\nEach answer is compared with the plaintext model run in this process.")
+        liars = [n.index for n in net.nodes if n.byzantine]
+        if liars:
+            print(f"Node(s) {', '.join(map(str, liars))} run --byzantine-test-mode "
+                  f"{net.byzantine_mode}: they return wrong answers, signed as if right.\n"
+                  "Each hop runs on 3 nodes; the client keeps only an answer a strict majority "
+                  "agrees on.")
         worst = max(worst, _demo_query(net, DEMO_SENTENCES, reference,
                                        "Query 1: encrypted embeddings through the network",
                                        quorum=min(2, net.n - 1)))
+        worst = max(worst, _reputation_round(net, pipeline=Pipeline(net.model)))
         victim = _crash_candidate(net)
         if victim is not None:
             net.stop_node(victim, kill=True)
@@ -229,6 +245,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _reputation_round(net: Testnet, pipeline: Any, queries: int = 8) -> float:
+    """More queries (each with its own texts), then the rankings the nodes serve."""
+    import json
+    import urllib.request
+
+    from client import Client
+
+    print(f"\n{queries} more queries, each logging a receipt and the client's signed score "
+          "report in node 0's ledger:")
+    worst = 0.0
+    by_peer = {n.peer_id: n.index for n in net.nodes}
+    with Client([net.bootstrap], net.deployment,  # type: ignore[arg-type]
+                ledger=bool(net.ledger_nodes)) as client:
+        for q in range(queries):
+            texts = [f"query {q}: {s}" for s in DEMO_SENTENCES[:2]]
+            result = client.embed(texts)
+            diff, _ = _compare(result.embeddings, pipeline.embed(texts))
+            worst = max(worst, diff)
+            lost = sorted({by_peer.get(p, -1) for h in result.hops if h.verdict
+                           for p in h.verdict["losers"]})
+            print(f"  query {q + 1}: max |net - plain| {diff:.1e}; "
+                  + (f"caught node {', '.join(map(str, lost))}" if lost else "no hop disputed"))
+    if not net.ledger_nodes:
+        return worst
+    rows: list[dict[str, Any]] = []
+    for _ in range(50):  # node 0 re-ranks after each committed batch
+        with urllib.request.urlopen(f"{net.nodes[0].http}/v1/rankings", timeout=5) as r:
+            rows = json.loads(r.read())
+        if len(rows) == len(net.nodes):
+            break
+        time.sleep(0.2)
+    by_did = {n.did: n for n in net.nodes}
+    print("\nRankings (GET /v1/rankings; also `veilnet rankings --http URL`), best first:")
+    print(f"    {'rank':<6}{'node':<6}{'score':>7}{'agreement':>11}{'avail':>7}{'latency':>9}")
+    for i, row in enumerate(rows, 1):
+        node = by_did.get(row["did"])
+        tag = "  <- byzantine" if node is not None and node.byzantine else ""
+        agreement = row.get("agreement")
+        print(f"    {i:<6}{node.index if node else '?'!s:<6}{row['score']:>7.3f}"
+              f"{agreement if agreement is not None else float('nan'):>11.3f}"
+              f"{row.get('availability') or 0:>7.2f}{row.get('latency_ms') or 0:>7.1f}ms{tag}")
+    return worst
+
+
 def _print_receipt(result: Any) -> None:
     receipt = result.receipt
     if receipt is None:
@@ -242,10 +302,15 @@ def _print_receipt(result: Any) -> None:
 
 
 def _crash_candidate(net: Testnet) -> int | None:
-    """A node other than the bootstrap node whose shards all have another live replica."""
+    """An honest node other than the bootstrap node such that every shard it holds keeps at
+    least two live honest replicas (so a majority can still outvote a liar)."""
+    honest = {n.index for n in net.nodes if not n.byzantine}
+    need = 2 if len(honest) < len(net.nodes) else 1  # with a liar about: an honest majority
     for node in reversed(net.nodes[1:]):
-        if node.shards and all(any(j != node.index for j in net.placement[c])
-                               for c in node.shards):
+        if node.byzantine or not node.shards:
+            continue
+        if all(len([j for j in net.placement[c] if j != node.index and j in honest]) >= need
+               for c in node.shards):
             return node.index
     return None
 
@@ -307,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that served each hop, crash one node and query again, then stop every "
                     f"node. Exits 1 if any embedding differs from the plaintext one by more "
                     f"than {TOLERANCE:g}.")
-    common(demo, nodes=3, replicas=2)
+    common(demo, nodes=5, replicas=3, byzantine=1)
     demo.set_defaults(func=cmd_demo)
     return parser
 
