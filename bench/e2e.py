@@ -13,6 +13,7 @@ the transport), and the max abs difference between the two answers. Progress goe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -30,10 +31,17 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 REPO = Path(__file__).resolve().parent.parent
+# bench/ledger.py (the ledger benchmark) would shadow the ledger package the client imports, so
+# bench/ is taken off the path and harness.py is loaded by file.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "bench"))
+_spec = importlib.util.spec_from_file_location("harness", REPO / "bench" / "harness.py")
+assert _spec is not None and _spec.loader is not None
+harness = importlib.util.module_from_spec(_spec)
+sys.modules["harness"] = harness  # dataclasses look their module up there
+_spec.loader.exec_module(harness)
+LoadProbe = harness.LoadProbe
 
-from harness import LoadProbe  # noqa: E402
 from localnet import Testnet  # noqa: E402
 
 from client import AsyncClient  # noqa: E402

@@ -80,18 +80,19 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
         client.reputation.record_latency(record.peer_id, reply.hop.latency_ms)
         replies[record.peer_id] = reply
 
-    # the first node that answers with outputs (the others send fingerprints only)
-    while queue and not any(r.outputs is not None for r in replies.values()):
-        await ask(queue.pop(0), "outputs")
+    # all nodes of the hop at once: the first for its outputs, the others for fingerprints;
+    # a node that fails is replaced while candidates remain (the replacement is asked for
+    # outputs if no answer with outputs has come yet)
+    while len(replies) < want and queue:
+        has_outputs = any(r.outputs is not None for r in replies.values())
+        batch, queue = queue[:want - len(replies)], queue[want - len(replies):]
+        async with trio.open_nursery() as nursery:
+            for i, record in enumerate(batch):
+                nursery.start_soon(ask, record, "fingerprint" if has_outputs or i else "outputs")
     if not replies:
         raise QueryError(f"hop {shard.index} (shard {shard.cid}): all {len(candidates)} nodes "
                          "failed: " + "; ".join(failures))
-    primary = next(iter(replies))
-    # the replicas, in parallel; nodes that fail are replaced while candidates remain
-    while len(replies) < want and queue:
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(want - len(replies), len(queue))):
-                nursery.start_soon(ask, queue.pop(0), "fingerprint")
+    primary = next((p for p, r in replies.items() if r.outputs is not None), None)
     verdict = _decide(client, shard, replies)
     # no strict majority: widen the hop to one more node at a time
     while not verdict.decided and queue:
@@ -105,8 +106,9 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
     for node in verdict.losers:
         client.reputation.record_verdict(node, False)
         client.caught.add(node)
-    chosen = replies[primary]
-    if primary not in verdict.winners:  # the outputs we hold lost: use a winner's
+    if primary is not None and primary in verdict.winners:
+        chosen = replies[primary]
+    else:  # the outputs we hold lost, or every node asked for outputs failed: a winner's
         chosen = await _winner_outputs(client, shard, feeds, input_digest, verdict, replies)
     record = {"mode": mode, "nodes": list(replies), "winners": list(verdict.winners),
               "losers": list(verdict.losers), "decided": verdict.decided,
