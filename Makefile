@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/e2e.py
 	$(PY) bench/discovery.py
 	$(PY) bench/ledger.py
+	$(PY) bench/consensus.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

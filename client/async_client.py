@@ -30,6 +30,7 @@ from client.receipts import (
     LedgerReceipt,
     ReceiptError,
     append_entry,
+    fetch_rankings,
     log_entry,
     receipt_entry,
     score_report_entry,
@@ -149,6 +150,7 @@ class AsyncClient:
         self.rng = random.Random(seed)
         self.reputation = Reputation()
         self.caught: set[str] = set()  # nodes that lost a decided verdict: avoided from now on
+        self.rankings: dict[str, float] = {}  # did -> score in the network's ranking snapshot
         self.tolerance = Tolerance()
         self._ledgers: dict[str, CardInfo] = {}     # nodes whose cards name a ledger key
         self._witness_keys: dict[str, str] = {}     # peer id -> cosignature verifier key
@@ -247,6 +249,12 @@ class AsyncClient:
                 self._ledgers[card.peer_id] = card
             if card.witness_key:
                 self._witness_keys[card.peer_id] = card.witness_key
+        for ledger in self._ledgers.values():
+            try:
+                self.rankings = await fetch_rankings(self._host, ledger, self.connect_timeout + 5)
+                break
+            except (Exception, trio.TooSlowError) as exc:
+                log.info("no rankings from %s: %s", ledger.peer_id, exc)
 
     async def log_receipt(self, hops: Sequence[HopRecord]) -> LedgerReceipt:
         """Sign an infer-receipt/1 entry for a query's hops, log it at a ledger node and return
@@ -339,9 +347,18 @@ class AsyncClient:
         return {t.name: env[t.name] for t in pipeline.manifest.outputs}, hops
 
     def plan(self, shard_cid: str) -> list[PeerRecord]:
-        """Nodes to ask for a hop, best first: by this client's reputation scores with some
-        randomness, never-failed before recently failed, nodes caught lying last."""
-        return plan(self.providers(shard_cid), self.reputation.score, self.caught, self.rng)
+        """Nodes to ask for a hop, best first: by score with some randomness, nodes caught
+        lying last. The score is this client's own reputation view once it has seen a verdict
+        of the node, else the network's ranking (from a ledger node), else the neutral prior."""
+        return plan(self.providers(shard_cid), self.node_score, self.caught, self.rng)
+
+    def node_score(self, peer_id: str) -> float:
+        if self.reputation.stats(peer_id).observations == 0:
+            record = self._peers.get(peer_id)
+            ranked = self.rankings.get(record.did) if record else None
+            if ranked is not None:
+                return ranked
+        return self.reputation.score(peer_id)
 
     def mark_failed(self, peer_id: str) -> None:
         self._penalty[peer_id] = time.monotonic()

@@ -19,7 +19,7 @@ from libp2p.abc import IHost
 
 from crypto.identity import Identity
 from ledger.checkpoint import Checkpoint
-from ledger.entries import make_entry
+from ledger.entries import make_entry, parse_entry
 from ledger.note import NoteError, parse_verifier_key
 from ledger.tlog_proof import verify_proof
 from node.p2p import LEDGER, ensure_connected, request
@@ -84,6 +84,25 @@ async def append_entry(host: IHost, ledger: CardInfo, entry: bytes, timeout: flo
     if not isinstance(index, int):
         raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
     return index
+
+
+async def fetch_rankings(host: IHost, ledger: CardInfo, timeout: float) -> dict[str, float]:
+    """{did: score} from the newest ``ranking/1`` snapshot of ledger node ``ledger``, checked
+    to be signed by that node; raises ReceiptError or the transport's errors."""
+    with trio.fail_after(timeout):
+        peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
+        answer = await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
+                                                    "op": "rankings"}, timeout)
+    data = answer.get("entry")
+    if not isinstance(data, bytes):
+        raise ReceiptError(f"{ledger.peer_id}: no ranking entry in the answer")
+    entry = parse_entry(data)
+    if entry.type != "ranking/1" or entry.author != ledger.did:
+        raise ReceiptError(f"{ledger.peer_id}: the ranking is not signed by that node")
+    rows = entry.body.get("rows")
+    return {r["did"]: float(r["score"]) for r in rows or []
+            if isinstance(r, dict) and isinstance(r.get("did"), str)
+            and isinstance(r.get("score"), int | float)}
 
 
 async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: Sequence[str],

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import trio
 
 from models import Pipeline
 
@@ -58,7 +59,7 @@ def liar(net: Any, mode: str) -> Any:
 @pytest.mark.parametrize("mode", ["noise", "zeros", "stale", "wrong-shard", "random"])
 def test_full_mode_catches_every_corrupted_hop(net: Any, plaintext: Pipeline,
                                                mode: str) -> None:
-    from client import Client
+    from client import AsyncClient, Client
 
     byz = liar(net, mode)
     served_by_liar = {cid for cid, where in net.placement.items() if 4 in where}
@@ -92,6 +93,16 @@ def test_full_mode_catches_every_corrupted_hop(net: Any, plaintext: Pipeline,
         assert time.monotonic() < deadline, f"the liar {byz.did} is not last: {rows}"
         time.sleep(0.5)
     assert all(row["score"] > rows[-1]["score"] for row in rows[:-1])
+
+    # a new client, which has seen nothing itself, plans by the network's ranking
+    async def scores() -> tuple[float, list[float]]:
+        async with AsyncClient([net.bootstrap], net.deployment, ledger=True) as fresh:
+            assert fresh.rankings, "the client fetched no ranking snapshot"
+            return (fresh.node_score(byz.peer_id),
+                    [fresh.node_score(n.peer_id) for n in net.nodes if n is not byz])
+
+    liar_score, honest_scores = trio.run(scores)
+    assert liar_score < min(honest_scores)
 
 
 def test_spot_mode_detects_an_always_cheating_node(net: Any) -> None:
