@@ -88,8 +88,8 @@ class RankingService:
             if known is None or known[0] <= entry.time:
                 self._reports[entry.author] = (entry.time, entry.body["scores"])
         ranked = rank(self._reports)
-        if self.snapshot is not None and ranked == self.snapshot["rows"]:
-            return False
+        if not ranked or (self.snapshot is not None and ranked == self.snapshot["rows"]):
+            return False  # no reports yet, or nothing changed
         entry = make_entry(self.identity, "ranking/1",
                            {"rows": ranked, "reporters": len(self._reports)})
         await self.ledger.submit(entry)
