@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/discovery.py
 	$(PY) bench/ledger.py
 	$(PY) bench/consensus.py
+	$(PY) bench/privacy_modes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
