@@ -74,15 +74,28 @@ def score_report_entry(identity: Identity, report: dict[str, dict[str, Any]]) ->
     return make_entry(identity, "score-report/1", {"scores": report})
 
 
+async def _ledger_call(host: IHost, ledger: CardInfo, op: str, timeout: float,
+                       **fields: Any) -> dict[str, Any]:
+    """One ``/veilnet/ledger/1`` request to ``ledger`` (dialled unless already connected)."""
+    peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
+    return await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
+                                              "op": op, **fields}, timeout)
+
+
+async def _append(host: IHost, ledger: CardInfo, entry: bytes, timeout: float,
+                  ) -> tuple[int, bytes]:
+    """Append ``entry`` at ``ledger``; its (index, leaf hash) once committed."""
+    added = await _ledger_call(host, ledger, "append", timeout, entry=entry)
+    index, leaf = added.get("index"), added.get("leaf_hash")
+    if not isinstance(index, int) or not isinstance(leaf, bytes):
+        raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
+    return index, leaf
+
+
 async def append_entry(host: IHost, ledger: CardInfo, entry: bytes, timeout: float) -> int:
     """Append ``entry`` at ``ledger`` without waiting for a proof; returns its index."""
     with trio.fail_after(timeout):
-        peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
-        added = await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
-                                                   "op": "append", "entry": entry}, timeout)
-    index = added.get("index")
-    if not isinstance(index, int):
-        raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
+        index, _ = await _append(host, ledger, entry, timeout)
     return index
 
 
@@ -90,9 +103,7 @@ async def fetch_rankings(host: IHost, ledger: CardInfo, timeout: float) -> dict[
     """{did: score} from the newest ``ranking/1`` snapshot of ledger node ``ledger``, checked
     to be signed by that node; raises ReceiptError or the transport's errors."""
     with trio.fail_after(timeout):
-        peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
-        answer = await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
-                                                    "op": "rankings"}, timeout)
+        answer = await _ledger_call(host, ledger, "rankings", timeout)
     data = answer.get("entry")
     if not isinstance(data, bytes):
         raise ReceiptError(f"{ledger.peer_id}: no ranking entry in the answer")
@@ -117,17 +128,10 @@ async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: S
     log_key = ledger.ledger_key
     last_error = "the ledger node did not answer"
     with trio.move_on_after(timeout):
-        peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
-        added = await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
-                                                   "op": "append", "entry": entry}, timeout)
-        index, leaf = added.get("index"), added.get("leaf_hash")
-        if not isinstance(index, int) or not isinstance(leaf, bytes):
-            raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
+        index, leaf = await _append(host, ledger, entry, timeout)
         last_error = f"entry {index} logged, no proof yet"
         while True:
-            answer = await request(host, peer, LEDGER, {
-                "v": WIRE_VERSION, "id": secrets.token_hex(8), "op": "proof", "index": index},
-                timeout)
+            answer = await _ledger_call(host, ledger, "proof", timeout, index=index)
             proof = answer.get("proof")
             if isinstance(proof, str):
                 receipt = LedgerReceipt(entry, index, leaf, log_key, proof, tuple(witness_keys),

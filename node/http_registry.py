@@ -98,14 +98,10 @@ def registry_router(service: NodeService, domain: str | None = None) -> APIRoute
     @router.get("/.well-known/agent-descriptions")
     async def descriptions() -> JSONResponse:
         entries = []
-        for card in discovery.index.query():
-            try:
-                info = verify_card(card)
-            except CardRejected:  # expired since the query
-                continue
+        for info in discovery.index.infos():
             home = base_url() if info.peer_id == service.identity.peer_id else info.http
             if home:
-                entries.append((card["name"], f"{home}/agents/{info.peer_id}/ad.json"))
+                entries.append((info.card["name"], f"{home}/agents/{info.peer_id}/ad.json"))
         return JSONResponse(collection_page(
             entries, url=f"{base_url()}/.well-known/agent-descriptions"))
 

@@ -34,7 +34,7 @@ from node.discovery import Discovery
 from node.metrics import NodeMetrics
 from node.p2p import WITNESS, ensure_connected, remote_peer, request
 from node.wire import WIRE_VERSION, WireError, write_frame
-from registry.card import CardRejected, verify_card
+from registry.card import verify_card
 
 log = logging.getLogger("veilnet.ledger")
 T = TypeVar("T")
@@ -133,15 +133,8 @@ class LedgerService:
 
     def witnesses(self) -> list[tuple[str, list[str]]]:
         """(PeerID, multiaddrs) of nodes whose cards name a witness key, this node excluded."""
-        found = []
-        for card in self.discovery.index.query():
-            try:
-                info = verify_card(card)
-            except CardRejected:
-                continue
-            if info.witness_key and info.peer_id != self.peer_id:
-                found.append((info.peer_id, info.multiaddrs))
-        return found[:MAX_WITNESSES]
+        return [(info.peer_id, info.multiaddrs) for info in self.discovery.index.infos()
+                if info.witness_key and info.peer_id != self.peer_id][:MAX_WITNESSES]
 
     async def push_checkpoint(self) -> int:
         """Offer the latest checkpoint to every known witness; returns how many cosigned."""

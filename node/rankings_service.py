@@ -26,7 +26,6 @@ from node.discovery import Discovery
 from node.ledger_service import LedgerService
 from node.p2p import LEDGER, ensure_connected, request
 from node.wire import WIRE_VERSION
-from registry.card import CardRejected, verify_card
 
 log = logging.getLogger("veilnet.rankings")
 FIGURES = ("agreement", "latency_ms", "availability")
@@ -105,11 +104,7 @@ class RankingService:
         if self.host is None:
             return False
         best: tuple[int, bytes, dict[str, Any]] | None = None
-        for card in self.discovery.index.query():
-            try:
-                info = verify_card(card)
-            except CardRejected:
-                continue
+        for info in self.discovery.index.infos():
             if not info.ledger_key or info.peer_id == self.identity.peer_id:
                 continue
             try:

@@ -55,7 +55,7 @@ from node.wire import (
     tensors_digest,
     write_frame,
 )
-from registry.card import ServedShard, build_card, extension_params
+from registry.card import ServedShard, build_card
 
 log = logging.getLogger("veilnet.node")
 VERSION = importlib.metadata.version("veilnet")
@@ -313,9 +313,8 @@ class NodeService:
             info = peer_info(source)
             providers = [(str(info.peer_id), [source])]
         else:  # nodes whose cards name the deployment first, then every known peer
-            cards = self.discovery.index.query(deployment=deployment) if self.discovery else []
-            providers = [(p["peerId"], p.get("multiaddrs", []))
-                         for p in map(extension_params, cards)]
+            infos = self.discovery.index.infos(deployment=deployment) if self.discovery else []
+            providers = [(i.peer_id, i.multiaddrs) for i in infos]
             providers += [(r.peer_id, r.addrs) for r in self.peers.records()]
             providers = [p for p in providers if p[0] != self.identity.peer_id]
         if not providers:

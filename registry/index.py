@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from registry.card import CardInfo, extension_params
+from registry.card import CardInfo, CardRejected, extension_params, verify_card
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cards (
@@ -98,6 +98,17 @@ class CardIndex:
             f"SELECT card FROM cards c WHERE {' AND '.join(where)} "
             "ORDER BY c.issued_at DESC, c.peer_id", args).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    def infos(self, **filters: str | None) -> list[CardInfo]:
+        """``query(**filters)`` as CardInfo, newest first; a card that expired between the
+        query and the check is left out."""
+        found = []
+        for card in self.query(**filters):
+            try:
+                found.append(verify_card(card))
+            except CardRejected:
+                continue
+        return found
 
     def get(self, peer_id: str, now: float | None = None) -> dict[str, Any] | None:
         now = time.time() if now is None else now

@@ -434,7 +434,7 @@ class Testnet:
             if info is not None and info.get("pid") == node.proc.pid:
                 node.peer_id, node.did = info["peer_id"], info["did"]
                 node.multiaddrs, node.http = list(info["multiaddrs"]), info["http"]
-                health = _http_json(f"{node.http}/healthz")
+                health = http_json(f"{node.http}/healthz")
                 if isinstance(health, dict) and health.get("peer_id") == node.peer_id:
                     return
             if time.monotonic() > deadline:
@@ -455,7 +455,7 @@ class Testnet:
                 if not viewer.alive or viewer.http is None:
                     continue
                 known = {}
-                for card in _http_json(f"{viewer.http}/v1/agents") or []:
+                for card in http_json(f"{viewer.http}/v1/agents") or []:
                     params = _veilnet_params(card)
                     known[params.get("peerId")] = params
                 missing += [(viewer, n) for n in nodes if not _card_matches(known.get(n.peer_id),
@@ -526,7 +526,8 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _http_json(url: str, timeout: float = 2.0) -> Any:
+def http_json(url: str, timeout: float = 2.0) -> Any:
+    """The JSON a node's HTTP API answers at ``url``, or None if it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return json.loads(response.read())

@@ -45,6 +45,7 @@ from localnet import (
     STATE_FILE,
     Testnet,
     TestnetError,
+    http_json,
     place_shards,
     short,
     stderr_log,
@@ -247,9 +248,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _reputation_round(net: Testnet, pipeline: Any, queries: int = 8) -> float:
     """More queries (each with its own texts), then the rankings the nodes serve."""
-    import json
-    import urllib.request
-
     from client import Client
 
     print(f"\n{queries} more queries, each logging a receipt and the client's signed score "
@@ -271,8 +269,7 @@ def _reputation_round(net: Testnet, pipeline: Any, queries: int = 8) -> float:
         return worst
     rows: list[dict[str, Any]] = []
     for _ in range(50):  # node 0 re-ranks after each committed batch
-        with urllib.request.urlopen(f"{net.nodes[0].http}/v1/rankings", timeout=5) as r:
-            rows = json.loads(r.read())
+        rows = http_json(f"{net.nodes[0].http}/v1/rankings", timeout=5) or []
         if len(rows) == len(net.nodes):
             break
         time.sleep(0.2)
