@@ -34,7 +34,7 @@ from node.discovery import Discovery
 from node.metrics import NodeMetrics
 from node.p2p import WITNESS, ensure_connected, remote_peer, request
 from node.wire import WIRE_VERSION, WireError, write_frame
-from registry.card import verify_card
+from registry.card import CardRejected, verify_card
 
 log = logging.getLogger("veilnet.ledger")
 T = TypeVar("T")
@@ -248,7 +248,10 @@ class LedgerService:
 
     async def _trust_sender_log(self, sender: str) -> None:
         card = self.discovery.index.get(sender)
-        key = verify_card(card).ledger_key if card else None
+        try:
+            key = verify_card(card).ledger_key if card else None
+        except CardRejected:  # expired between the lookup and the check: no card
+            key = None
         if not key:
             raise WitnessRefused("unknown-log", f"{sender} has no card naming a ledger key")
         try:
