@@ -27,6 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 _PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
 _ED25519_PUB_MULTICODEC = bytes([0xED, 0x01])
 DID_KEY_PREFIX = "did:key:z"
+# Longest base58btc text of a 38-byte PeerID or a 34-byte did:key (52 and 47 characters), with
+# room to spare. base58 decoding is quadratic in the length, and these strings come from
+# strangers: anything longer is refused before it is decoded (a 60,000-character PeerID took
+# 3.6 s to reject).
+MAX_BASE58_CHARS = 64
 
 
 class IdentityError(ValueError):
@@ -45,27 +50,39 @@ def did_from_public(public: bytes) -> str:
 
 def public_from_peer_id(peer_id: str) -> bytes:
     """The Ed25519 public key inside an Ed25519 PeerID (``12D3KooW...``)."""
+    if not isinstance(peer_id, str) or len(peer_id) > MAX_BASE58_CHARS:
+        raise IdentityError(f"PeerID {_clip(peer_id)} is not an Ed25519 PeerID (too long)")
     try:
         raw = base58.b58decode(peer_id)
     except ValueError as exc:
-        raise IdentityError(f"PeerID {peer_id!r} is not base58btc") from exc
+        raise IdentityError(f"PeerID {_clip(peer_id)} is not base58btc") from exc
     if len(raw) != 38 or not raw.startswith(_PEER_ID_PREFIX):
-        raise IdentityError(f"PeerID {peer_id!r} is not an inline Ed25519 public key")
+        raise IdentityError(f"PeerID {_clip(peer_id)} is not an inline Ed25519 public key")
     return raw[len(_PEER_ID_PREFIX):]
 
 
 def public_from_did(did: str) -> bytes:
     """The Ed25519 public key of a ``did:key:z6Mk...`` DID (a DID URL fragment is ignored)."""
+    if not isinstance(did, str):
+        raise IdentityError(f"{_clip(did)} is not a did:key string")
     base = did.split("#", 1)[0]
+    if len(base) > len(DID_KEY_PREFIX) + MAX_BASE58_CHARS:
+        raise IdentityError(f"{_clip(did)} is not an Ed25519 did:key (too long)")
     if not base.startswith(DID_KEY_PREFIX):
-        raise IdentityError(f"{did!r} is not a base58btc did:key")
+        raise IdentityError(f"{_clip(did)} is not a base58btc did:key")
     try:
         raw = base58.b58decode(base[len(DID_KEY_PREFIX):])
     except ValueError as exc:
-        raise IdentityError(f"{did!r}: the key is not base58btc") from exc
+        raise IdentityError(f"{_clip(did)}: the key is not base58btc") from exc
     if len(raw) != 34 or not raw.startswith(_ED25519_PUB_MULTICODEC):
-        raise IdentityError(f"{did!r} is not an Ed25519 did:key")
+        raise IdentityError(f"{_clip(did)} is not an Ed25519 did:key")
     return raw[2:]
+
+
+def _clip(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about untrusted input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def did_from_peer_id(peer_id: str) -> str:

@@ -110,16 +110,67 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_proof(args: argparse.Namespace) -> int:
+    """Verify a receipt or a tlog-proof offline: no log directory and no network needed."""
+    from ledger.note import parse_verifier_key
+    from ledger.tlog_proof import verify_proof
+
+    if args.receipt is not None:
+        try:
+            doc = json.loads(_read_bounded(args.receipt))
+        except (OSError, ValueError) as exc:
+            return _fail(f"{args.receipt}: {exc}")
+        receipt = doc.get("receipt", doc) if isinstance(doc, dict) else None
+        if not isinstance(receipt, dict):
+            return _fail(f"{args.receipt}: no receipt object (the 'receipt' of "
+                         "`veilnet query --ledger --json`, or that object alone)")
+        try:
+            proof, entry = str(receipt["proof"]), bytes.fromhex(str(receipt["entry"]))
+            log_key = str(args.log_key or receipt["log_key"])
+            witness_keys = args.witness_key or [str(k) for k in receipt.get("witness_keys", [])]
+            quorum = args.quorum if args.quorum is not None else int(receipt.get("quorum", 0))
+        except (KeyError, ValueError, TypeError) as exc:
+            return _fail(f"{args.receipt}: malformed receipt ({type(exc).__name__}: {exc})")
+    else:
+        if args.proof is None or args.entry is None or args.log_key is None:
+            return _fail("give --receipt FILE, or --proof FILE with --entry FILE and --log-key")
+        try:
+            proof = _read_bounded(args.proof).decode("utf-8")
+            entry = _read_bounded(args.entry)
+        except (OSError, UnicodeDecodeError) as exc:
+            return _fail(str(exc))
+        log_key, witness_keys = args.log_key, args.witness_key or []
+        quorum = args.quorum or 0
+    checkpoint = verify_proof(proof, entry, parse_verifier_key(log_key),
+                              [parse_verifier_key(k) for k in witness_keys], quorum)
+    print(json.dumps({"ok": True, "origin": checkpoint.origin, "size": checkpoint.size,
+                      "root": base64.b64encode(checkpoint.root).decode(), "quorum": quorum}))
+    return 0
+
+
+def _read_bounded(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        data = fh.read(MAX_APPEND_BYTES + 1)
+    if len(data) > MAX_APPEND_BYTES:
+        raise OSError(f"{path}: larger than {MAX_APPEND_BYTES} bytes")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a ledger subcommand; every expected failure is a one-line error and exit 2."""
+    from ledger.checkpoint import CheckpointError
     from ledger.log import LedgerError
     from ledger.note import NoteError
     from ledger.store import StoreError
+    from ledger.tlog_proof import TlogProofError
 
     try:
         return int(args.ledger_func(args))
     except (LedgerError, StoreError, NoteError, IndexError) as exc:
         return _fail(str(exc))
+    except (TlogProofError, CheckpointError) as exc:  # check-proof: the proof does not hold
+        print(json.dumps({"ok": False, "error": str(exc)}))
+        return 1
 
 
 def register(sub: Any) -> None:
@@ -160,3 +211,22 @@ def register(sub: Any) -> None:
                                "entries)")
     p.add_argument("--from", dest="start", type=int, help="first index (default 0)")
     p.add_argument("--to", dest="stop", type=int, help="last index, inclusive (default: last)")
+    p = lsub.add_parser(
+        "check-proof", help="verify a query receipt or a tlog-proof offline",
+        description="Check a C2SP tlog-proof offline, without the log and without a network: "
+                    "the checkpoint's signature by the log key, the witness cosignature "
+                    "quorum, and the inclusion of the entry. Give --receipt FILE (the JSON of "
+                    "`veilnet query --ledger --json`, or its 'receipt' object), or --proof FILE "
+                    "--entry FILE --log-key KEY. Prints JSON; exit 0 if it verifies, 1 if not, "
+                    "2 on unusable input.")
+    p.add_argument("--receipt", type=Path, metavar="FILE", help="receipt JSON")
+    p.add_argument("--proof", type=Path, metavar="FILE", help="tlog-proof text")
+    p.add_argument("--entry", type=Path, metavar="FILE", help="the logged entry's bytes")
+    p.add_argument("--log-key", metavar="KEY",
+                   help="the log's verifier key (name+keyid+base64; default: the receipt's)")
+    p.add_argument("--witness-key", action="append", metavar="KEY",
+                   help="a witness cosignature verifier key (repeatable; default: the "
+                        "receipt's)")
+    p.add_argument("--quorum", type=int, metavar="N",
+                   help="witness cosignatures required (default: the receipt's, else 0)")
+    p.set_defaults(func=run, ledger_func=_cmd_check_proof)

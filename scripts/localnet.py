@@ -90,6 +90,7 @@ class NodeInfo:
     multiaddrs: list[str] = field(default_factory=list)
     http: str | None = None
     byzantine: str | None = None  # --byzantine-test-mode of this node, if any
+    exit_code: int | None = None  # how its last process ended, once it has
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -107,7 +108,8 @@ class NodeInfo:
         return self.multiaddrs[0]
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "pid": self.pid, "did": self.did, "peer_id": self.peer_id,
+        return {"index": self.index, "pid": self.pid if self.alive else None,
+                "exit_code": self.exit_code, "did": self.did, "peer_id": self.peer_id,
                 "multiaddrs": self.multiaddrs, "http": self.http,
                 "data_dir": str(self.data_dir), "shards": self.shards, "log": str(self.log),
                 "alive": self.alive, "byzantine": self.byzantine is not None,
@@ -275,10 +277,25 @@ class Testnet:
         except subprocess.TimeoutExpired:
             _signal(node.proc, signal.SIGKILL)
             code = node.proc.wait()
-        node.proc = None
+        node.proc, node.exit_code = None, code
         (node.data_dir / "node.json").unlink(missing_ok=True)
         self._write_state()
         return code
+
+    def reap(self) -> list[NodeInfo]:
+        """Nodes whose process has ended since the last look (a crash, or a kill from outside):
+        each is marked stopped with its exit code, its ready file removed, and testnet.json
+        rewritten, so the state file never lists a dead node as alive."""
+        ended = []
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is not None:
+                node.exit_code = node.proc.returncode
+                node.proc = None
+                (node.data_dir / "node.json").unlink(missing_ok=True)
+                ended.append(node)
+        if ended:
+            self._write_state()
+        return ended
 
     def start_node(self, index: int) -> NodeInfo:
         """(Re)start one stopped node with its identity and shards; waits until it is up."""

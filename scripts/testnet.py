@@ -94,7 +94,6 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
 def cmd_up(args: argparse.Namespace) -> int:
     cleaning = _install_stop_handlers()
     net = _net_from_args(args)
-    reported: set[int] = set()
     try:
         net.start()
         print(net.summary())
@@ -103,12 +102,9 @@ def cmd_up(args: argparse.Namespace) -> int:
               + f" --deployment {net.deployment} \"A man is eating food.\"")
         print(f"  stop: Ctrl-C, or kill {os.getpid()}", flush=True)
         while True:
-            for node in net.nodes:  # report nodes that die while the testnet runs
-                if node.proc is not None and node.proc.poll() is not None \
-                        and node.index not in reported:
-                    reported.add(node.index)
-                    net.log(f"node {node.index} (pid {node.pid}) exited with code "
-                            f"{node.proc.returncode}; see {node.log}")
+            for node in net.reap():  # nodes that died while the testnet runs
+                net.log(f"node {node.index} (pid {node.pid}) exited with code "
+                        f"{node.exit_code}; see {node.log} (testnet.json updated)")
             time.sleep(0.5)
     except _Stop as stop:
         net.log(f"{stop}: stopping {net.n} node(s)")

@@ -186,6 +186,21 @@ def test_malformed_dids_are_refused(bad: str) -> None:
         peer_id_from_did(bad)
 
 
+def test_long_identifiers_are_refused_before_decoding_with_a_short_message() -> None:
+    """base58 decoding is quadratic: a 60,000-character PeerID took 3.6 s to reject. Such
+    strings arrive in cards and peer records, so they are refused by length first, and the
+    error quotes only the start of them."""
+    valid = peer_id_from_public(bytes(32))
+    long_peer = valid + "z" * 60_000
+    long_did = did_from_public(bytes(32)) + "z" * 60_000
+    for call, bad in ((public_from_peer_id, long_peer), (did_from_peer_id, long_peer),
+                      (public_from_did, long_did), (peer_id_from_did, long_did)):
+        with pytest.raises(IdentityError, match="too long") as caught:
+            call(bad)
+        assert len(str(caught.value)) < 200
+    assert public_from_peer_id(valid) == bytes(32)  # the longest real ones still pass
+
+
 @pytest.mark.parametrize("length", [0, 31, 33, 64])
 def test_public_keys_must_have_32_bytes(length: int) -> None:
     with pytest.raises(IdentityError, match=str(length)):

@@ -4,8 +4,10 @@ witnesses refusing a forked log over /veilnet/witness/1."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +44,8 @@ def net(tmp_path_factory: pytest.TempPathFactory, deployment_dir: Path,
         yield testnet
 
 
-def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_dir: Path) -> None:
+def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_dir: Path,
+                                                            tmp_path: Path) -> None:
     from client import Client
     from models import Manifest, Pipeline
 
@@ -84,6 +87,22 @@ def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_di
             assert verify(public_from_did(hop["node"]), hop["signature"], receipt_payload(
                 hop["id"], hop["shard"], hop["input_digest"], hop["output_digest"]))
 
+    # offline from the command line too: `veilnet ledger check-proof --receipt FILE`
+    good = tmp_path / "receipt.json"
+    good.write_text(json.dumps({"receipt": receipts[0][1].to_json()}))
+    ok = check_proof("--receipt", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+    forged = tmp_path / "forged.json"
+    doc = receipts[0][1].to_json()
+    flipped = bytes.fromhex(doc["entry"])[:-1] + bytes([bytes.fromhex(doc["entry"])[-1] ^ 1])
+    forged.write_text(json.dumps({**doc, "entry": flipped.hex()}))
+    bad = check_proof("--receipt", str(forged))
+    assert bad.returncode == 1 and json.loads(bad.stdout)["ok"] is False
+    short_quorum = check_proof("--receipt", str(good), "--quorum", "3")
+    assert short_quorum.returncode == 1, short_quorum.stdout
+    assert check_proof("--receipt", str(tmp_path / "missing.json")).returncode == 2
+
     # the HTTP read side agrees with the receipts
     last = receipts[-1][1]
     proof = httpx.get(f"{ledger_http}/ledger/proof", params={"index": last.index},
@@ -107,6 +126,11 @@ def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_di
     # a node without --ledger says so
     other = net.nodes[1].http
     assert httpx.get(f"{other}/ledger/checkpoint", timeout=5).status_code == 404
+
+
+def check_proof(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node", "ledger", "check-proof", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
 # -- a witness shown a fork ------------------------------------------------------------------
