@@ -42,6 +42,7 @@ T = TypeVar("T")
 MAX_WITNESSES = 8
 MAX_ENTRY_BYTES = 1 << 20
 MAX_PROOF_HASHES = 128
+MAX_NOTE_CHARS = 64 * 1024  # a checkpoint with 100 signature lines is under 16 KiB
 WITNESS_TIMEOUT = 10.0
 
 
@@ -226,11 +227,13 @@ class LedgerService:
     async def handle_witness(self, stream: INetStream, message: dict[str, Any]) -> None:
         """``/veilnet/witness/1``: {note, old, proof} -> {cosignature} or {refused}."""
         note, old, proof = message.get("note"), message.get("old"), message.get("proof")
-        if not isinstance(note, str) or not isinstance(old, int) or old < 0 \
+        if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS \
+                or not isinstance(old, int) or old < 0 \
                 or not isinstance(proof, list) or len(proof) > MAX_PROOF_HASHES \
                 or not all(isinstance(h, bytes) for h in proof):
-            raise WireError("bad_request", "expected note (text), old (int >= 0), "
-                                           "proof (list of hashes)")
+            raise WireError("bad_request", f"expected note (text of at most {MAX_NOTE_CHARS} "
+                                           "characters), old (int >= 0), proof (list of at "
+                                           f"most {MAX_PROOF_HASHES} hashes)")
         sender = remote_peer(stream)
         reply: dict[str, Any] = {"v": WIRE_VERSION, "id": message["id"]}
         try:

@@ -185,6 +185,10 @@ def test_witness_node_cosigns_then_refuses_a_fork(witness_node: NodeProcess,
         answer = offer(peer, witness_node, honest.checkpoint(4), 3, honest.consistency(3, 4))
         assert "cosignature" in answer
 
+        # an oversized note is refused before it is parsed
+        with pytest.raises(RemoteError, match="at most 65536 characters"):
+            offer(peer, witness_node, honest.checkpoint(4) + "x" * 70_000, 3, [])
+
         # the fork: the same size with another root, then a size that does not extend size 4
         answer = offer(peer, witness_node, fork.checkpoint(4), 4, [])
         assert answer["refused"]["reason"] == "fork"
