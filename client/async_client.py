@@ -1,11 +1,18 @@
 """``AsyncClient``: encrypted queries through veilnet nodes (trio).
 
-The client is a light libp2p peer. It runs the deployment's client head and tail in-process (they
-carry the secret key folded in), and sends each node shard's transformed activations to a node
-that serves that shard over /veilnet/infer/1. Every response must carry a valid signature by the
-PeerID the client reached over Noise, over (request id, shard CID, input digest, output digest);
-anything else counts as a failed hop, and the hop is retried on another node serving the shard.
-Every network step has a timeout, so a call ends in a result or a QueryError, never a hang.
+The client is a light libp2p peer. It runs the deployment's client head and tail in-process, and
+sends each node shard's transformed activations to a node that serves that shard over
+/veilnet/infer/1. The EE key is folded into the client head and tail (DEPLOY/client/*.onnx): those
+files ARE the secret, and the client refuses to load them when others can read them or when
+they do not hash to their CIDs in the manifest (client/deployment.py); a query never reads
+client/key.json, which is kept for ``veilnet model verify`` and audits.
+
+Every response must carry a valid signature by the PeerID the client reached over Noise, over
+(request id, shard CID, input digest, output digest), and finite outputs of the right names,
+dtypes and ranks; anything else counts as a failed hop, and the hop is retried on another node
+serving the shard. Failed and slow nodes are remembered across queries and skipped for a while
+(client/health.py). Every network step has a timeout, so a call ends in a result or a
+QueryError, never a hang.
 """
 
 from __future__ import annotations
@@ -26,9 +33,14 @@ import numpy as np
 import trio
 from libp2p.peer.id import ID
 
+from client.checks import check_fingerprint_shape, check_outputs, non_finite
+from client.deployment import load_pipeline
+from client.health import PeerHealth, quiet_libp2p
 from client.receipts import (
     LedgerReceipt,
+    PendingReceipt,
     ReceiptError,
+    ReceiptPending,
     append_entry,
     fetch_rankings,
     log_entry,
@@ -36,20 +48,16 @@ from client.receipts import (
     score_report_entry,
 )
 from client.replicated import MODES, Reply, plan, run_hop
+from client.streams import StreamPool
 from consensus.fingerprint import Tolerance, check_fingerprint, fingerprint
 from consensus.reputation import Reputation
 from crypto.identity import Identity, public_from_peer_id, verify
 from models import Manifest, ManifestError, Pipeline, ShardSpec
 from node.discovery import lookup_cards
 from node.p2p import (
-    INFER,
-    STREAM_ERRORS,
-    RemoteError,
-    close_quietly,
     ensure_connected,
-    exchange,
+    error_text,
     make_host,
-    open_stream,
     peer_info,
 )
 from node.peers import PeerRecord
@@ -68,9 +76,6 @@ from node.wire import (
 from registry.card import CardInfo
 
 log = logging.getLogger("veilnet.client")
-# Idle infer streams are reused for this long; nodes close them after 30 s (idle_timeout).
-STREAM_REUSE_S = 20.0
-MAX_IDLE_STREAMS = 4
 
 
 class QueryError(RuntimeError):
@@ -91,9 +96,11 @@ class HopRecord:
     output_digest: str
     signature: str
     signature_verified: bool
-    attempts: int  # nodes tried for this hop, including the one that answered
-    failures: tuple[str, ...] = ()
+    attempts: int  # nodes that answered this hop plus nodes that failed it
+    failures: tuple[str, ...] = ()  # "<peer id>: <reason>", one line each, never empty
     verdict: dict[str, Any] | None = None  # replicated hops: who agreed, who lost (consensus)
+    verified: bool = False  # the answer won a verdict among two or more nodes
+    unverified_reason: str | None = None  # why not, when it did not
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -107,14 +114,29 @@ class EmbedResult:
     hops: list[HopRecord]
     receipt: LedgerReceipt | None = None  # the query's logged receipt (ledger=True)
     receipt_error: str | None = None      # why there is none, when logging was asked for
+    # logged, but the witness cosignatures were late: the index and where to fetch the proof
+    receipt_pending: PendingReceipt | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Every hop's answer won a verdict among two or more nodes."""
+        return all(h.verified for h in self.hops)
 
 
 class AsyncClient:
     """Use as ``async with AsyncClient(bootstrap, deployment) as client: await client.embed(...)``.
 
     ``bootstrap``: multiaddrs ending in /p2p/<PeerID>. ``deployment``: an encrypted deployment
-    directory (manifest.json plus client/ with the key). Timeouts are in seconds: ``timeout``
-    bounds a whole query, ``hop_timeout`` one node's answer, ``connect_timeout`` one dial.
+    directory: manifest.json plus client/, whose client shards hold the key folded in and are
+    the secret (mode 0600, refused otherwise); client/key.json is not read by queries. Timeouts
+    are in seconds: ``timeout`` bounds a whole query, ``hop_timeout`` one node's answer,
+    ``connect_timeout`` one dial.
+
+    ``verify="full"`` never returns an answer fewer than two nodes agreed on: such a hop fails
+    with QueryError, unless ``allow_unverified=True``, which returns it with
+    ``HopRecord.verified`` false and ``unverified_reason`` (docs/consensus.md). Failed and slow
+    nodes are skipped for a while (``health``, a ``PeerHealth``). py-libp2p's own error logs
+    are silenced unless the application set a level on the 'libp2p' logger.
     """
 
     def __init__(self, bootstrap: Sequence[str], deployment: Path | str, *,
@@ -123,7 +145,7 @@ class AsyncClient:
                  identity: Identity | None = None, ledger: bool = False,
                  witness_quorum: int = 1, receipt_timeout: float = 15.0,
                  verify: str = "full", replicas: int = 3, spot_rate: float = 0.1,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, allow_unverified: bool = False) -> None:
         if not bootstrap:
             raise ValueError("at least one bootstrap multiaddr is needed")
         for addr in bootstrap:
@@ -138,15 +160,19 @@ class AsyncClient:
         self._stack: AsyncExitStack | None = None
         self._host: Any = None
         self._peers: dict[str, PeerRecord] = {}
-        self._penalty: dict[str, float] = {}  # peer id -> time of its last failure
-        self._idle: dict[str, list[tuple[Any, float]]] = {}  # peer id -> idle infer streams
+        self.health = PeerHealth()  # failures and backoff per peer, latency for hedging
+        self._streams: StreamPool | None = None  # pooled infer streams, while open
         self.ledger, self.witness_quorum = ledger, witness_quorum
         self.receipt_timeout = receipt_timeout
         if verify not in MODES:
             raise ValueError(f"verify={verify!r}: use one of {', '.join(MODES)}")
         if replicas < 1 or not 0.0 <= spot_rate <= 1.0:
             raise ValueError("replicas must be >= 1 and spot_rate between 0 and 1")
+        if verify == "full" and replicas < 2:
+            raise ValueError("verify='full' needs replicas >= 2 (two agreeing answers); use "
+                             "verify='none' for one node per hop")
         self.verify, self.replicas, self.spot_rate = verify, replicas, spot_rate
+        self.allow_unverified = allow_unverified
         self.rng = random.Random(seed)
         self.reputation = Reputation()
         self.caught: set[str] = set()  # nodes that lost a decided verdict: avoided from now on
@@ -159,7 +185,9 @@ class AsyncClient:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncClient:
-        self._pipeline = await trio.to_thread.run_sync(self._load_pipeline)
+        quiet_libp2p()
+        self._pipeline = await trio.to_thread.run_sync(load_pipeline, self.deployment,
+                                                       self._threads, _never)
         tol = self._pipeline.manifest.extra.get("consensus")
         if isinstance(tol, dict):
             self.tolerance = Tolerance(float(tol.get("atol", self.tolerance.atol)),
@@ -167,6 +195,7 @@ class AsyncClient:
         stack = AsyncExitStack()
         try:
             self._host = make_host(self.identity)
+            self._streams = StreamPool(self._host, self.frame_limit)
             await stack.enter_async_context(
                 self._host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
             self._stack = stack
@@ -185,24 +214,13 @@ class AsyncClient:
             # host.run()'s nursery was opened in __aenter__, so it must close outside any
             # cancel scope opened here.
             stack, self._stack = self._stack, None
-            self._pipeline, self._host = None, None
+            self._pipeline, self._host, self._streams = None, None, None
             await stack.aclose()
 
     def _check_open(self) -> Pipeline:
         if self._stack is None or self._pipeline is None:
             raise RuntimeError("the client is not open: use it inside 'async with'")
         return self._pipeline
-
-    def _load_pipeline(self) -> Pipeline:
-        manifest = Manifest.load(self.deployment)
-        if manifest.encryption == "none":
-            log.warning("%s is not EE-encrypted: nodes see plaintext activations unless the "
-                        "query runs in CKKS mode (run_ckks)", self.deployment)
-        if not manifest.node_shards:
-            raise ManifestError(f"{self.deployment}: the deployment has no node shards")
-        # spin=False: busy-waiting onnxruntime threads here would steal the cores of nodes
-        # running on the same machine (the testnet) while the client waits for them.
-        return Pipeline(manifest, node_runner=_never, threads=self._threads, spin=False)
 
     @property
     def manifest(self) -> Manifest:
@@ -224,7 +242,7 @@ class AsyncClient:
                     self._host, addr, deployment=pipeline.manifest.cid,
                     timeout=self.connect_timeout + 5, dial_timeout=self.connect_timeout)
             except (Exception, trio.TooSlowError) as exc:
-                errors.append(f"{addr}: {exc or type(exc).__name__}")
+                errors.append(f"{addr}: {error_text(exc)}")
                 continue
             for reason in rejected:
                 log.warning("%s returned a card that does not verify: %s", addr, reason)
@@ -243,7 +261,7 @@ class AsyncClient:
             cards, _ = await lookup_cards(self._host, addr, timeout=self.connect_timeout + 5,
                                           dial_timeout=self.connect_timeout)
         except (Exception, trio.TooSlowError) as exc:
-            log.warning("%s: no ledger lookup: %s", addr, exc or type(exc).__name__)
+            log.warning("%s: no ledger lookup: %s", addr, error_text(exc))
             return
         for card in cards:
             if card.ledger_key:
@@ -259,7 +277,8 @@ class AsyncClient:
 
     async def log_receipt(self, hops: Sequence[HopRecord]) -> LedgerReceipt:
         """Sign an infer-receipt/1 entry for a query's hops, log it at a ledger node and return
-        it with a tlog-proof cosigned by ``witness_quorum`` witnesses; raises ReceiptError."""
+        it with a tlog-proof cosigned by ``witness_quorum`` witnesses; raises ReceiptError,
+        or ReceiptPending when the entry was logged but the cosignatures were late."""
         if not self._ledgers:
             for addr in self.bootstrap:
                 await self._refresh_ledgers(addr)
@@ -273,16 +292,17 @@ class AsyncClient:
             try:
                 return await log_entry(self._host, ledger, entry, witnesses,
                                        self.witness_quorum, self.receipt_timeout)
+            except ReceiptPending:
+                raise  # logged: logging it again elsewhere would make two entries
             except (Exception, trio.TooSlowError) as exc:
-                errors.append(f"{ledger.peer_id}: {exc or type(exc).__name__}")
+                errors.append(f"{ledger.peer_id}: {error_text(exc)}")
         raise ReceiptError("; ".join(errors))
 
     def providers(self, shard_cid: str) -> list[PeerRecord]:
-        """Nodes known to serve ``shard_cid``: never-failed first (shuffled), then by last
-        failure."""
+        """Nodes known to serve ``shard_cid``, in random order (``plan`` ranks them)."""
         serving = [r for r in self._peers.values() if shard_cid in r.shards]
         random.shuffle(serving)
-        return sorted(serving, key=lambda r: self._penalty.get(r.peer_id, 0.0))
+        return serving
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -301,6 +321,11 @@ class AsyncClient:
             return EmbedResult(embeddings, hops)
         try:
             receipt = await self.log_receipt(hops)
+        except ReceiptPending as exc:  # logged; only the witnesses were late
+            log.warning("receipt %s", exc)
+            await self.publish_scores()
+            return EmbedResult(embeddings, hops, receipt_error=str(exc),
+                               receipt_pending=exc.pending)
         except ReceiptError as exc:  # the answer stands; say why it is not logged
             log.warning("receipt not logged: %s", exc)
             return EmbedResult(embeddings, hops, receipt_error=str(exc))
@@ -345,13 +370,24 @@ class AsyncClient:
                     env.update(outputs)
         except trio.TooSlowError:
             raise QueryError(f"the query took longer than {self.timeout:g} s") from None
-        return {t.name: env[t.name] for t in pipeline.manifest.outputs}, hops
+        final = {t.name: env[t.name] for t in pipeline.manifest.outputs}
+        bad = non_finite(final)
+        if bad:
+            raise QueryError(f"the model's outputs are not finite ({bad}); nothing is returned "
+                             f"(nodes: {', '.join(h.peer_id for h in hops)})")
+        return final, hops
 
     def plan(self, shard_cid: str) -> list[PeerRecord]:
         """Nodes to ask for a hop, best first: by score with some randomness, nodes caught
         lying last. The score is this client's own reputation view once it has seen a verdict
-        of the node, else the network's ranking (from a ledger node), else the neutral prior."""
-        return plan(self.providers(shard_cid), self.node_score, self.caught, self.rng)
+        of the node, else the network's ranking (from a ledger node), else the neutral prior.
+        Nodes in backoff after a failure (``health``) are left out, unless every node serving
+        the shard is: then they come soonest-retry first."""
+        providers = self.providers(shard_cid)
+        ready = [r for r in providers if not self.health.backoff_left(r.peer_id)]
+        if not ready:
+            return sorted(providers, key=lambda r: self.health.backoff_left(r.peer_id))
+        return plan(ready, self.node_score, self.caught, self.rng)
 
     def node_score(self, peer_id: str) -> float:
         if self.reputation.stats(peer_id).observations == 0:
@@ -361,8 +397,10 @@ class AsyncClient:
                 return ranked
         return self.reputation.score(peer_id)
 
-    def mark_failed(self, peer_id: str) -> None:
-        self._penalty[peer_id] = time.monotonic()
+    def mark_failed(self, peer_id: str, reason: str) -> None:
+        """Remember that ``peer_id`` failed (it is skipped for a while, see ``health``)."""
+        backoff = self.health.failed(peer_id, reason)
+        log.info("%s failed (%s); skipped for %.0f s", peer_id, reason, backoff)
 
     async def run_ckks(self, inputs: Mapping[str, np.ndarray],
                        ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
@@ -407,7 +445,7 @@ class AsyncClient:
         fp_signature = None
         if want == "outputs":
             outputs = decode_tensors(response.get("outputs"), "'outputs'")
-            _check_outputs(shard, outputs)
+            check_outputs(shard, outputs)
             out_entries = {n: digest_entry(n, v) for n, v in outputs.items()}
             output_digest = digest_of(out_entries)
             if response.get("output_digest") != output_digest:
@@ -420,7 +458,7 @@ class AsyncClient:
                 fp = check_fingerprint(response.get("fingerprint"))
             except ValueError as exc:
                 raise WireError("bad_response", f"bad fingerprint: {exc}") from None
-            _check_fingerprint_shape(shard, fp)
+            check_fingerprint_shape(shard, fp)
             if not isinstance(output_digest, bytes) or len(output_digest) != 32:
                 raise WireError("bad_response", "'output_digest' must be 32 bytes")
             if not isinstance(fp_signature, bytes) or not verify(
@@ -439,70 +477,10 @@ class AsyncClient:
         return Reply(record, hop, outputs, out_entries, fp, fp_signature)
 
     async def _infer(self, peer: ID, message: dict[str, Any]) -> dict[str, Any]:
-        """One infer exchange, on an idle stream to ``peer`` when there is one (saving the
-        stream negotiation) and on a new stream otherwise. A reused stream that the node has
-        closed meanwhile is replaced once; a stream is pooled again only after a clean answer.
-        """
-        idle = self._idle.setdefault(str(peer), [])
-        while idle:
-            stream, since = idle.pop()
-            if time.monotonic() - since < STREAM_REUSE_S:
-                try:
-                    response = await exchange(stream, message, self.frame_limit)
-                except (WireError, *STREAM_ERRORS) as exc:
-                    log.debug("reused stream to %s failed (%s); opening a new one", peer, exc)
-                    await close_quietly(stream)
-                    continue
-                except BaseException:
-                    await close_quietly(stream)
-                    raise
-                idle.append((stream, time.monotonic()))
-                return response
-            await close_quietly(stream)
-        stream = await open_stream(self._host, peer, INFER)
-        try:
-            response = await exchange(stream, message, self.frame_limit)
-        except BaseException:
-            await close_quietly(stream)
-            raise
-        if len(idle) < MAX_IDLE_STREAMS:
-            idle.append((stream, time.monotonic()))
-        else:
-            await close_quietly(stream)
-        return response
-
-
-def _check_outputs(shard: ShardSpec, outputs: dict[str, np.ndarray]) -> None:
-    expected = {t.name: t for t in shard.outputs}
-    if set(outputs) != set(expected):
-        raise WireError("bad_response", f"outputs {sorted(outputs)}, expected {sorted(expected)}")
-    for name, spec in expected.items():
-        value = outputs[name]
-        if value.dtype.name != spec.dtype or value.ndim != len(spec.shape):
-            raise WireError("bad_response", f"output {name!r} is {value.dtype.name} rank "
-                                            f"{value.ndim}, expected {spec.dtype} rank "
-                                            f"{len(spec.shape)}")
-
-
-def _check_fingerprint_shape(shard: ShardSpec, fp: dict[str, Any]) -> None:
-    expected = {t.name: t for t in shard.outputs}
-    tensors = fp.get("tensors", {})
-    if set(tensors) != set(expected):
-        raise WireError("bad_response", f"fingerprint of {sorted(tensors)}, expected "
-                                        f"{sorted(expected)}")
-    for name, spec in expected.items():
-        t = tensors[name]
-        if t.get("dtype") != spec.dtype or len(t.get("shape", ())) != len(spec.shape):
-            raise WireError("bad_response", f"fingerprint of {name!r} has the wrong dtype or "
-                                            "rank")
-
-
-def _describe(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return f"no answer within {timeout:g} s"
-    if isinstance(exc, RemoteError | WireError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        """One infer exchange with ``peer`` on a pooled stream (client/streams.py)."""
+        if self._streams is None:
+            raise RuntimeError("the client is not open: use it inside 'async with'")
+        return await self._streams.infer(peer, message)
 
 
 def _never(shard: ShardSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
+from client.health import describe
 from crypto.ckks import (
     CkksError,
     ciphertexts_digest,
@@ -41,7 +42,7 @@ class CkksSession:
 
 async def run_ckks(client: AsyncClient, inputs: dict[str, np.ndarray],
                    ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
-    from client.async_client import HopRecord, QueryError, _describe
+    from client.async_client import HopRecord, QueryError
 
     pipeline = client._check_open()
     shards = pipeline.manifest.shards
@@ -76,10 +77,12 @@ async def run_ckks(client: AsyncClient, inputs: dict[str, np.ndarray],
                              record.peer_id)
             logits = await trio.to_thread.run_sync(decrypt_columns, session.context, outputs, n)
         except (Exception, trio.TooSlowError) as exc:
-            failures.append(f"{record.peer_id}: {_describe(exc, client.hop_timeout)}")
-            client.mark_failed(record.peer_id)
+            reason = describe(exc, client.hop_timeout)
+            failures.append(f"{record.peer_id}: {reason}")
+            client.mark_failed(record.peer_id, reason)
             continue
         latency_ms = (time.perf_counter() - started) * 1e3
+        client.health.succeeded(record.peer_id, latency_ms)
         (out_name,) = [t.name for t in node_shard.outputs]
         env[out_name] = logits.astype(np.float32)
         env.update(await trio.to_thread.run_sync(
@@ -89,9 +92,11 @@ async def run_ckks(client: AsyncClient, inputs: dict[str, np.ndarray],
             peer_id=record.peer_id, latency_ms=round(latency_ms, 3), request_id=request_id,
             input_digest=input_digest.hex(), output_digest=response["output_digest"].hex(),
             signature=response["signature"].hex(), signature_verified=True, attempts=attempt,
-            failures=tuple(failures))
+            failures=tuple(failures),
+            unverified_reason="CKKS mode: one node per hop, not cross-checked")
         return {t.name: env[t.name] for t in pipeline.manifest.outputs}, [hop]
-    raise QueryError(f"hop {node_shard.index} (CKKS): no node answered: " + "; ".join(failures)
+    raise QueryError(f"hop {node_shard.index} (CKKS): no node answered:"
+                     + "".join(f"\n  - {f}" for f in failures)
                      if failures else f"no known node serves shard {node_shard.cid}")
 
 

@@ -1,9 +1,14 @@
-"""``veilnet query``: one encrypted query through the network (registered as a veilnet command)."""
+"""``veilnet query``: one encrypted query through the network (registered as a veilnet command).
+
+Results go to stdout; errors, and warnings about answers that are not verified or receipts
+whose cosignatures are pending, go to stderr, one line per problem.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,21 +20,36 @@ def _cmd_query(args: argparse.Namespace) -> int:
     from node.p2p import quiet_libraries
 
     quiet_libraries()
+    # the SDK's warnings (unverified hops, receipts) are printed below, once, in our words
+    logging.getLogger("veilnet.client").setLevel(logging.ERROR)
     options = {"timeout": args.timeout, "hop_timeout": args.hop_timeout,
                "ledger": args.ledger, "witness_quorum": args.quorum,
-               "verify": args.verify, "replicas": args.replicas, "spot_rate": args.spot_rate}
+               "verify": args.verify, "replicas": args.replicas, "spot_rate": args.spot_rate,
+               "allow_unverified": args.allow_unverified}
     try:
         with Client(args.bootstrap, args.deployment, **options) as client:
             result = client.embed(args.texts)
     except QueryError as exc:
         print(f"veilnet: error: {exc}", file=sys.stderr)
         return 1
+    if args.verify == "full":
+        for hop in result.hops:
+            if not hop.verified:
+                print(f"veilnet: warning: hop {hop.shard_index} (shard {hop.shard_cid}) is NOT "
+                      f"verified: {hop.unverified_reason}", file=sys.stderr)
+    pending = result.receipt_pending
+    if pending is not None:
+        print(f"veilnet: warning: receipt logged at index {pending.index}, witness cosignatures "
+              f"pending ({pending.reason})"
+              + (f"; the proof later: {pending.proof_url}" if pending.proof_url else ""),
+              file=sys.stderr)
     if args.json:
         doc: dict[str, Any] = {"embeddings": result.embeddings.tolist(),
                                "hops": [h.to_json() for h in result.hops]}
         if args.ledger:
             doc["receipt"] = result.receipt.to_json() if result.receipt else None
             doc["receipt_error"] = result.receipt_error
+            doc["receipt_pending"] = pending.to_json() if pending else None
         print(json.dumps(doc))
         return 0
     for text, row in zip(args.texts, result.embeddings, strict=True):
@@ -37,17 +57,24 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print(f"{text[:48]!r:52} [{head}, ...] ({row.shape[0]} dims)")
     print("hops:")
     for hop in result.hops:
-        retried = f", after {hop.attempts - 1} failed node(s)" if hop.attempts > 1 else ""
+        failed = len(hop.failures)
         print(f"  shard {hop.shard_index} {hop.shard_cid[:16]}... on {hop.peer_id} "
-              f"({hop.latency_ms:.1f} ms, signature verified{retried})")
+              f"({hop.latency_ms:.1f} ms, signature verified"
+              + (f"; {failed} other node(s) failed" if failed else "") + ")")
         if hop.verdict:
             v = hop.verdict
             print(f"    verdict: {len(v['winners'])} of {len(v['nodes'])} agree"
                   + (f"; lost: {', '.join(v['losers'])}" if v["losers"] else ""))
+        elif args.verify == "full":
+            print("    verdict: NOT VERIFIED (see the warning)")
+        for failure in hop.failures:
+            print(f"    failed: {failure}")
     receipt = result.receipt
     if receipt is not None:
         print(f"receipt: entry {receipt.index} in the ledger, proof cosigned by "
               f"{receipt.quorum} witness(es); verifies offline with {receipt.log_key}")
+    elif pending is not None:
+        print(f"receipt: logged at index {pending.index}, witness cosignatures pending")
     elif args.ledger:
         print(f"receipt: not logged ({result.receipt_error})")
     return 0
@@ -98,14 +125,20 @@ def register(sub: Any) -> None:
 
     query = sub.add_parser(
         "query", help="embed texts through the network (encrypted)",
-        description="Run an encrypted query: the client head and tail run here with the key in "
-                    "DEPLOY/client/; each node shard runs on a node found through the bootstrap "
-                    "node. Prints the embeddings and, per hop, the node that served it.")
+        description="Run an encrypted query: the client head and tail run here; each node "
+                    "shard runs on a node found through the bootstrap node. Prints the "
+                    "embeddings and, per hop, the node that served it and the verdict. "
+                    "DEPLOY/client/ is the secret: the EE key is folded into its client shards "
+                    "(*.onnx), which must be private to you (mode 0600; the query refuses "
+                    "them otherwise) and are checked against their CIDs; key.json is not read "
+                    "by queries, it is kept for `veilnet model verify` and audits. Never copy "
+                    "client/ to a node.")
     query.add_argument("texts", nargs="+", metavar="TEXT")
     query.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
                        help="a node's multiaddr ending in /p2p/<PeerID> (repeatable)")
     query.add_argument("--deployment", required=True, type=Path, metavar="DEPLOY",
-                       help="encrypted deployment directory (with client/ and the key)")
+                       help="encrypted deployment directory; its client/ holds the secret "
+                            "client shards")
     query.add_argument("--json", action="store_true",
                        help='print one JSON object {"embeddings": [...], "hops": [...]}')
     query.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
@@ -117,7 +150,11 @@ def register(sub: Any) -> None:
                             "wins), spot (a second node checks with probability --spot-rate), "
                             "none (default full; docs/consensus.md)")
     query.add_argument("--replicas", type=int, default=3, metavar="R",
-                       help="nodes per hop in full mode (default 3)")
+                       help="nodes per hop in full mode (default 3, at least 2)")
+    query.add_argument("--allow-unverified", action="store_true",
+                       help="in full mode, when fewer than two nodes answer a hop, return the "
+                            "single answer marked unverified (a warning on stderr) instead of "
+                            "failing")
     query.add_argument("--spot-rate", type=float, default=0.1, metavar="P",
                        help="probability of a check per hop in spot mode (default 0.1)")
     query.add_argument("--ledger", action="store_true",

@@ -5,6 +5,10 @@ deployment, and for each hop the shard, the node, the request id, both digests a
 signature; it submits the entry to a ledger node over ``/veilnet/ledger/1`` and waits until the
 entry's checkpoint carries the log's signature and ``quorum`` witness cosignatures. The result,
 a ``LedgerReceipt``, verifies offline with the log's verifier key and the witnesses' keys.
+
+Two failures differ: the entry was never logged (``ReceiptError``), or it was logged at an
+index and only the witness cosignatures were late (``ReceiptPending``, carrying a
+``PendingReceipt`` with the index, from which the proof can be fetched later).
 """
 
 from __future__ import annotations
@@ -34,6 +38,35 @@ class ReceiptError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PendingReceipt:
+    """An entry the ledger logged whose checkpoint lacked the witness quorum in time."""
+
+    entry: bytes
+    index: int
+    leaf_hash: bytes
+    log_key: str
+    ledger: str                # the ledger node's PeerID
+    proof_url: str | None      # where to fetch the tlog-proof later (the node's HTTP API)
+    quorum: int
+    reason: str                # why no proof was returned (the last check that failed)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "leaf_hash": self.leaf_hash.hex(), "log_key": self.log_key,
+                "ledger": self.ledger, "proof_url": self.proof_url, "quorum": self.quorum,
+                "reason": self.reason, "entry": self.entry.hex()}
+
+
+class ReceiptPending(ReceiptError):
+    """The entry is logged (``pending.index``); its witness cosignatures are not all in."""
+
+    def __init__(self, pending: PendingReceipt, timeout: float) -> None:
+        super().__init__(f"logged at index {pending.index}, witness cosignatures pending: no "
+                         f"checkpoint with {pending.quorum} cosignature(s) within {timeout:g} s "
+                         f"({pending.reason})")
+        self.pending = pending
+
+
+@dataclass(frozen=True)
 class LedgerReceipt:
     entry: bytes               # the signed infer-receipt/1 entry, as logged
     index: int                 # its index in the log
@@ -55,9 +88,13 @@ class LedgerReceipt:
 
 
 def receipt_entry(identity: Identity, deployment: str, hops: Sequence[Any],
-                  verdict: str = "accepted") -> bytes:
+                  verdict: str | None = None) -> bytes:
     """The signed ``infer-receipt/1`` entry of a query whose node hops are ``hops``
-    (``HopRecord`` objects)."""
+    (``HopRecord`` objects). The verdict defaults to "accepted" when every hop's answer won a
+    consensus verdict and "unverified" when the caller accepted a hop no second node checked
+    (``allow_unverified``): a receipt never claims more checking than happened."""
+    if verdict is None:
+        verdict = "accepted" if all(getattr(h, "verified", True) for h in hops) else "unverified"
     return make_entry(identity, "infer-receipt/1", {
         "query": secrets.token_hex(16), "deployment": deployment, "verdict": verdict,
         "hops": [{"index": h.shard_index, "shard": h.shard_cid, "node": h.node_did,
@@ -119,7 +156,9 @@ async def fetch_rankings(host: IHost, ledger: CardInfo, timeout: float) -> dict[
 async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: Sequence[str],
                     quorum: int, timeout: float) -> LedgerReceipt:
     """Append ``entry`` at the ledger node ``ledger`` and wait for a proof with ``quorum``
-    witness cosignatures; raises ReceiptError when that does not happen within ``timeout``."""
+    witness cosignatures. Raises ReceiptPending when the entry was logged but no such proof
+    came within ``timeout``, and ReceiptError (or the transport's error) when it was not
+    logged."""
     if not ledger.ledger_key:
         raise ReceiptError(f"{ledger.peer_id} keeps no ledger")
     if quorum > len(witness_keys):
@@ -127,11 +166,16 @@ async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: S
                            f"{len(witness_keys)} known")
     log_key = ledger.ledger_key
     last_error = "the ledger node did not answer"
+    appended: tuple[int, bytes] | None = None
     with trio.move_on_after(timeout):
-        index, leaf = await _append(host, ledger, entry, timeout)
-        last_error = f"entry {index} logged, no proof yet"
+        index, leaf = appended = await _append(host, ledger, entry, timeout)
+        last_error = "the ledger node returned no proof yet"
         while True:
-            answer = await _ledger_call(host, ledger, "proof", timeout, index=index)
+            try:
+                answer = await _ledger_call(host, ledger, "proof", timeout, index=index)
+            except Exception as exc:  # logged already: keep asking until the time is up
+                last_error = " ".join(f"{type(exc).__name__}: {exc}".split())
+                answer = {}
             proof = answer.get("proof")
             if isinstance(proof, str):
                 receipt = LedgerReceipt(entry, index, leaf, log_key, proof, tuple(witness_keys),
@@ -142,5 +186,10 @@ async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: S
                 except (NoteError, ValueError) as exc:
                     last_error = str(exc)
             await trio.sleep(POLL_S)
-    raise ReceiptError(f"no receipt with {quorum} witness cosignature(s) within {timeout:g} s: "
-                       f"{last_error}")
+    if appended is not None:
+        url = f"{ledger.http.rstrip('/')}/ledger/proof?index={appended[0]}" if ledger.http \
+            else None
+        raise ReceiptPending(PendingReceipt(entry, appended[0], appended[1], log_key,
+                                            ledger.peer_id, url, quorum, last_error), timeout)
+    raise ReceiptError(f"not logged: the ledger node {ledger.peer_id} did not confirm the "
+                       f"entry within {timeout:g} s ({last_error})")

@@ -6,10 +6,20 @@ Modes (docs/consensus.md):
   others only a signed fingerprint of theirs. The largest agreeing group wins if it is a strict
   majority; otherwise the hop is widened to one more node at a time until one is, or the nodes
   run out and the query fails. If the node that sent outputs lost, the outputs of a winner are
-  fetched and used instead: an answer that lost is never returned.
+  fetched and used instead: an answer that lost is never returned. Fewer than two answers is
+  never a verdict: the hop fails (QueryError naming how many replicas answered and why the
+  others did not) unless the client was made with ``allow_unverified=True``, which returns the
+  answer with ``HopRecord.verified`` false and the reason.
 - ``spot``: one node answers; with probability ``spot_rate`` a second node is asked for its
   fingerprint too, and a disagreement is settled by widening as above.
 - ``none``: one node answers; another is tried only if it fails (the pre-consensus behaviour).
+
+Slow and failed nodes: a node that has not answered after the hedge delay (``PeerHealth``:
+a few times the median latency, at least 1 s) no longer counts; the next candidate is asked as
+well and whichever answers complete the verdict first are used. When the answers in hand are
+already a strict majority of ``replicas`` and only such slow nodes are outstanding, the hop
+ends without them. Every failure (and every slow node left behind) is remembered in
+``client.health``, which skips the node for a while (``AsyncClient.plan``).
 
 Every decided verdict updates the client's ``Reputation`` (agreement, latency, availability);
 nodes that lost a decided verdict are avoided from then on.
@@ -17,13 +27,16 @@ nodes that lost a decided verdict are avoided from then on.
 
 from __future__ import annotations
 
+import logging
+import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
 
+from client.health import describe
 from consensus.fingerprint import Tolerance
 from consensus.verdict import Answer, Verdict, decide
 
@@ -34,6 +47,7 @@ if TYPE_CHECKING:
     from node.wire import DigestEntry
 
 MODES = ("full", "spot", "none")
+log = logging.getLogger("veilnet.client")
 
 
 @dataclass
@@ -48,6 +62,119 @@ class Reply:
     fingerprint_signature: bytes | None
 
 
+@dataclass
+class _Asked:
+    record: PeerRecord
+    what: str
+    started: float
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    slow: bool = False  # past the hedge delay: no longer counted, another node is asked
+
+
+class _HopRun:
+    """The nodes asked for one hop, their answers and failures, until the verdict is done."""
+
+    def __init__(self, client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.ndarray],
+                 input_digest: bytes, candidates: list[PeerRecord], want: int) -> None:
+        self.client, self.shard, self.feeds = client, shard, feeds
+        self.input_digest, self.want = input_digest, want
+        self.queue = list(candidates)
+        self.asked: dict[str, _Asked] = {}  # outstanding requests by peer id
+        self.replies: dict[str, Reply] = {}
+        self.failures: list[str] = []
+        hedge = client.health.hedge_delay(client.hop_timeout)
+        self.hedge = hedge if hedge < client.hop_timeout else math.inf
+
+    def verdict(self) -> Verdict:
+        answers = [Answer(p, r.fingerprint, r.outputs) for p, r in self.replies.items()]
+        return decide(answers, self.client.tolerance)
+
+    async def run(self) -> None:
+        send, receive = trio.open_memory_channel[tuple[str, str, Any]](math.inf)
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for asked in self.asked.values():
+                    asked.slow = asked.slow or now - asked.started >= self.hedge
+                verdict = self.verdict()
+                if self._complete(verdict):
+                    break
+                self._launch(nursery, send, verdict)
+                if not self.asked:
+                    break  # nothing outstanding and nobody left to ask
+                wake = min((a.started + self.hedge for a in self.asked.values() if not a.slow),
+                           default=math.inf)
+                with trio.move_on_at(wake):
+                    self._handle(*await receive.receive())
+            now = trio.current_time()
+            for peer, asked in self.asked.items():
+                asked.scope.cancel()
+                if asked.slow:  # left behind: remembered like a failure
+                    self._failed(peer, f"no answer within {now - asked.started:.1f} s (the hop "
+                                       "was decided without it)")
+            self.asked.clear()
+
+    def _complete(self, verdict: Verdict) -> bool:
+        if not verdict.decided:
+            return False
+        if len(self.replies) >= self.want:
+            return True
+        # only slow nodes are outstanding, and the agreeing answers in hand are already a
+        # strict majority of the replicas asked for (at least two when two were asked for)
+        return (bool(self.asked) and all(a.slow for a in self.asked.values())
+                and len(self.replies) >= min(self.want, 2)
+                and 2 * len(verdict.winners) > self.want)
+
+    def _launch(self, nursery: trio.Nursery, send: trio.MemorySendChannel[Any],
+                verdict: Verdict) -> None:
+        active = sum(not a.slow for a in self.asked.values())
+        # up to `want` answers, replacing failed and slow nodes while candidates remain
+        while self.queue and len(self.replies) + active < self.want:
+            self._ask(nursery, send, self.queue.pop(0))
+            active += 1
+        # `want` answers and no strict majority: one more node at a time
+        if self.queue and not active and len(self.replies) >= self.want \
+                and not verdict.decided:
+            self._ask(nursery, send, self.queue.pop(0))
+
+    def _ask(self, nursery: trio.Nursery, send: trio.MemorySendChannel[Any],
+             record: PeerRecord) -> None:
+        has_outputs = any(r.outputs is not None for r in self.replies.values()) or any(
+            a.what == "outputs" and not a.slow for a in self.asked.values())
+        asked = _Asked(record, "fingerprint" if has_outputs else "outputs", trio.current_time())
+        self.asked[record.peer_id] = asked
+        nursery.start_soon(self._task, asked, send)
+
+    async def _task(self, asked: _Asked, send: trio.MemorySendChannel[Any]) -> None:
+        client = self.client
+        with asked.scope:
+            try:
+                with trio.fail_after(client.hop_timeout):
+                    reply = await client._call(asked.record, self.shard, self.feeds,
+                                               self.input_digest, asked.what)
+            except (Exception, trio.TooSlowError) as exc:
+                send.send_nowait(("fail", asked.record.peer_id,
+                                  describe(exc, client.hop_timeout)))
+                return
+            send.send_nowait(("ok", asked.record.peer_id, reply))
+
+    def _handle(self, kind: str, peer: str, value: Any) -> None:
+        if self.asked.pop(peer, None) is None:
+            return
+        if kind == "ok":
+            self.client.reputation.record_availability(peer, True)
+            self.client.reputation.record_latency(peer, value.hop.latency_ms)
+            self.client.health.succeeded(peer, value.hop.latency_ms)
+            self.replies[peer] = value
+        else:
+            self._failed(peer, value)
+
+    def _failed(self, peer: str, reason: str) -> None:
+        self.failures.append(f"{peer}: {reason}")
+        self.client.reputation.record_availability(peer, False)
+        self.client.mark_failed(peer, reason)
+
+
 async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.ndarray],
                   input_digest: bytes,
                   ) -> tuple[dict[str, np.ndarray], HopRecord, dict[str, DigestEntry]]:
@@ -56,52 +183,51 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
     from client.async_client import QueryError
 
     mode, rng = client.verify, client.rng
+    where = f"hop {shard.index} (shard {shard.cid})"
     candidates = client.plan(shard.cid)
+    planned = {r.peer_id for r in candidates}
+    skipped = [f"{r.peer_id}: {client.health.skip_note(r.peer_id)}"
+               for r in client.providers(shard.cid) if r.peer_id not in planned]
     if not candidates:
         raise QueryError(f"hop {shard.index}: no known node serves shard {shard.cid}")
-    failures: list[str] = []
+    replicas = len(candidates) + len(skipped)
     want = {"full": client.replicas, "spot": 2 if rng.random() < client.spot_rate else 1,
             "none": 1}[mode]
-    replies: dict[str, Reply] = {}
-    queue = list(candidates)
-
-    async def ask(record: PeerRecord, what: str) -> None:
-        try:
-            with trio.fail_after(client.hop_timeout):
-                reply = await client._call(record, shard, feeds, input_digest, what)
-        except (Exception, trio.TooSlowError) as exc:
-            from client.async_client import _describe
-
-            failures.append(f"{record.peer_id}: {_describe(exc, client.hop_timeout)}")
-            client.reputation.record_availability(record.peer_id, False)
-            client.mark_failed(record.peer_id)
-            return
-        client.reputation.record_availability(record.peer_id, True)
-        client.reputation.record_latency(record.peer_id, reply.hop.latency_ms)
-        replies[record.peer_id] = reply
-
-    # all nodes of the hop at once: the first for its outputs, the others for fingerprints;
-    # a node that fails is replaced while candidates remain (the replacement is asked for
-    # outputs if no answer with outputs has come yet)
-    while len(replies) < want and queue:
-        has_outputs = any(r.outputs is not None for r in replies.values())
-        batch, queue = queue[:want - len(replies)], queue[want - len(replies):]
-        async with trio.open_nursery() as nursery:
-            for i, record in enumerate(batch):
-                nursery.start_soon(ask, record, "fingerprint" if has_outputs or i else "outputs")
+    run = _HopRun(client, shard, feeds, input_digest, candidates, want)
+    await run.run()
+    replies, failures = run.replies, run.failures
+    attempts = len(replies) + len(failures)  # not counting a node cancelled as not needed
     if not replies:
-        raise QueryError(f"hop {shard.index} (shard {shard.cid}): all {len(candidates)} nodes "
-                         "failed: " + "; ".join(failures))
+        raise QueryError(f"{where}: all {attempts} node(s) asked failed" + _lines(
+            failures + skipped))
     primary = next((p for p, r in replies.items() if r.outputs is not None), None)
-    verdict = _decide(client, shard, replies)
-    # no strict majority: widen the hop to one more node at a time
-    while not verdict.decided and queue:
-        await ask(queue.pop(0), "fingerprint")
-        verdict = _decide(client, shard, replies)
+    verdict = run.verdict()
     if len(replies) > 1 and not verdict.decided:
-        raise QueryError(f"hop {shard.index} (shard {shard.cid}): no majority among "
-                         f"{len(replies)} answers ({verdict.reason}); nothing is returned")
-    for node in verdict.winners if len(replies) > 1 else ():
+        raise QueryError(f"{where}: no majority among {len(replies)} answers ({verdict.reason});"
+                         " nothing is returned" + _lines(failures + skipped))
+    verified = len(replies) > 1
+    reason = None
+    if not verified:
+        reason = {"spot": "verify=spot: this hop was not sampled for a check",
+                  "none": "verify=none: one node, not cross-checked"}.get(mode)
+        if mode == "spot" and want > 1:
+            reason = "verify=spot: the check was not made, no second node answered" + "".join(
+                f"; {f}" for f in failures + skipped)
+        if mode == "full":
+            reason = (f"verify=full needs two agreeing answers, but only 1 of the {replicas} "
+                      f"node(s) serving the shard answered"
+                      + (" (no other node serves it)" if replicas == 1 else "")
+                      + "".join(f"; {f}" for f in failures + skipped))
+            if not client.allow_unverified:
+                raise QueryError(
+                    f"{where}: verify=full needs two agreeing answers, but only 1 of the "
+                    f"{replicas} node(s) serving the shard answered"
+                    + (" (no other node serves it)" if replicas == 1 else "")
+                    + "; nothing is returned (allow_unverified=True, or veilnet query "
+                      "--allow-unverified, returns such an answer marked unverified)"
+                    + _lines(failures + skipped))
+            log.warning("%s: the answer is NOT verified: %s", where, reason)
+    for node in verdict.winners if verified else ():
         client.reputation.record_verdict(node, True)
     for node in verdict.losers:
         client.reputation.record_verdict(node, False)
@@ -109,7 +235,8 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
     if primary is not None and primary in verdict.winners:
         chosen = replies[primary]
     else:  # the outputs we hold lost, or every node asked for outputs failed: a winner's
-        chosen = await _winner_outputs(client, shard, feeds, input_digest, verdict, replies)
+        chosen = await _winner_outputs(client, shard, feeds, input_digest, verdict, replies,
+                                       failures)
     record = {"mode": mode, "nodes": list(replies), "winners": list(verdict.winners),
               "losers": list(verdict.losers), "decided": verdict.decided,
               "reason": verdict.reason,
@@ -117,20 +244,21 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
                               "signature": r.hop.signature, "request_id": r.hop.request_id,
                               "fingerprint_signature": (r.fingerprint_signature or b"").hex()}
                           for p, r in replies.items()}}
-    hop = replace(chosen.hop, attempts=len(replies) + len(failures), failures=tuple(failures),
-                  verdict=record if len(replies) > 1 else None)
+    hop = replace(chosen.hop, attempts=attempts, failures=tuple(failures),
+                  verdict=record if verified else None, verified=verified,
+                  unverified_reason=reason)
     assert chosen.outputs is not None and chosen.out_entries is not None
     return chosen.outputs, hop, chosen.out_entries
 
 
-def _decide(client: AsyncClient, shard: ShardSpec, replies: dict[str, Reply]) -> Verdict:
-    answers = [Answer(p, r.fingerprint, r.outputs) for p, r in replies.items()]
-    return decide(answers, client.tolerance)
+def _lines(failures: list[str]) -> str:
+    """One indented line per failure (each is one line already, see health.describe)."""
+    return "".join(f"\n  - {f}" for f in failures)
 
 
 async def _winner_outputs(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                          input_digest: bytes, verdict: Verdict,
-                          replies: dict[str, Reply]) -> Reply:
+                          input_digest: bytes, verdict: Verdict, replies: dict[str, Reply],
+                          failures: list[str]) -> Reply:
     """Full outputs from a winner, checked to agree with the winning fingerprint."""
     from client.async_client import QueryError
     from consensus.fingerprint import fingerprints_agree
@@ -140,12 +268,16 @@ async def _winner_outputs(client: AsyncClient, shard: ShardSpec, feeds: dict[str
         try:
             with trio.fail_after(client.hop_timeout):
                 reply = await client._call(replies[node].record, shard, feeds, input_digest)
-        except (Exception, trio.TooSlowError):
+        except (Exception, trio.TooSlowError) as exc:
+            failures.append(f"{node}: outputs after the verdict: "
+                            f"{describe(exc, client.hop_timeout)}")
             continue
         if fingerprints_agree(reply.fingerprint, reference, client.tolerance)[0]:
             return reply
+        failures.append(f"{node}: its outputs do not match the fingerprint it won with")
         client.caught.add(node)
-    raise QueryError(f"hop {shard.index}: no winning node sent outputs matching the verdict")
+    raise QueryError(f"hop {shard.index}: no winning node sent outputs matching the verdict"
+                     + _lines(failures))
 
 
 def plan(candidates: list[PeerRecord], score: Any, caught: set[str], rng: random.Random,

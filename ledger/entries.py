@@ -12,7 +12,8 @@ same map, so one entry has one leaf hash.
 
 Types (``body`` fields):
 
-    infer-receipt/1   {"query": str, "deployment": CID, "verdict": "accepted" | "rejected",
+    infer-receipt/1   {"query": str, "deployment": CID,
+                       "verdict": "accepted" | "unverified" | "rejected",
                        "hops": [{"index": int, "shard": CID, "node": did, "id": str,
                                  "input_digest": bytes, "output_digest": bytes,
                                  "signature": bytes}]}

@@ -4,9 +4,13 @@ Layout of DEPLOY::
 
     manifest.json          what a node may receive (no key material)
     shards/<cid>.onnx      EE-transformed node shards, what nodes run
+    client/                mode 0700, every file in it 0600: the client shards ARE the secret
     client/<cid>.onnx      client head and tail with the key folded in   (never sent)
-    client/key.json        the EE key, mode 0600                          (never sent)
+    client/key.json        the EE key                                     (never sent)
     client/tokenizer.json  tokenizer, when the model has one
+
+Queries read the client shards, not key.json (kept for ``veilnet model verify`` and audits); the
+client SDK refuses client shards that others can read (client/deployment.py).
 
 Everything is transformed in memory first and the directory is moved into place only when all of
 it is written, so a graph the scheme does not cover leaves nothing behind.
@@ -76,14 +80,17 @@ def encrypt_model_dir(model_dir: Path, out_dir: Path, seed: int | None = None,
     with staged_directory(out_dir) as tmp:
         (tmp / "shards").mkdir()
         (tmp / "client").mkdir(mode=0o700)
+        (tmp / "client").chmod(0o700)  # whatever the umask
         specs = []
         for s in manifest.shards:
             data = encrypted[s.index].SerializeToString()
             cid = cid_of_bytes(data)
             folder = "shards" if s.role == "node" else "client"
             (tmp / folder / f"{cid}.onnx").write_bytes(data)
+            if folder == "client":
+                (tmp / folder / f"{cid}.onnx").chmod(0o600)
             specs.append(ShardSpec(s.index, cid, s.role, f"{folder}/{cid}.onnx", s.inputs,
-                                   s.outputs))
+                                   s.outputs, size=len(data)))
         extra = dict(manifest.extra)
         extra["parent"] = manifest.cid
         # how far two honest nodes' outputs may differ (docs/consensus.md: measured 0 on one
@@ -93,6 +100,7 @@ def encrypt_model_dir(model_dir: Path, out_dir: Path, seed: int | None = None,
         if "tokenizer" in extra:
             tok = dict(extra["tokenizer"])
             shutil.copyfile(manifest.path.parent / tok["path"], tmp / "client" / "tokenizer.json")
+            (tmp / "client" / "tokenizer.json").chmod(0o600)
             tok["path"] = "client/tokenizer.json"
             extra["tokenizer"] = tok
         deployment = Manifest(manifest.name, SCHEME, manifest.inputs, manifest.outputs, specs,
@@ -102,6 +110,7 @@ def encrypt_model_dir(model_dir: Path, out_dir: Path, seed: int | None = None,
         key.deployment = deployment.cid
         key.save(tmp / "client" / "key.json")
     deployment.path = Path(out_dir) / "manifest.json"
-    progress(f"wrote {deployment.path} (deployment {deployment.cid}); "
-             f"key in {Path(out_dir) / 'client' / 'key.json'} (mode 0600, never share it)")
+    progress(f"wrote {deployment.path} (deployment {deployment.cid}); the secret is "
+             f"{Path(out_dir) / 'client'}/ (client shards with the key folded in, and key.json; "
+             "mode 0600, never share it)")
     return deployment

@@ -88,7 +88,7 @@ def write_sharded(model: onnx.ModelProto, cuts: Sequence[str], out_dir: Path, na
             progress(f"shard {k} ({role}): {len(shard.model.graph.node)} nodes, "
                      f"{len(data) / 1e6:.1f} MB -> {cid}.onnx")
             specs.append(ShardSpec(
-                index=k, cid=cid, role=role, path=f"{cid}.onnx",
+                index=k, cid=cid, role=role, path=f"{cid}.onnx", size=len(data),
                 inputs=tuple(tensor_spec(v) for v in shard.model.graph.input),
                 outputs=tuple(tensor_spec(v) for v in shard.model.graph.output)))
         for dest, src in (files or {}).items():

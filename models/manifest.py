@@ -61,16 +61,16 @@ class ShardSpec:
     path: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    size: int | None = None  # bytes of the shard file; None in manifests written before it
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "cid": self.cid,
-            "role": self.role,
-            "path": self.path,
-            "inputs": [t.to_json() for t in self.inputs],
-            "outputs": [t.to_json() for t in self.outputs],
-        }
+        doc: dict[str, Any] = {"index": self.index, "cid": self.cid, "role": self.role,
+                               "path": self.path}
+        if self.size is not None:  # absent, not null, so old manifests re-serialize unchanged
+            doc["size"] = self.size
+        doc["inputs"] = [t.to_json() for t in self.inputs]
+        doc["outputs"] = [t.to_json() for t in self.outputs]
+        return doc
 
 
 @dataclass
@@ -248,6 +248,9 @@ def _shard(raw: Any, position: int, where: str) -> ShardSpec:
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts:
         raise ManifestError(f"{here}: 'path' {path!r} must stay inside the manifest's directory")
+    size = raw.get("size")  # optional: manifests written before it have none
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise ManifestError(f"{here}: 'size' {size!r} must be a non-negative integer (bytes)")
     return ShardSpec(
         index=index,
         cid=cid,
@@ -255,4 +258,5 @@ def _shard(raw: Any, position: int, where: str) -> ShardSpec:
         path=path,
         inputs=_specs(raw.get("inputs"), f"{here}: inputs"),
         outputs=_specs(raw.get("outputs"), f"{here}: outputs"),
+        size=size,
     )

@@ -35,7 +35,7 @@ _weights: dict[str, MlpWeights] = {}  # shard CID -> weights read from its ONNX 
 async def infer_ckks(executor: ShardExecutor, identity: Identity,
                      message: dict[str, Any]) -> dict[str, Any]:
     shard = message["shard"]
-    stored = executor.lookup(shard)  # WireError unknown_shard
+    stored = await executor.verified(shard)  # WireError unknown_shard, corrupt_shard
     context, ciphertexts = message.get("context"), message.get("ciphertexts")
     if not isinstance(ciphertexts, list) or not 1 <= len(ciphertexts) <= MAX_CIPHERTEXTS \
             or not all(isinstance(c, bytes) for c in ciphertexts):

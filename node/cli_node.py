@@ -16,7 +16,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     config = load_config(args.config, {
         "data_dir": args.data_dir, "listen": args.listen, "http": args.http,
         "bootstrap": args.bootstrap, "capacity": args.capacity, "threads": args.threads,
-        "frame_limit": args.frame_limit, "request_timeout": args.request_timeout,
+        "frame_limit": args.frame_limit, "shard_size_limit": args.shard_size_limit,
+        "request_timeout": args.request_timeout,
         "idle_timeout": args.idle_timeout,
         "announce_interval": args.announce_interval, "domain": args.domain,
         "ledger": True if args.ledger else None,
@@ -35,6 +36,26 @@ def _cmd_add_shards(args: argparse.Namespace) -> int:
     mcid, installed = store.add_deployment(args.deployment, args.shard)
     print(json.dumps({"node": identity.did, "deployment": mcid, "shards": installed}, indent=2))
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from node.store import check_data_dir
+
+    report = check_data_dir(args.data_dir)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0 if report.ok else 1
+    for problem in report.problems:
+        print(f"FAIL {problem.message}")
+    for note in report.notes:
+        print(f"note {note}")
+    counted = (f"{report.manifests} manifest file(s) and {report.shards} shard file(s) in "
+               f"{args.data_dir}")
+    if report.ok:
+        print(f"ok: {counted} match their CIDs")
+    else:
+        print(f"{len(report.problems)} problem(s) in {counted}")
+    return 0 if report.ok else 1
 
 
 def _cmd_id(args: argparse.Namespace) -> int:
@@ -56,7 +77,11 @@ def register(sub: Any) -> None:
         description="Start a node: a libp2p peer (TCP, Noise, yamux) serving the shards in its "
                     "data directory over /veilnet/infer/1, plus an HTTP API (/healthz, "
                     "/metrics, /v1/node, /v1/peers). On first start it creates "
-                    "D/identity.key (Ed25519, mode 0600). Flags override the config file.")
+                    "D/identity.key (Ed25519, mode 0600) and D/api-token (mode 0600): the "
+                    "operator's token, which POST /v1/shards/fetch needs as 'Authorization: "
+                    "Bearer <token>' (401 without it). Every shard file is checked against its "
+                    "CID before it is loaded; a corrupt one is logged at ERROR and not served. "
+                    "Flags override the config file.")
     st.add_argument("--data-dir", type=Path, metavar="D", help="node data directory")
     st.add_argument("--listen", action="append", metavar="MULTIADDR",
                     help="libp2p listen address, repeatable (default /ip4/127.0.0.1/tcp/0: a "
@@ -72,6 +97,10 @@ def register(sub: Any) -> None:
                     help="onnxruntime threads per run (default: onnxruntime's choice)")
     st.add_argument("--frame-limit", type=int, metavar="BYTES",
                     help="largest frame accepted (default 64 MiB)")
+    st.add_argument("--shard-size-limit", type=int, metavar="BYTES",
+                    help="largest shard fetched from a peer when its manifest declares no size "
+                         "(default 1 GiB; a declared size is the limit otherwise, and a "
+                         "manifest is limited to 1 MiB)")
     st.add_argument("--request-timeout", type=float, metavar="SECONDS",
                     help="time to receive and answer one request (default 60)")
     st.add_argument("--idle-timeout", type=float, metavar="SECONDS",
@@ -98,13 +127,29 @@ def register(sub: Any) -> None:
         "add-shards", help="install a deployment's node shards into a data directory",
         description="Copy the manifest and node shards of DEPLOY into D, checking each "
                     "shard against its CID. Client material (client/: head and tail shards, "
-                    "key, tokenizer) is never copied. A running node serves new shards at "
-                    "once.")
+                    "key, tokenizer) is never copied. A shard already in D is kept if it "
+                    "matches its CID and replaced if it is corrupt. A running node serves new "
+                    "(and repaired) shards at once.")
     add.add_argument("data_dir", type=Path, metavar="D")
     add.add_argument("deployment", type=Path, metavar="DEPLOY")
     add.add_argument("--shard", action="append", metavar="CID",
                      help="install only this node shard (repeatable; default: all)")
     add.set_defaults(func=_cmd_add_shards)
+
+    chk = nsub.add_parser(
+        "check", help="verify every manifest and shard file in a data directory",
+        description="Hash every manifest (D/deployments) and shard file (D/shards) of a node's "
+                    "data directory and compare it with the CID it is named after; check that "
+                    "each manifest parses. Prints one line per problem and a summary; exit code "
+                    "0 when everything matches, 1 when anything is wrong, 2 when D is not a "
+                    "data directory. Safe while the node runs (it only reads). A running node "
+                    "also checks each shard when it loads it and stops serving a corrupt one; "
+                    "repair it with 'veilnet node add-shards' or POST /v1/shards/fetch.")
+    chk.add_argument("data_dir", type=Path, metavar="D")
+    chk.add_argument("--json", action="store_true",
+                     help="print one JSON object: data_dir, ok, manifests, shards, problems "
+                          "[{path, kind, message, expected, actual}], notes")
+    chk.set_defaults(func=_cmd_check)
 
     ident = nsub.add_parser("id", help="print (creating if needed) the node's PeerID and did",
                             description="Print the PeerID and did:key of the node in D.")

@@ -9,6 +9,7 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     capacity = 1           # shard runs at once
     threads = 0            # onnxruntime intra-op threads per run (0: onnxruntime's default)
     frame_limit = 67108864 # bytes
+    shard_size_limit = 1073741824  # bytes: largest shard fetched when its manifest gives no size
     request_timeout = 60   # seconds to receive and answer one request
     idle_timeout = 30      # seconds an idle infer stream stays open for the next request
     announce_interval = 10 # seconds between hellos and card announcements (cards live 3x this)
@@ -26,6 +27,8 @@ from typing import Any
 
 from node.wire import DEFAULT_FRAME_LIMIT
 
+DEFAULT_SHARD_SIZE_LIMIT = 1 << 30  # shards of manifests that declare no size (older ones)
+
 
 class ConfigError(ValueError):
     pass
@@ -40,6 +43,7 @@ class NodeConfig:
     capacity: int = 1
     threads: int = 0
     frame_limit: int = DEFAULT_FRAME_LIMIT
+    shard_size_limit: int = DEFAULT_SHARD_SIZE_LIMIT
     request_timeout: float = 60.0
     idle_timeout: float = 30.0
     announce_interval: float = 10.0
@@ -65,7 +69,7 @@ class NodeConfig:
         if not self.listen:
             raise ConfigError("listen: at least one multiaddr is needed")
         self.http_host_port()
-        for name in ("capacity", "frame_limit"):
+        for name in ("capacity", "frame_limit", "shard_size_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.threads < 0:
@@ -73,6 +77,12 @@ class NodeConfig:
         if min(self.request_timeout, self.idle_timeout, self.announce_interval) <= 0:
             raise ConfigError("request_timeout, idle_timeout and announce_interval must be "
                               "positive")
+        from registry.card import MAX_TTL_S
+
+        if self.card_ttl > MAX_TTL_S:  # peers would reject the node's own cards
+            raise ConfigError(f"announce_interval {self.announce_interval:g}: at most "
+                              f"{MAX_TTL_S / 3:g} s (cards live 3 intervals, at most "
+                              f"{MAX_TTL_S} s)")
         if self.domain is not None:
             from registry.anp import check_domain
 
@@ -92,7 +102,7 @@ class NodeConfig:
 
 _TYPES: dict[str, Any] = {
     "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
-    "capacity": (int,), "threads": (int,), "frame_limit": (int,),
+    "capacity": (int,), "threads": (int,), "frame_limit": (int,), "shard_size_limit": (int,),
     "request_timeout": (int, float), "idle_timeout": (int, float),
     "announce_interval": (int, float), "domain": (str,), "ledger": (bool,),
     "byzantine_test_mode": (str,),

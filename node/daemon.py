@@ -3,6 +3,11 @@ executor, until SIGINT or SIGTERM.
 
 When it is ready it writes D/node.json (PeerID, did, multiaddrs, HTTP URL, pid) and prints the same
 facts; it removes node.json when it stops. Scripts wait for that file to know the node is up.
+
+On first start it also creates D/api-token (mode 0600): the bearer token the operator's HTTP
+calls that change the node (POST /v1/shards/fetch) must carry. Before it says it is ready the node
+loads a session for every stored shard, checking each file against its CID; a corrupt shard is
+logged at ERROR and left unserved, and the node starts without it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -23,7 +29,7 @@ from crypto.identity import Identity
 from ledger.log import Log
 from ledger.witness import Witness
 from node.byzantine import Byzantine
-from node.config import NodeConfig
+from node.config import ConfigError, NodeConfig
 from node.discovery import Discovery
 from node.executor import ShardExecutor
 from node.http_api import create_app
@@ -32,6 +38,7 @@ from node.p2p import make_host, parse_multiaddr, quiet_libraries
 from node.rankings_service import RankingService
 from node.service import NodeService
 from node.store import ShardStore
+from node.wire import WireError
 from registry.index import CardIndex
 
 log = logging.getLogger("veilnet.node")
@@ -40,6 +47,8 @@ IDENTITY_FILE = "identity.key"
 CARDS_FILE = "cards.sqlite"
 WITNESS_FILE = "witness.sqlite"
 LEDGER_DIR = "ledger"
+API_TOKEN_FILE = "api-token"
+MIN_TOKEN_LENGTH = 16
 
 
 def open_data_dir(data_dir: Path) -> tuple[Identity, bool]:
@@ -47,11 +56,40 @@ def open_data_dir(data_dir: Path) -> tuple[Identity, bool]:
     return Identity.load_or_create(data_dir / IDENTITY_FILE)
 
 
+def load_or_create_api_token(data_dir: Path) -> tuple[str, bool]:
+    """The operator's API token in D/api-token, created (random, 0600) if missing.
+
+    Returns (token, created). Refuses a file others can read, and one holding fewer than
+    MIN_TOKEN_LENGTH printable characters (an operator may write their own)."""
+    path = data_dir / API_TOKEN_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_api_token(path), False
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token, True
+
+
+def _read_api_token(path: Path) -> str:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{path}: mode {mode:o} lets others read the API token; run chmod 600 "
+                          "on it")
+    token = path.read_text(encoding="utf-8", errors="replace").strip()
+    if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
+        raise ConfigError(f"{path}: the API token must be at least {MIN_TOKEN_LENGTH} printable "
+                          "ASCII characters; delete the file to get a new one")
+    return token
+
+
 async def run_node(config: NodeConfig) -> None:
     assert config.data_dir is not None
     data_dir = config.data_dir
     identity, created = open_data_dir(data_dir)
-    store = ShardStore(data_dir)
+    api_token, _ = load_or_create_api_token(data_dir)
+    store = ShardStore(data_dir, config.shard_size_limit)
     executor = ShardExecutor(store, config.capacity, config.threads or None)
     service = NodeService(identity, store, executor, frame_limit=config.frame_limit,
                           request_timeout=config.request_timeout,
@@ -61,6 +99,13 @@ async def run_node(config: NodeConfig) -> None:
     index = CardIndex(data_dir / CARDS_FILE)
     service.discovery = Discovery(identity.peer_id, index, service.metrics, service.build_card,
                                   config.announce_interval)
+
+    def shard_corrupt(cid: str) -> None:  # the executor has logged it and the store dropped it
+        service.metrics.corrupt_shards.inc()
+        if service.discovery is not None:
+            service.discovery.announce_soon()  # the card no longer names it
+
+    executor.on_corrupt = shard_corrupt
     witness = Witness(data_dir / WITNESS_FILE, identity, f"veilnet-witness/{identity.peer_id}")
     ledger = (Log.open_or_init(data_dir / LEDGER_DIR, f"veilnet.local/ledger/{identity.peer_id}",
                                Identity.generate()) if config.ledger else None)
@@ -82,7 +127,7 @@ async def run_node(config: NodeConfig) -> None:
     # Hypercorn's own "Running on" line would repeat the banner's http URL
     hconfig.loglevel = "DEBUG" if config.log_level.lower() == "debug" else "WARNING"
     shutdown, http_done = trio.Event(), trio.Event()
-    app = create_app(service, domain=config.domain)
+    app = create_app(service, domain=config.domain, api_token=api_token)
 
     async def serve_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
                          ) -> None:
@@ -102,7 +147,11 @@ async def run_node(config: NodeConfig) -> None:
                 binds = await nursery.start(serve_http)
                 service.http_url = binds[0] if binds else None
                 for cid in sorted(store.shards()):  # load sessions before saying "ready"
-                    await executor.session(cid)
+                    try:
+                        await executor.session(cid)
+                    except WireError as exc:  # a corrupt file: logged, counted, not served
+                        if exc.code != "corrupt_shard":
+                            raise
                 await nursery.start(service.discovery.run, host)
                 await nursery.start(service.ledger.run)
                 service.rankings.host = host
@@ -151,6 +200,8 @@ def _print_banner(info: dict[str, object], data_dir: Path) -> None:
         f"  did:       {info['did']}",
         *[f"  listen:    {a}" for a in info["multiaddrs"]],  # type: ignore[attr-defined]
         f"  http:      {info['http']}",
+        f"  api token: {data_dir / API_TOKEN_FILE} (Authorization: Bearer, for "
+        "POST /v1/shards/fetch)",
         f"  shards:    {len(info['shards'])}",  # type: ignore[arg-type]
         *([f"  BYZANTINE TEST MODE: {info['byzantine']} (wrong answers on purpose)"]
           if info.get("byzantine") else []),

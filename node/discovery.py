@@ -10,10 +10,20 @@ not oversized. Anything else is dropped, logged with the reason and counted in
 
 ``/veilnet/cards/1`` answers lookups from the index, so a client that knows one bootstrap node
 finds the nodes of every shard (and checks each card itself: the answering node is not trusted).
+
+Sybil cards: a signature proves who wrote a card, not that anyone answers at its addresses. A
+card heard over gossipsub from its own peer is *confirmed* (registry/index.py); a card POSTed
+over HTTP, or loaded from disk at start, is *unconfirmed* until a *check* dials its addresses
+(at most ``CHECK_DIALS`` at once, ``MAX_PENDING_CHECKS`` waiting, ``CHECK_TIMEOUT_S`` each):
+reaching its PeerID over Noise confirms it, failing demotes it. Lookups leave out cards under
+check and demoted cards. Every dial this module makes of a card's addresses records its result
+the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import random
@@ -32,10 +42,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from models import is_valid_cid
 from node.metrics import NodeMetrics
-from node.p2p import CARDS, connect, ensure_connected, peer_info, request
+from node.p2p import CARDS, connect, ensure_connected, error_text, peer_info, request
 from node.wire import WIRE_VERSION, WireError, write_frame
 from registry.card import MAX_CARD_BYTES, CardInfo, CardRejected, parse_card_json, verify_card
-from registry.index import CardIndex
+from registry.index import CONFIRMED, FAILED, CardIndex
 
 log = logging.getLogger("veilnet.discovery")
 
@@ -44,6 +54,16 @@ MAX_LOOKUP_CARDS = 256
 MAX_PEERS = 8            # connections a node opens to peers it learns from cards
 NEW_PEER_DELAY = (0.05, 0.5)  # re-announce after a random delay in this range (coalesces)
 MESH_POLL_S = 0.25           # how often the announce loop looks for new mesh peers
+DIAL_TIMEOUT_S = 5.0         # one dial of one card address
+CHECK_TIMEOUT_S = 8.0        # one check: every address of one card
+CHECK_DIALS = 16             # checks dialling at once
+MAX_PENDING_CHECKS = 64      # cards queued or dialling; more POSTed cards are refused (busy)
+MAX_START_CHECKS = 1024      # cards loaded from disk checked at start (the newest)
+RECHECK_AFTER_S = 60.0       # a failed card POSTed again is dialled again only after this
+
+
+class ChecksBusy(RuntimeError):
+    """Too many POSTed cards are waiting for their check: the card was not indexed."""
 
 
 class Discovery:
@@ -64,13 +84,15 @@ class Discovery:
         self._wake = trio.Event()
         self._announce_at: float | None = None  # trio clock time of the next announcement
         self._nursery: trio.Nursery | None = None
+        self._pending: set[str] = set()  # PeerIDs whose card is queued for or in a check
+        self._check_slots = trio.CapacityLimiter(CHECK_DIALS)
 
     # -- own card ---------------------------------------------------------------------------------
 
     def refresh_card(self) -> dict[str, Any]:
         """Sign a fresh card and index it locally."""
         self.card = self.make_card()
-        self.index.put(verify_card(self.card))
+        self.index.put(verify_card(self.card), confirmed=True)
         return self.card
 
     def announce_soon(self, delay: float = 0.0) -> None:
@@ -103,6 +125,10 @@ class Discovery:
             self.pubsub = pubsub
             self._nursery = nursery
             self.refresh_card()
+            # cards from disk (an earlier run) and any POSTed before now: not served until
+            # heard again or reached (while checks run, posted cards may get 429 busy)
+            for info in self.index.unconfirmed(MAX_START_CHECKS):
+                self._check_soon(info)
             nursery.start_soon(self._receive, subscription)
             nursery.start_soon(self._announce_loop, router)
             task_status.started()
@@ -138,15 +164,81 @@ class Discovery:
             self.accept(info)
 
     def accept(self, info: CardInfo) -> str:
-        """Index a verified card; a card from a peer we had none for triggers our own
-        announcement (so the newcomer learns ours) and maybe a direct connection."""
-        outcome = self.index.put(info)
+        """Index a card heard over gossipsub from its own peer (so confirmed); a card from a
+        peer we had none for triggers our own announcement (so the newcomer learns ours) and
+        maybe a direct connection."""
+        outcome = self.index.put(info, confirmed=True)
         self.metrics.cards_received.labels(outcome).inc()
         if outcome == "new" and info.peer_id != self.peer_id:
             log.info("discovered %s serving %d shards", info.peer_id, len(info.shard_cids))
             self.announce_soon(random.uniform(*NEW_PEER_DELAY))
             self._maybe_connect(info)
         return outcome
+
+    def accept_posted(self, info: CardInfo) -> str:
+        """Index a card POSTed over HTTP: unconfirmed, and checked by a dial of its addresses
+        unless this node already confirmed those addresses. Raises ChecksBusy (nothing
+        indexed) when MAX_PENDING_CHECKS cards already wait for theirs."""
+        status = self.index.status(info.peer_id)
+        same = status is not None and sorted(status.multiaddrs) == sorted(info.multiaddrs)
+        check = info.peer_id != self.peer_id and info.peer_id not in self._pending and not (
+            same and status is not None and (status.state == CONFIRMED or (
+                status.state == FAILED and time.time() - status.since < RECHECK_AFTER_S)))
+        if check and len(self._pending) >= MAX_PENDING_CHECKS:
+            raise ChecksBusy(f"{len(self._pending)} posted cards are waiting for a dial check "
+                             "of their addresses; try again later")
+        outcome = self.index.put(info)
+        self.metrics.cards_received.labels(outcome).inc()
+        if check and outcome != "stale":
+            self._check_soon(info)
+        return outcome
+
+    def _check_soon(self, info: CardInfo) -> None:
+        """Dial the card's addresses in the background; the result confirms or demotes it.
+        Before the node runs (no nursery yet) the card stays unconfirmed; run() checks it."""
+        nursery = self._nursery
+        if nursery is None or info.peer_id in self._pending or info.peer_id == self.peer_id:
+            return
+        self._pending.add(info.peer_id)
+        self.index.mark_checking(info.peer_id, info.multiaddrs)
+
+        async def check() -> None:
+            try:
+                async with self._check_slots:
+                    await self._dial_card(info, keep=False)
+            finally:
+                self._pending.discard(info.peer_id)
+                self.index.end_check(info.peer_id)  # no result recorded: unconfirmed again
+
+        nursery.start_soon(check)
+
+    async def _dial_card(self, info: CardInfo, *, keep: bool) -> bool:
+        """Reach the card's PeerID at one of its addresses (Noise authenticates the PeerID) and
+        record the result in the index. A connection this opened is closed again unless
+        ``keep`` or the node has fewer than max_peers connections."""
+        host = self._host
+        if host is None:
+            return False
+        peer = ID.from_base58(info.peer_id)
+        if peer in host.get_connected_peers():
+            if not _connected_at(host, peer, info.multiaddrs):
+                return False  # connected (inbound), not at the card's addresses: nothing learned
+            self.index.mark(info.peer_id, info.multiaddrs, reached=True)
+            return True
+        try:
+            with trio.fail_after(CHECK_TIMEOUT_S):
+                await ensure_connected(host, info.peer_id, info.multiaddrs, DIAL_TIMEOUT_S)
+        except (Exception, trio.TooSlowError) as exc:
+            if self.index.mark(info.peer_id, info.multiaddrs, reached=False):
+                log.info("card of %s demoted: not reachable at its addresses: %s",
+                         info.peer_id, error_text(exc))
+            return False
+        if self.index.mark(info.peer_id, info.multiaddrs, reached=True):
+            log.info("card of %s confirmed: reached it at its addresses", info.peer_id)
+        if not keep and len(host.get_connected_peers()) > self.max_peers:
+            with contextlib.suppress(Exception):
+                await host.disconnect(peer)
+        return True
 
     def _maybe_connect(self, info: CardInfo) -> None:
         host, nursery = self._host, self._nursery
@@ -155,14 +247,7 @@ class Discovery:
         connected = host.get_connected_peers()
         if len(connected) >= self.max_peers or ID.from_base58(info.peer_id) in connected:
             return
-
-        async def dial() -> None:
-            try:
-                await ensure_connected(host, info.peer_id, info.multiaddrs, 5.0)
-            except (Exception, trio.TooSlowError) as exc:
-                log.info("cannot reach %s from its card: %s", info.peer_id, exc)
-
-        nursery.start_soon(dial)
+        nursery.start_soon(functools.partial(self._dial_card, info, keep=True))
 
     async def _announce_loop(self, router: GossipSub) -> None:
         """Publish every interval, on request, and when the topic mesh gains a peer (gossipsub
@@ -193,7 +278,7 @@ class Discovery:
                                       .encode())
             self.metrics.cards_published.inc()
         except Exception as exc:  # a pubsub failure must not stop the node
-            log.warning("publishing the card failed: %s", exc or type(exc).__name__)
+            log.warning("publishing the card failed: %s", error_text(exc))
 
     # -- /veilnet/cards/1 -------------------------------------------------------------------------
 
@@ -213,6 +298,22 @@ class Discovery:
         await write_frame(stream, {
             "v": WIRE_VERSION, "id": message["id"],
             "cards": [json.dumps(c, separators=(",", ":")) for c in cards]})
+
+
+def _connected_at(host: IHost, peer: ID, multiaddrs: list[str]) -> bool:
+    """Whether one of our connections to ``peer`` goes to one of ``multiaddrs`` (IP and port):
+    then the card's addresses reach that PeerID."""
+    wanted = set()
+    for text in multiaddrs:
+        parts = text.split("/")
+        if len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            wanted.add((parts[2], parts[4]))
+    try:
+        conns = host.get_network().get_connections(peer)
+        remotes = {conn.muxed_conn.get_remote_address() for conn in conns}  # type: ignore
+    except Exception:
+        return False
+    return any(r is not None and (str(r[0]), str(r[1])) in wanted for r in remotes)
 
 
 def _origin(msg: rpc_pb2.Message) -> str:

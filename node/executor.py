@@ -2,30 +2,43 @@
 
 Sessions are created on first use and cached by CID. A request that would wait behind more than
 ``queue_limit`` others is refused with ``busy`` instead of queueing without bound.
+
+Before a shard's session is created its file is hashed (in the worker thread) and compared with
+its CID: a file that rotted on disk would otherwise make the node sign wrong answers. A mismatch
+is refused loudly: an ERROR log line naming the file and both CIDs, ``on_corrupt`` (the daemon
+counts it in /metrics and republishes its card), the store stops listing and serving the shard,
+and the requester gets ``corrupt_shard``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import numpy as np
 import trio
 
 from models import ShardInputError, ShardSession
 from models.runtime import check_inputs
-from node.store import ShardStore, StoredShard
+from node.store import ShardStore, StoredShard, file_cid
 from node.wire import WireError
+
+log = logging.getLogger("veilnet.node")
 
 
 class ShardExecutor:
     def __init__(self, store: ShardStore, capacity: int = 1, threads: int | None = None,
-                 queue_limit: int = 32, spin: bool = False) -> None:
+                 queue_limit: int = 32, spin: bool = False,
+                 on_corrupt: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.spin = spin  # off by default: a node shares its cores with other processes
         self.limiter = trio.CapacityLimiter(capacity)
         self.threads = threads
         self.queue_limit = queue_limit
+        self.on_corrupt = on_corrupt  # called with the CID of a shard found corrupt
         self._sessions: dict[str, ShardSession] = {}
+        self._verified: set[str] = set()  # shards whose file was hashed by verified()
         self._loading = trio.Lock()
         self._waiting = 0
 
@@ -35,7 +48,20 @@ class ShardExecutor:
     def lookup(self, cid: str) -> StoredShard:
         shard = self.store.shards().get(cid)
         if shard is None:
+            if self.store.is_corrupt(cid):
+                raise _corrupt_error(cid)
             raise WireError("unknown_shard", f"this node does not serve shard {cid}")
+        return shard
+
+    async def verified(self, cid: str) -> StoredShard:
+        """``lookup``, with the file checked against its CID once (for code that reads the
+        shard file itself rather than through a session, such as CKKS mode)."""
+        shard = self.lookup(cid)
+        if cid not in self._verified and cid not in self._sessions:
+            actual = await trio.to_thread.run_sync(file_cid, shard.path)
+            if actual != cid:
+                self._refuse(shard, actual)
+            self._verified.add(cid)
         return shard
 
     async def session(self, cid: str) -> ShardSession:
@@ -44,9 +70,29 @@ class ShardExecutor:
         shard = self.lookup(cid)
         async with self._loading:
             if cid not in self._sessions:
-                self._sessions[cid] = await trio.to_thread.run_sync(
-                    ShardSession, shard.path, shard.spec, self.threads, self.spin)
+                actual, session = await trio.to_thread.run_sync(self._load, shard)
+                if session is None:
+                    self._refuse(shard, actual)
+                self._sessions[cid] = session
         return self._sessions[cid]
+
+    def _load(self, shard: StoredShard) -> tuple[str, ShardSession | None]:
+        """In a worker thread: hash the file, and only if it matches its CID load it."""
+        actual = file_cid(shard.path)
+        if actual != shard.spec.cid:
+            return actual, None
+        return actual, ShardSession(shard.path, shard.spec, self.threads, self.spin)
+
+    def _refuse(self, shard: StoredShard, actual: str) -> NoReturn:
+        cid = shard.spec.cid
+        log.error("CORRUPT SHARD %s: expected CID %s, the file hashes to %s; this node no "
+                  "longer serves it (reinstall it with `veilnet node add-shards` or "
+                  "POST /v1/shards/fetch; `veilnet node check` verifies the data directory)",
+                  shard.path, cid, actual)
+        self.store.mark_corrupt(cid)
+        if self.on_corrupt is not None:
+            self.on_corrupt(cid)
+        raise _corrupt_error(cid)
 
     async def run(self, cid: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = await self.session(cid)
@@ -71,3 +117,9 @@ class ShardExecutor:
         except Exception as exc:  # onnxruntime raises its own types for shape mismatches etc.
             first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             raise WireError("run_failed", f"onnxruntime: {first_line}") from None
+
+
+def _corrupt_error(cid: str) -> WireError:
+    return WireError("corrupt_shard", f"this node's copy of shard {cid} does not match its CID "
+                                      "(damaged on disk); it no longer serves it: use another "
+                                      "node")

@@ -3,7 +3,8 @@
     GET  /.well-known/agent-card.json   this node's signed A2A v1.0 AgentCard
     GET  /.well-known/agent.json        the same card, for crawlers of the older path
     GET  /v1/agents?model=&shard=&deployment=   verified, unexpired cards from the index
-    POST /v1/agents                     index a signed card from outside the mesh
+    POST /v1/agents                     index a signed card from outside the mesh (unconfirmed
+                                        until the node reaches its PeerID at its addresses)
     GET  /agents/{peer_id}/did.json     DID document (did:wba for this node with --domain)
     GET  /agents/{peer_id}/ad.json      this node's ANP Agent Description
     GET  /.well-known/agent-descriptions   ANP CollectionPage of every agent the node knows
@@ -15,10 +16,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import trio
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from crypto.identity import IdentityError, public_from_peer_id
+from node.discovery import ChecksBusy
+from node.http_limits import A2A_BODY_LIMIT, read_body
 from node.service import NodeService
 from node.wire import WIRE_VERSION, WireError
 from registry.a2a_rpc import InferFailed, dispatch
@@ -26,7 +30,7 @@ from registry.anp import agent_description, collection_page, did_document, did_w
 from registry.card import MAX_CARD_BYTES, CardRejected, parse_card_json, verify_card
 
 log = logging.getLogger("veilnet.registry")
-MAX_RPC_BODY = 64 * 1024 * 1024
+MAX_RPC_BODY = A2A_BODY_LIMIT  # 64 MiB, also the BodyLimit middleware's limit for /a2a
 
 
 def registry_router(service: NodeService, domain: str | None = None) -> APIRouter:
@@ -57,11 +61,7 @@ def registry_router(service: NodeService, domain: str | None = None) -> APIRoute
 
     @router.post("/v1/agents", status_code=201)
     async def post_agent(request: Request) -> dict[str, Any]:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_CARD_BYTES:
-                break
+        body = await read_body(request, MAX_CARD_BYTES, cut=True)  # parse_card_json: oversized
         try:
             info = verify_card(parse_card_json(body))
         except CardRejected as exc:
@@ -69,9 +69,16 @@ def registry_router(service: NodeService, domain: str | None = None) -> APIRoute
             log.info("POST /v1/agents: dropped card: %s", exc)
             raise HTTPException(413 if exc.reason == "oversized" else 400,
                                 {"reason": exc.reason, "message": str(exc)}) from None
-        outcome = discovery.accept(info)
+        try:  # unconfirmed until a dial of its addresses reaches its PeerID (node/discovery.py)
+            outcome = discovery.accept_posted(info)
+        except ChecksBusy as exc:
+            service.metrics.cards_dropped.labels("busy", "http").inc()
+            raise HTTPException(429, {"reason": "busy", "message": str(exc)},
+                                headers={"Retry-After": "10"}) from None
+        status = discovery.index.status(info.peer_id)
         return {"peer_id": info.peer_id, "did": info.did, "outcome": outcome,
-                "expires_at": info.expires_at}
+                "expires_at": info.expires_at,
+                "status": status.state if status is not None else "unconfirmed"}
 
     @router.get("/agents/{peer_id}/did.json")
     async def did_json(peer_id: str) -> JSONResponse:
@@ -107,13 +114,10 @@ def registry_router(service: NodeService, domain: str | None = None) -> APIRoute
 
     @router.post("/a2a")
     async def a2a(request: Request) -> Response:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_RPC_BODY:
-                break
+        body = await read_body(request, MAX_RPC_BODY)  # 413 JSON past the limit
         result = await dispatch(body, infer, max_body=MAX_RPC_BODY,
-                                a2a_version=request.headers.get("A2A-Version", ""))
+                                a2a_version=request.headers.get("A2A-Version", ""),
+                                offload=trio.to_thread.run_sync)
         if result is None:  # a JSON-RPC notification gets no response
             return Response(status_code=204)
         return JSONResponse(result)

@@ -32,7 +32,7 @@ from ledger.note import NoteError, parse_verifier_key
 from ledger.witness import Witness, WitnessRefused
 from node.discovery import Discovery
 from node.metrics import NodeMetrics
-from node.p2p import WITNESS, ensure_connected, remote_peer, request
+from node.p2p import WITNESS, ensure_connected, error_text, remote_peer, request
 from node.wire import WIRE_VERSION, WireError, write_frame
 from registry.card import CardRejected, verify_card
 
@@ -157,7 +157,7 @@ class LedgerService:
                             "v": WIRE_VERSION, "id": secrets.token_hex(8), "note": note,
                             "old": old, "proof": proof}, WITNESS_TIMEOUT)
                 except (Exception, trio.TooSlowError) as exc:
-                    log.info("witness %s: %s", peer_id, exc or type(exc).__name__)
+                    log.info("witness %s: %s", peer_id, error_text(exc))
                     return
                 line = answer.get("cosignature")
                 refused = answer.get("refused")

@@ -27,6 +27,9 @@ class NodeMetrics:
                                    registry=self.registry)
         self.peers = Gauge("veilnet_peers_known", "Peers in the peer table",
                            registry=self.registry)
+        self.corrupt_shards = Counter("veilnet_corrupt_shards", "Shard files found not to match "
+                                      "their CID when loaded (then no longer served)",
+                                      registry=self.registry)
 
         self.cards_received = Counter("veilnet_cards_received",
                                       "Agent cards received and indexed, by outcome "

@@ -1,7 +1,10 @@
 """py-libp2p glue shared by the node daemon and the client SDK.
 
-Hosts use TCP, Noise and yamux (py-libp2p's defaults). Every request opens a fresh stream, sends
-one frame, reads one response frame and closes the stream; every step has a timeout.
+Hosts use TCP, Noise and yamux. Noise is the only security protocol offered or accepted
+(``make_host``): py-libp2p's default list also holds TLS, SECIO and ``/plaintext/2.0.0``, and
+plaintext lets a peer claim any PeerID by sending only its public key. Every request opens a
+fresh stream, sends one frame, reads one response frame and closes the stream; every step has a
+timeout.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 
 from crypto.identity import Identity
@@ -47,7 +53,13 @@ STREAM_ERRORS: tuple[type[BaseException], ...] = (StreamError, MuxedStreamError,
 
 
 def make_host(identity: Identity) -> IHost:
-    return new_host(key_pair=create_new_key_pair(identity.seed()))
+    """A libp2p host (TCP, yamux) for ``identity`` that offers and accepts Noise only.
+
+    Noise XX proves that the remote holds the private key of its PeerID; a peer offering only
+    plaintext, SECIO or TLS fails to negotiate a security protocol and is never connected."""
+    key_pair = create_new_key_pair(identity.seed())
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise})
 
 
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
@@ -133,7 +145,7 @@ async def ensure_connected(host: IHost, peer_id: str, addrs: Sequence[str],
             await connect(host, info, timeout)
             return pid
         except (Exception, trio.TooSlowError) as exc:
-            errors.append(f"{text}: {exc or type(exc).__name__}")
+            errors.append(f"{text}: {error_text(exc)}")
     raise ConnectionError(f"cannot reach {peer_id}: " + "; ".join(errors or ["no addresses"]))
 
 
@@ -178,6 +190,22 @@ async def request(host: IHost, peer_id: ID, protocol: TProtocol, message: Mappin
             return await exchange(stream, message, limit)
         finally:
             await close_quietly(stream)
+
+
+MAX_ERROR_TEXT = 300  # characters of one failure reason in a log line or a message
+
+
+def one_line(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters, never
+    empty."""
+    flat = " ".join(text.split()) or "unknown failure"
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+def error_text(exc: BaseException) -> str:
+    """A failure as one short, non-empty line. py-libp2p's dial and stream errors span several
+    lines, and some exceptions (trio.TooSlowError) have no message at all."""
+    return one_line(str(exc) or type(exc).__name__)
 
 
 class RemoteError(Exception):

@@ -25,6 +25,12 @@ log = logging.getLogger("veilnet.peers")
 
 MAX_ADDRS = 8
 MAX_SHARDS = 256
+MAX_ADDR_CHARS = 300  # a multiaddr, and the http URL
+MAX_PEER_ID_CHARS = 64  # an Ed25519 PeerID has 52 characters
+# Records a node keeps (the oldest goes first) and relays in one response. A response of this
+# many records, each at the limits above, stays under the frame's item limit (node/wire.py):
+# 128 * (8 + 256 + 14) items, about 36k of MAX_FRAME_ITEMS = 65536.
+MAX_KNOWN_PEERS = 128
 
 
 @dataclass
@@ -47,8 +53,9 @@ def parse_record(doc: Any, authenticated_peer: str | None = None) -> PeerRecord:
     if not isinstance(doc, dict):
         raise ValueError("a node record must be a map")
     peer_id = doc.get("peer_id")
-    if not isinstance(peer_id, str):
-        raise ValueError("node record: 'peer_id' must be a string")
+    if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_CHARS:
+        raise ValueError(f"node record: 'peer_id' must be a string of at most "
+                         f"{MAX_PEER_ID_CHARS} characters")
     if authenticated_peer is not None and peer_id != authenticated_peer:
         raise ValueError(f"node record names {peer_id} but came from {authenticated_peer}")
     try:
@@ -57,25 +64,36 @@ def parse_record(doc: Any, authenticated_peer: str | None = None) -> PeerRecord:
         raise ValueError(f"node record: {exc}") from None
     addrs, shards, http = doc.get("addrs"), doc.get("shards"), doc.get("http")
     if (not isinstance(addrs, list) or len(addrs) > MAX_ADDRS
-            or not all(isinstance(a, str) and len(a) < 300 for a in addrs)):
-        raise ValueError(f"node record: 'addrs' must be a list of at most {MAX_ADDRS} strings")
+            or not all(isinstance(a, str) and len(a) < MAX_ADDR_CHARS for a in addrs)):
+        raise ValueError(f"node record: 'addrs' must be a list of at most {MAX_ADDRS} strings "
+                         f"of less than {MAX_ADDR_CHARS} characters")
     if (not isinstance(shards, list) or len(shards) > MAX_SHARDS
             or not all(isinstance(c, str) and is_valid_cid(c) for c in shards)):
         raise ValueError(f"node record: 'shards' must be a list of at most {MAX_SHARDS} CIDs")
-    if http is not None and not (isinstance(http, str) and len(http) < 300):
-        raise ValueError("node record: 'http' must be a URL string")
+    if http is not None and not (isinstance(http, str) and len(http) < MAX_ADDR_CHARS):
+        raise ValueError(f"node record: 'http' must be a URL string of less than "
+                         f"{MAX_ADDR_CHARS} characters")
     return PeerRecord(peer_id, did, list(addrs), list(shards), http)
 
 
 class PeerTable:
-    def __init__(self, ttl: float = 60.0) -> None:
+    def __init__(self, ttl: float = 60.0, capacity: int = MAX_KNOWN_PEERS) -> None:
         self.ttl = ttl
+        self.capacity = capacity
         self._peers: dict[str, PeerRecord] = {}
 
     def upsert(self, record: PeerRecord, age: float = 0.0) -> None:
-        """Add or refresh a record; ``age`` is how long ago a relaying peer last heard of it."""
+        """Add or refresh a record; ``age`` is how long ago a relaying peer last heard of it.
+        A full table drops its expired records, then its least recently seen one."""
         record.last_seen = time.time() - age
         known = self._peers.get(record.peer_id)
+        if known is None and len(self._peers) >= self.capacity:
+            self.records()
+            if len(self._peers) >= self.capacity:
+                oldest = min(self._peers.values(), key=lambda r: r.last_seen)
+                if oldest.last_seen > record.last_seen:
+                    return  # older news than anything kept
+                del self._peers[oldest.peer_id]
         if known is None or known.last_seen <= record.last_seen:
             self._peers[record.peer_id] = record
 
@@ -107,7 +125,8 @@ async def exchange_peers(host: IHost, addr: str, own: PeerRecord | None, timeout
         "node": own.to_json() if own else None}, timeout)
     responder = parse_record(response.get("node"), str(info.peer_id))
     relayed = []
-    for doc in response.get("peers") or []:
+    relayed_docs = response.get("peers")
+    for doc in relayed_docs[:MAX_KNOWN_PEERS] if isinstance(relayed_docs, list) else []:
         try:
             relayed.append((parse_record(doc), _age(doc)))
         except ValueError as exc:

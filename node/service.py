@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from node.p2p import (
     RemoteError,
     close_quietly,
     ensure_connected,
+    error_text,
     full_addrs,
     open_stream,
     peer_info,
@@ -44,7 +46,7 @@ from node.store import ShardStore, StoreError
 from node.wire import (
     WIRE_VERSION,
     WireError,
-    decode_body,
+    decode_frame_body,
     decode_tensors,
     encode_tensors,
     fingerprint_payload,
@@ -60,6 +62,8 @@ from registry.card import ServedShard, build_card
 log = logging.getLogger("veilnet.node")
 VERSION = importlib.metadata.version("veilnet")
 CHUNK = 1 << 20
+CHUNK_OVERHEAD = 64  # CBOR framing of {"data": <bytes>} around a chunk's bytes
+HEADER_LIMIT = 64 * 1024  # a /veilnet/shard/1 header or error frame
 MAX_ID_LENGTH = 128
 
 class FetchRefused(ValueError):
@@ -118,7 +122,11 @@ class NodeService:
             host.set_stream_handler(WITNESS, self.handle_witness)
 
     def served_shards(self) -> list[ServedShard]:
-        return [ServedShard(s.deployment, s.model, cid, s.spec.index)
+        """The shards this node serves, each with its deployment manifest's ``encryption``
+        (the card states the scheme, so it never claims more protection than the model has)."""
+        schemes = {mcid: manifest.encryption for mcid, manifest in self.store.manifests()}
+        return [ServedShard(s.deployment, s.model, cid, s.spec.index,
+                            schemes.get(s.deployment, "none"))
                 for cid, s in sorted(self.store.shards().items())]
 
     def build_card(self) -> dict[str, Any]:
@@ -171,7 +179,7 @@ class NodeService:
                                                        f"limit is {self.frame_limit}")
                 body = await read_exactly(stream, length)
                 framing_ok = True
-                message = decode_body(body)
+                message = await decode_frame_body(body)
                 raw_id = message.get("id")
                 if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_LENGTH:
                     request_id = raw_id
@@ -266,48 +274,74 @@ class NodeService:
         if not isinstance(cid, str) or not is_valid_cid(cid):
             raise WireError("bad_request", "'cid' must be a CID")
         path = self.store.blob_path(cid)
-        if path is None:
-            raise WireError("not_found", f"this node holds no shard or manifest {cid}")
-        data = await trio.Path(path).read_bytes()
-        await write_frame(stream, {"v": WIRE_VERSION, "id": message["id"], "cid": cid,
-                                   "size": len(data)})
-        for offset in range(0, len(data), CHUNK):
-            await write_frame(stream, {"data": data[offset:offset + CHUNK]})
+        try:
+            if path is None:
+                raise FileNotFoundError
+            blob = await trio.open_file(path, "rb")
+        except OSError:
+            raise WireError("not_found", f"this node holds no shard or manifest {cid}") from None
+        async with blob:  # streamed from the file: a 1 GB shard never sits in memory
+            size = os.fstat(blob.fileno()).st_size
+            await write_frame(stream, {"v": WIRE_VERSION, "id": message["id"], "cid": cid,
+                                       "size": size})
+            sent = 0
+            while sent < size:
+                data = await blob.read(min(CHUNK, size - sent))
+                if not data:  # the file shrank under us: the peer's hash check will fail
+                    break
+                await write_frame(stream, {"data": data})
+                sent += len(data)
 
-    async def fetch_blob(self, peer: ID, cid: str, timeout: float) -> list[bytes]:
-        """The chunks of a shard or manifest fetched from ``peer`` (not yet checked)."""
+    async def fetch_blob(self, peer: ID, cid: str, timeout: float, *, manifest: bool = False,
+                         size: int | None = None) -> int:
+        """Download a manifest (``manifest``) or a node shard from ``peer`` into the store.
+
+        The chunks go to a temporary file, hashed as they are written, and the file is stored
+        only if it matches ``cid``. A download is capped (ShardStore.download_limit): at the
+        ``size`` the manifest declares for the shard, at 1 MiB for a manifest, else at the node's
+        ``shard_size_limit``; a header announcing more is refused before any chunk is read.
+        Returns the bytes stored."""
         assert self.host is not None
-        chunks: list[bytes] = []
+        limit, why = self.store.download_limit(manifest, size)
+        what = "manifest" if manifest else "shard"
         with trio.fail_after(timeout):
             stream = await open_stream(self.host, peer, SHARD)
             try:
                 await write_frame(stream, {"v": WIRE_VERSION, "id": f"fetch-{cid}", "cid": cid})
-                header = await read_frame(stream, self.frame_limit)
+                header = await read_frame(stream, HEADER_LIMIT)
                 if header is None or "error" in header:
                     err = (header or {}).get("error") or {}
-                    raise RemoteError(str(err.get("code", "truncated")),
-                                      str(err.get("message", "no answer")))
-                size = header.get("size")
-                if not isinstance(size, int) or size < 0:
-                    raise WireError("bad_frame", "the shard header has no valid 'size'")
-                received = 0
-                while received < size:
-                    chunk = await read_frame(stream, self.frame_limit)
-                    data = chunk.get("data") if chunk else None
-                    if not isinstance(data, bytes) or received + len(data) > size:
-                        raise WireError("bad_frame", f"bad chunk after {received} of {size} "
-                                                     "bytes")
-                    chunks.append(data)
-                    received += len(data)
+                    err = err if isinstance(err, dict) else {}
+                    raise RemoteError(str(err.get("code", "truncated"))[:64],
+                                      str(err.get("message", "no answer"))[:500])
+                declared = header.get("size")
+                if not isinstance(declared, int) or isinstance(declared, bool) or declared < 0:
+                    raise WireError("bad_frame", f"the {what} header has no valid 'size'")
+                if declared > limit or (size is not None and declared != size):
+                    raise WireError("too_large" if declared > limit else "bad_frame",
+                                    f"the peer offers {what} {cid} as {declared} bytes; "
+                                    f"{why} is {limit} bytes")
+                with self.store.receive(cid, limit, manifest) as incoming:
+                    while incoming.received < declared:
+                        left = declared - incoming.received
+                        chunk = await read_frame(stream, min(self.frame_limit,
+                                                             left + CHUNK_OVERHEAD))
+                        data = chunk.get("data") if chunk else None
+                        if not isinstance(data, bytes) or not data or len(data) > left:
+                            raise WireError("bad_frame", f"bad chunk after {incoming.received} "
+                                                         f"of {declared} bytes")
+                        await trio.to_thread.run_sync(incoming.write, data)
+                    await trio.to_thread.run_sync(incoming.commit)
             finally:
                 await close_quietly(stream)
-        return chunks
+        return declared
 
     async def fetch_deployment(self, deployment: str, shards: Sequence[str] | None,
                                source: str | None, timeout: float = 120.0) -> list[str]:
         """Fetch a deployment manifest and its node shards (all, or ``shards``) from a peer:
         the one at ``source``, else each known peer in turn. Everything is checked against its
-        CID before it is stored."""
+        CID before it is stored, and each download is capped (see fetch_blob). A stored shard
+        known to be corrupt is fetched again."""
         assert self.host is not None
         if source is not None:
             info = peer_info(source)
@@ -323,28 +357,25 @@ class NodeService:
         for peer_id, addrs in providers:
             try:
                 peer = await ensure_connected(self.host, peer_id, addrs, 10)
-                if self.store.blob_path(deployment) is None:
-                    data = b"".join(await self.fetch_blob(peer, deployment, timeout))
-                    self.store.add_manifest_bytes(data, expected_cid=deployment)
-                _, manifest = self.store.add_manifest_bytes(
-                    self.store.manifest_path(deployment).read_bytes())
-                node_cids = [s.cid for s in manifest.node_shards]
-                wanted = list(shards) if shards else node_cids
-                bad = [c for c in wanted if c not in node_cids]
+                if not self.store.manifest_path(deployment).is_file():
+                    await self.fetch_blob(peer, deployment, timeout, manifest=True)
+                manifest = await trio.to_thread.run_sync(self.store.load_manifest, deployment)
+                specs = {s.cid: s for s in manifest.node_shards}
+                wanted = list(shards) if shards else list(specs)
+                bad = [c for c in wanted if c not in specs]
                 if bad:
                     raise FetchRefused(f"{bad} are not node shards of deployment {deployment}; "
                                        "a node never takes client material")
                 for cid in wanted:
-                    if self.store.blob_path(cid) is None:
-                        chunks = await self.fetch_blob(peer, cid, timeout)
-                        await trio.to_thread.run_sync(self.store.add_shard_bytes, cid, chunks)
+                    if not self.store.shard_path(cid).is_file() or self.store.is_corrupt(cid):
+                        await self.fetch_blob(peer, cid, timeout, size=specs[cid].size)
                 if self.discovery is not None:
                     self.discovery.announce_soon()  # the card now names the new shards
                 return wanted
             except FetchRefused:
                 raise
             except (Exception, trio.TooSlowError) as exc:
-                errors.append(f"{peer_id}: {exc or type(exc).__name__}")
+                errors.append(f"{peer_id}: {error_text(exc)}")
         raise StoreError("fetch failed: " + "; ".join(errors))
 
     # -- /veilnet/cards/1 -----------------------------------------------------------------------
@@ -393,7 +424,7 @@ class NodeService:
                     if record.peer_id != self.identity.peer_id:
                         self.peers.upsert(record, age=age)
             except (Exception, trio.TooSlowError) as exc:
-                log.warning("bootstrap %s: %s", addr, exc or type(exc).__name__)
+                log.warning("bootstrap %s: %s", addr, error_text(exc))
 
     async def announce_loop(self, bootstrap: Sequence[str], interval: float) -> None:
         while True:

@@ -7,6 +7,12 @@ See docs/protocol.md for the message schemas of each protocol.
 
 The varint is written by hand (eight lines) because the multiformats varint packages work on
 whole buffers, while a frame header must be read from a stream one byte at a time.
+
+A body is bounded before cbor2 turns it into Python objects: at most ``MAX_FRAME_ITEMS`` data
+items, ``MAX_DEPTH`` levels, a map at the top, no tags, no indefinite lengths (``scan_items``).
+cbor2 (6.3) has a depth limit but no item limit, and one byte of CBOR (an empty array) becomes
+about 64 bytes of Python objects, so without the count a 16 MiB frame cost a node 1.2 GB.
+``decode_frame_body`` runs a body of more than ``THREAD_DECODE_BYTES`` in a worker thread.
 """
 
 from __future__ import annotations
@@ -19,10 +25,20 @@ from typing import Any, Protocol
 
 import cbor2
 import numpy as np
+import trio
 
 WIRE_VERSION = 1
 DEFAULT_FRAME_LIMIT = 64 * 1024 * 1024
 MAX_VARINT_BYTES = 9  # multiformats unsigned-varint: at most 63 bits
+MAX_DEPTH = 16  # nested non-empty maps/arrays, counted as cbor2's max_depth counts them
+# Data items in one frame (every map key, map value, array element and the top map count one).
+# The largest legitimate messages hold a few hundred to a few tens of thousands: a fingerprint
+# has about 20 per tensor (at most 64 tensors), a card lookup at most 256 strings, a peers
+# response at most 128 records of at most 8 addresses and 256 shard CIDs (about 36k); tensors
+# are byte strings, one item each. At this limit decoded objects take at most a few MB.
+MAX_FRAME_ITEMS = 1 << 16
+THREAD_DECODE_BYTES = 1 << 20  # bigger bodies are scanned and decoded off the event loop
+MAX_ERROR_CHARS = 1024  # an error message is cut to this (it is sent, logged and counted)
 RECEIPT_DOMAIN = "veilnet-infer-receipt/1"
 FINGERPRINT_DOMAIN = "veilnet-fingerprint/1"
 
@@ -42,6 +58,8 @@ class WireError(Exception):
     """A protocol error with a stable ``code`` (see docs/protocol.md) and a readable message."""
 
     def __init__(self, code: str, message: str) -> None:
+        if len(message) > MAX_ERROR_CHARS:  # messages may quote what a peer sent
+            message = f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters)"
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -110,11 +128,74 @@ async def read_frame_length(stream: ByteStream) -> int | None:
     raise WireError("bad_frame", f"the frame header is longer than {MAX_VARINT_BYTES} bytes")
 
 
+def scan_items(body: bytes, max_items: int = MAX_FRAME_ITEMS,
+               max_depth: int = MAX_DEPTH) -> int:
+    """Check the item headers of one CBOR body without building any object; return the number
+    of data items. Raises WireError(bad_frame) unless ``body`` is exactly one CBOR map with at
+    most ``max_items`` items, ``max_depth`` levels, no tags and no indefinite lengths.
+
+    Linear in the number of items (string payloads are skipped by their length), and stops at
+    the first item over the limit. Hand-written because cbor2, the only maintained CBOR package
+    here, has no item limit and no way to walk headers without decoding.
+    """
+    size = len(body)
+    if not size or body[0] >> 5 != 5:
+        raise WireError("bad_frame", "a frame must be a CBOR map")
+    pos = items = 0
+    pending = [1]  # items still to read in each open container; the sentinel is the top level
+    while pending:
+        if not pending[-1]:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        if pos >= size:
+            raise WireError("bad_frame", "the frame is not valid CBOR (it ends inside an item)")
+        initial = body[pos]
+        major, info = initial >> 5, initial & 0x1F
+        pos += 1
+        if info < 24:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            arg = int.from_bytes(body[pos:pos + width], "big")
+            pos += width
+        elif info == 31:
+            raise WireError("bad_frame", "indefinite-length CBOR items are not allowed")
+        else:
+            raise WireError("bad_frame", f"reserved CBOR header byte 0x{initial:02x}")
+        items += 1
+        if items > max_items:
+            raise WireError("bad_frame", f"the frame holds more than {max_items} CBOR items")
+        if major in (2, 3):  # byte and text strings: skip the payload
+            pos += arg
+        elif major in (4, 5):  # arrays and maps: each member is at least one more byte
+            members = arg if major == 4 else 2 * arg
+            if members > size - pos:
+                raise WireError("bad_frame", f"a CBOR container declares {members} items, "
+                                             f"more than the {size - pos} bytes left")
+            if members:
+                if len(pending) > max_depth:
+                    raise WireError("bad_frame", f"the frame nests deeper than {max_depth} "
+                                                 "levels")
+                pending.append(members)
+        elif major == 6:
+            raise WireError("bad_frame", f"CBOR tag {arg} is not allowed")
+    if pos > size:
+        raise WireError("bad_frame", "the frame is not valid CBOR (it ends inside an item)")
+    if pos != size:
+        raise WireError("bad_frame", f"{size - pos} bytes follow the CBOR map")
+    return items
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
-    """One CBOR map, nothing after it, no tags, at most 16 levels deep."""
+    """One CBOR map, nothing after it, no tags, at most ``MAX_DEPTH`` levels deep and
+    ``MAX_FRAME_ITEMS`` data items. Runs on the calling thread: see ``decode_frame_body``."""
+    if len(body) > MAX_FRAME_ITEMS:  # a shorter body cannot hold more items than it has bytes
+        scan_items(body)
     stream = io.BytesIO(body)
     try:
-        message = cbor2.CBORDecoder(stream, max_depth=16, allow_duplicate_keys=False,
+        message = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False,
+                                    allow_indefinite=False, strict_hashable_types=True,
                                     tag_hook=_reject_tag, semantic_decoders=_REJECT_TAGS,
                                     read_size=1).decode()
     except WireError:
@@ -131,6 +212,14 @@ def decode_body(body: bytes) -> dict[str, Any]:
     return message
 
 
+async def decode_frame_body(body: bytes) -> dict[str, Any]:
+    """``decode_body``, in a worker thread for a body over ``THREAD_DECODE_BYTES`` so that the
+    event loop keeps serving other streams meanwhile."""
+    if len(body) <= THREAD_DECODE_BYTES:
+        return decode_body(body)
+    return await trio.to_thread.run_sync(decode_body, body)
+
+
 async def read_frame(stream: ByteStream, limit: int = DEFAULT_FRAME_LIMIT) -> dict[str, Any] | None:
     """Read one frame; None at a clean end of stream. Raises WireError on a bad frame."""
     length = await read_frame_length(stream)
@@ -138,7 +227,7 @@ async def read_frame(stream: ByteStream, limit: int = DEFAULT_FRAME_LIMIT) -> di
         return None
     if length > limit:
         raise WireError("frame_too_large", f"the frame has {length} bytes, the limit is {limit}")
-    return decode_body(await read_exactly(stream, length))
+    return await decode_frame_body(await read_exactly(stream, length))
 
 
 def _reject_tag(decoder: Any, tag: Any) -> Any:

@@ -28,6 +28,14 @@ Errors carry ``error.data`` as an object (spec §9.5); veilnet failures add
 ``"veilnet": {"code": <wire code>, "message": str}`` (docs/protocol.md codes). Batches (JSON-RPC
 2.0 §6) of at most ``MAX_BATCH`` calls run one after another; notifications (no ``id``) are
 neither answered nor executed, so ``dispatch`` returns None for them (send HTTP 204).
+
+Bounds (docs/protocol.md "Limits"), all checked before the work they protect: the body has at
+most ``max_body`` bytes and at most ``MAX_JSON_VALUES`` JSON values (counted on the raw bytes, in
+linear time, before ``json.loads`` builds any object: one byte of JSON such as ``[{},{},...]``
+otherwise costs about 25 bytes of Python objects); a JSON-RPC ``id`` has at most
+``MAX_RPC_ID_CHARS`` characters, the infer ``shard`` at most ``MAX_SHARD_CHARS``; values echoed
+in error messages are clipped. A body over ``OFFLOAD_BYTES`` is parsed by ``offload`` (the node
+passes ``trio.to_thread.run_sync``) so that the event loop is not held by one request.
 """
 
 from __future__ import annotations
@@ -47,6 +55,15 @@ MEDIA_TYPE = "application/json"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024  # base64 inflates by 4/3: about 48 MiB of tensor bytes
 MAX_BATCH = 16
 MAX_ID_CHARS = 128  # docs/protocol.md: request ids are strings of at most 128 characters
+MAX_RPC_ID_CHARS = 256  # a JSON-RPC id (echoed in the reply); clients send UUIDs or numbers
+MAX_SHARD_CHARS = 128  # a shard CID has 59 characters
+MAX_METHOD_CHARS = 128  # the longest A2A method name has 41
+# JSON values in one body, bounded by the count of the bytes that precede every value but the
+# first: ',' ':' '[' '{'. Counted on the raw body, so these characters inside strings count too
+# (base64 has none). A SendMessage needs a few dozen; at the limit parsing builds ~10 MB.
+MAX_JSON_VALUES = 1 << 17
+OFFLOAD_BYTES = 1 << 20  # bodies this large are parsed by ``offload``
+MAX_ECHO_CHARS = 80  # caller-supplied values quoted in error messages are clipped to this
 V1, V03 = "1.0", "0.3"
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND = -32700, -32600, -32601
@@ -86,6 +103,7 @@ class InferFailed(Exception):
 
 
 InferFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+OffloadFn = Callable[..., Awaitable[Any]]  # e.g. trio.to_thread.run_sync(fn, *args)
 
 
 class RpcError(Exception):
@@ -104,6 +122,20 @@ class RpcError(Exception):
 
 def _veilnet(code: str, message: str) -> dict[str, Any]:
     return {"veilnet": {"code": code, "message": message}}
+
+
+def _clip(value: Any) -> str:
+    """``repr(value)`` cut to MAX_ECHO_CHARS characters, for messages that quote the caller."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= MAX_ECHO_CHARS \
+        else repr(value[:MAX_ECHO_CHARS])
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+
+
+def _echo(value: Any) -> Any:
+    """``value`` itself when it is a short string or a number, else its clipped repr."""
+    short = isinstance(value, int | float) or (isinstance(value, str)
+                                                and len(value) <= MAX_RPC_ID_CHARS)
+    return value if short else _clip(value)
 
 
 # -- the data part ------------------------------------------------------------------------------
@@ -156,7 +188,7 @@ def _tensors(obj: Any, what: str, code: str, convert: Callable[..., dict[str, An
              ) -> dict[str, Any]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise InferFailed(code, f"{what} must be an object from tensor names to tensors")
-    return {name: convert(t, f"{what} {name!r}", code) for name, t in obj.items()}
+    return {name: convert(t, f"{what} {_clip(name)}", code) for name, t in obj.items()}
 
 
 def _str(value: Any, what: str, code: str, limit: int | None = None) -> str:
@@ -174,7 +206,8 @@ def infer_request_from_part(data: dict[str, Any], message_id: str) -> dict[str, 
     if extra:
         raise InferFailed("bad_request", f"unknown fields in the infer request: {extra}")
     request_id = _str(data.get("id", message_id), "the request id", "bad_request", MAX_ID_CHARS)
-    return {"v": 1, "id": request_id, "shard": _str(data.get("shard"), "shard", "bad_request"),
+    return {"v": 1, "id": request_id,
+            "shard": _str(data.get("shard"), "shard", "bad_request", MAX_SHARD_CHARS),
             "inputs": _tensors(data.get("inputs"), "inputs", "bad_tensor", _tensor_from_json)}
 
 
@@ -219,11 +252,27 @@ def _reply(request_id: Any, err: RpcError) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": err.to_json()}
 
 
+def parse_body(body: bytes) -> Any:
+    """The JSON document in ``body``; RpcError when it holds more than MAX_JSON_VALUES values
+    (checked first, in linear time) or is not JSON. No size check: see ``dispatch``."""
+    values = 1 + sum(body.count(c) for c in (b",", b":", b"[", b"{"))
+    if values > MAX_JSON_VALUES:
+        msg = f"the request holds more than {MAX_JSON_VALUES} JSON values"
+        raise RpcError(INVALID_REQUEST, msg, {"maxValues": MAX_JSON_VALUES,
+                                              **_veilnet("bad_request", msg)})
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise RpcError(PARSE_ERROR, f"invalid JSON: {str(exc)[:200]}") from None
+
+
 async def dispatch(body: bytes, infer: InferFn, *, max_body: int = DEFAULT_MAX_BODY,
-                   a2a_version: str | None = None) -> dict[str, Any] | list | None:
+                   a2a_version: str | None = None, offload: OffloadFn | None = None,
+                   ) -> dict[str, Any] | list | None:
     """The JSON-RPC response to ``body`` (a dict, a list for a batch, None when nothing is owed).
 
     ``a2a_version`` is the request's A2A-Version header ("" if absent, None if unknown).
+    ``offload(fn, *args)`` runs the parsing of a body over OFFLOAD_BYTES (None: inline).
     """
     try:
         if len(body) > max_body:
@@ -231,9 +280,12 @@ async def dispatch(body: bytes, infer: InferFn, *, max_body: int = DEFAULT_MAX_B
             return _reply(None, RpcError(INVALID_REQUEST, msg, {"maxBytes": max_body,
                                          **_veilnet("frame_too_large", msg)}))
         try:
-            doc = json.loads(body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
-            return _reply(None, RpcError(PARSE_ERROR, f"invalid JSON: {exc}"))
+            if offload is not None and len(body) > OFFLOAD_BYTES:
+                doc = await offload(parse_body, body)
+            else:
+                doc = parse_body(body)
+        except RpcError as err:
+            return _reply(None, err)
         if not isinstance(doc, list):
             return await _one(doc, infer, a2a_version)
         if not doc or len(doc) > MAX_BATCH:
@@ -249,16 +301,19 @@ async def dispatch(body: bytes, infer: InferFn, *, max_body: int = DEFAULT_MAX_B
 
 async def _one(req: Any, infer: InferFn, a2a_version: str | None) -> dict[str, Any] | None:
     rid = req.get("id") if isinstance(req, dict) else None
-    if isinstance(rid, bool) or not isinstance(rid, str | int | None):
+    if isinstance(rid, bool) or not isinstance(rid, str | int | None) or (
+            isinstance(rid, str) and len(rid) > MAX_RPC_ID_CHARS):
         rid = None
     try:
         if not isinstance(req, dict) or req.get("jsonrpc") != "2.0":
             raise RpcError(INVALID_REQUEST, 'a request must be an object with "jsonrpc": "2.0"')
         if "id" in req and rid != req["id"]:
-            raise RpcError(INVALID_REQUEST, "id must be a string, an integer or null")
+            raise RpcError(INVALID_REQUEST, "id must be a string of at most "
+                                            f"{MAX_RPC_ID_CHARS} characters, an integer or null")
         method, params = req.get("method"), req.get("params", {})
-        if not isinstance(method, str) or not method:
-            raise RpcError(INVALID_REQUEST, "method must be a non-empty string")
+        if not isinstance(method, str) or not method or len(method) > MAX_METHOD_CHARS:
+            raise RpcError(INVALID_REQUEST, "method must be a non-empty string of at most "
+                                            f"{MAX_METHOD_CHARS} characters")
         if not isinstance(params, dict | list):
             raise RpcError(INVALID_REQUEST, "params must be an object or an array")
         if "id" not in req:
@@ -281,7 +336,8 @@ def _check_version(method: str, binding: str, header: str | None) -> None:
                  if len(parts) in (2, 3) and all(p.isdigit() for p in parts) else None)
     data = {"requested": header, "supported": [V1, V03]}
     if requested not in (V1, V03):
-        raise RpcError(VERSION_NOT_SUPPORTED, f"A2A version {header!r} is not supported", data)
+        raise RpcError(VERSION_NOT_SUPPORTED, f"A2A version {_clip(header)} is not supported",
+                       data)
     if requested != binding:
         raise RpcError(VERSION_NOT_SUPPORTED, f"{method} is an A2A {binding} method, but the "
                                               f"request asks for A2A {requested}", data)
@@ -303,7 +359,7 @@ async def _call(method: str, params: Any, infer: InferFn, a2a_version: str | Non
     if kind == "task":
         task_id = params.get("id")
         raise RpcError(TASK_NOT_FOUND, "task not found: this node answers with messages and "
-                       "never creates tasks", {"taskId": task_id} if task_id else None)
+                       "never creates tasks", {"taskId": _echo(task_id)} if task_id else None)
     if kind == "stream":
         raise RpcError(UNSUPPORTED_OPERATION, "streaming is not supported "
                        "(the agent card does not declare capabilities.streaming)")
@@ -335,14 +391,15 @@ def _veilnet_data(parts: Any, binding: str) -> dict[str, Any]:
             continue
         media = _field(part, "mediaType", "media_type")
         if data[DATA_KEY] != DATA_KIND or (media and not _is_json_type(media)):
-            other.append(f"{data[DATA_KEY]!r} as {media or MEDIA_TYPE}")
+            other.append(f"{_clip(data[DATA_KEY])} as {_clip(media or MEDIA_TYPE)}")
             continue
         found.append(data)
     if len(found) > 1:
         raise RpcError(INVALID_PARAMS, f"the message holds {len(found)} veilnet data parts, "
                                        "expected one", _veilnet("bad_request", "one request"))
     if not found:
-        seen = f" (found {', '.join(other)})" if other else ""
+        seen = f" (found {', '.join(other[:3])}{', ...' if len(other) > 3 else ''})" \
+            if other else ""
         raise RpcError(CONTENT_TYPE_NOT_SUPPORTED, "this node accepts only a data part holding "
                        f'a veilnet infer request, {{"{DATA_KEY}": "{DATA_KIND}", ...}}{seen}',
                        {"acceptedInputModes": [MEDIA_TYPE], DATA_KEY: DATA_KIND})
@@ -364,14 +421,16 @@ async def _send(binding: str, params: dict[str, Any], infer: InferFn) -> dict[st
     role_ok = msg.get("role") in (("ROLE_USER", 1) if binding == V1 else ("user",))
     if not role_ok:
         user = "ROLE_USER" if binding == V1 else "user"
-        raise RpcError(INVALID_PARAMS, f"message.role must be {user!r}, got {msg.get('role')!r}")
+        raise RpcError(INVALID_PARAMS,
+                       f"message.role must be {user!r}, got {_clip(msg.get('role'))}")
     task_id = _field(msg, "taskId", "task_id")
     if task_id:  # spec §3.4.2: a taskId must name an existing task
-        raise RpcError(TASK_NOT_FOUND, f"task {task_id!r} not found: this node never creates "
-                       "tasks", {"taskId": task_id})
+        raise RpcError(TASK_NOT_FOUND, f"task {_clip(task_id)} not found: this node never "
+                       "creates tasks", {"taskId": _echo(task_id)})
     context_id = _field(msg, "contextId", "context_id") or str(uuid.uuid4())  # spec §3.4.1
-    if not isinstance(context_id, str):
-        raise RpcError(INVALID_PARAMS, "message.contextId must be a string")
+    if not isinstance(context_id, str) or len(context_id) > MAX_RPC_ID_CHARS:
+        raise RpcError(INVALID_PARAMS, "message.contextId must be a string of at most "
+                                       f"{MAX_RPC_ID_CHARS} characters")
     config = params.get("configuration") or {}
     accepted = _field(config, "acceptedOutputModes", "accepted_output_modes") \
         if isinstance(config, dict) else None

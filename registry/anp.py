@@ -250,9 +250,10 @@ def agent_description(info: CardInfo, *, base_url: str, did: str, identity: Iden
     if did.startswith(_DID_WBA):
         did_wba_url(did)
     created = _iso(info.issued_at)
-    models: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    models: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for s in sorted(info.shards, key=lambda s: (s.model, s.deployment, s.index, s.shard)):
-        models.setdefault((s.model, s.deployment), []).append({"cid": s.shard, "index": s.index})
+        models.setdefault((s.model, s.deployment, s.encryption), []).append(
+            {"cid": s.shard, "index": s.index})
     doc: dict[str, Any] = {
         "protocolType": "ANP", "protocolVersion": ANP_PROTOCOL_VERSION, "type": "AgentDescription",
         "url": agent_description_url(base, info.peer_id),
@@ -262,7 +263,9 @@ def agent_description(info: CardInfo, *, base_url: str, did: str, identity: Iden
         "created": created,
         "securityDefinitions": {"nosec_sc": {
             "scheme": "nosec", "in": "auto",
-            "description": "No authentication: requests carry equivariant-encrypted data."}},
+            "description": "No authentication. What a request reveals to this node depends "
+                           "on its deployment's encryption scheme (veilnetNode.models; "
+                           "docs/threat-model.md)."}},
         "security": "nosec_sc",
         "interfaces": [
             {"type": "StructuredInterface", "protocol": "A2A", "version": A2A_PROTOCOL_VERSION,
@@ -277,8 +280,8 @@ def agent_description(info: CardInfo, *, base_url: str, did: str, identity: Iden
         "veilnetNode": {
             "type": "VeilnetNode", "peerId": info.peer_id, "multiaddrs": list(info.multiaddrs),
             "capacity": info.capacity, "validUntil": _iso(info.expires_at),
-            "models": [{"name": m, "deployment": d, "shards": shards}
-                       for (m, d), shards in models.items()],
+            "models": [{"name": m, "deployment": d, "encryption": e, "shards": shards}
+                       for (m, d, e), shards in models.items()],
         },
     }
     if owner is not None:

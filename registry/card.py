@@ -29,11 +29,35 @@ EXTENSION_URI = "urn:veilnet:a2a-extension:node:1"
 A2A_PROTOCOL_VERSION = "1.0"
 MEDIA_TYPE = "application/json"
 MAX_CARD_BYTES = 64 * 1024     # a card naming 256 shards and 8 addresses is about 40 KiB
-MAX_TTL_S = 24 * 3600          # longest validity a card may claim
+# Longest validity a card may claim. Nodes announce every interval (default 10 s) and sign
+# cards valid for 3 intervals (at least 30 s: node/config.py, card_ttl), so 300 s allows
+# announce intervals up to 100 s (node/config.py refuses longer ones) while a card nobody
+# renews (a Sybil card POSTed once, a departed node) drops out of every index within 5 minutes.
+MAX_TTL_S = 300
 CLOCK_SKEW_S = 60              # how far in the future issuedAt may be
 MAX_ADDRS = 8
 MAX_DEPTH = 32                 # nesting of objects and lists (a2a-sdk refuses beyond 128)
 MAX_SHARDS = 256
+MAX_SCHEME_CHARS = 64
+THREAT_MODEL = "docs/threat-model.md"  # in the veilnet source: what a node learns, measured
+
+# What each deployment scheme (a manifest's ``encryption``) lets the serving node see. The
+# skill text of a card says exactly this; it must never promise more than docs/threat-model.md
+# measures (tests/test_hardening_cards.py checks the wording of both schemes).
+SCHEME_TEXT = {
+    "ee-encoder/1": (
+        "Shards encrypted with ee-encoder/1 (equivariant encryption): clients send activations "
+        "transformed with their secret key. That hides them only in part (the node still sees "
+        "token counts, attention patterns and each token's values up to a permutation) and only "
+        "from a node that does not hold the model's plaintext weights; for a model whose "
+        "weights are public (such as all-MiniLM-L6-v2) " + THREAT_MODEL + " measures that such "
+        "a node recovers the key and reads the input tokens."),
+    "none": (
+        "Plaintext shards (encryption none): the node sees the activations a client sends, "
+        "unless the client uses CKKS mode (request encryption \"ckks\", for low-depth "
+        "Gemm-square-Gemm shards such as digits-mlp); then it computes on ciphertexts without "
+        "the secret key and learns their sizes and timing (" + THREAT_MODEL + ")."),
+}
 
 # Drop reasons, also the values of the ``reason`` label in /metrics.
 REASONS = ("oversized", "malformed", "no-signature", "bad-signature", "key-mismatch",
@@ -55,6 +79,7 @@ class ServedShard:
     model: str
     shard: str        # shard CID
     index: int
+    encryption: str = "none"  # the deployment manifest's scheme: "ee-encoder/1", "none"
 
 
 @dataclass(frozen=True)
@@ -132,7 +157,7 @@ def build_card(identity: Identity, *, a2a_url: str, multiaddrs: Iterable[str],
         "issuedAt": issued,
         "expiresAt": issued + max(1, math.ceil(ttl)),
         "deployments": [
-            {"cid": cid, "model": group[0].model,
+            {"cid": cid, "model": group[0].model, "encryption": _scheme_of(cid, group),
              "shards": [{"cid": s.shard, "index": s.index} for s in group]}
             for cid, group in sorted(by_deployment.items())
         ],
@@ -146,11 +171,10 @@ def build_card(identity: Identity, *, a2a_url: str, multiaddrs: Iterable[str],
         mine = [s for s in served if s.model == model]
         skills.append({
             "id": f"veilnet-infer-{model}",
-            "name": f"{model} encrypted shard inference",
-            "description": (f"Runs equivariant-encrypted shards of {model} on transformed "
-                            "activations; the node never sees plaintext. Send a data part "
-                            "holding a veilnet infer request (docs/agent-card.md)."),
+            "name": f"{model} shard inference",
+            "description": skill_description(model, mine),
             "tags": ["veilnet", "inference", f"model:{model}",
+                     *sorted({f"encryption:{s.encryption}" for s in mine}),
                      *sorted({f"deployment:{s.deployment}" for s in mine}),
                      *sorted({f"shard:{s.shard}" for s in mine})],
             "inputModes": [MEDIA_TYPE],
@@ -159,15 +183,16 @@ def build_card(identity: Identity, *, a2a_url: str, multiaddrs: Iterable[str],
     if not skills:  # A2A requires at least one skill
         skills.append({
             "id": "veilnet-infer",
-            "name": "encrypted shard inference (no shards yet)",
+            "name": "shard inference (no shards yet)",
             "description": "This node serves no model shards yet; its card will list them.",
             "tags": ["veilnet", "inference"],
         })
     short = identity.peer_id[-8:]
     card = {
         "name": f"veilnet node {short}",
-        "description": ("A veilnet inference node: runs equivariant-encrypted model shards for "
-                        "clients that do not trust it. Serves: "
+        "description": ("A veilnet inference node: runs model shards for clients. Each "
+                        "deployment's encryption scheme is in its skill and in the veilnet "
+                        f"extension; what a node can learn under each: {THREAT_MODEL}. Serves: "
                         + (", ".join(models) if models else "no shards yet") + "."),
         "supportedInterfaces": [{"url": a2a_url, "protocolBinding": "JSONRPC",
                                  "protocolVersion": A2A_PROTOCOL_VERSION}],
@@ -182,6 +207,30 @@ def build_card(identity: Identity, *, a2a_url: str, multiaddrs: Iterable[str],
         "skills": skills,
     }
     return sign_card(card, identity)
+
+
+def skill_description(model: str, shards: Iterable[ServedShard]) -> str:
+    """The skill text for ``model``: the scheme of each deployment, in the words of
+    SCHEME_TEXT (an unknown scheme is named, with no claim about it)."""
+    by_scheme: dict[str, set[str]] = {}
+    for s in shards:
+        by_scheme.setdefault(s.encryption, set()).add(s.deployment)
+    parts = [f"Runs node shards of {model}."]
+    for scheme, deployments in sorted(by_scheme.items()):
+        if len(by_scheme) > 1:
+            parts.append(f"Deployment {', '.join(sorted(deployments))}:")
+        parts.append(SCHEME_TEXT.get(scheme, f"Shards of encryption scheme {scheme!r}; see "
+                                             f"{THREAT_MODEL} for what it hides."))
+    parts.append("Send a data part holding a veilnet infer request (docs/agent-card.md).")
+    return " ".join(parts)
+
+
+def _scheme_of(deployment: str, group: list[ServedShard]) -> str:
+    schemes = {s.encryption for s in group}
+    if len(schemes) != 1:
+        raise ValueError(f"deployment {deployment} is given two encryption schemes: "
+                         f"{sorted(schemes)}")
+    return schemes.pop()
 
 
 # -- verifying -----------------------------------------------------------------------------------
@@ -229,8 +278,9 @@ def verify_card(card: Any, *, origin_peer: str | None = None,
     if issued > now + CLOCK_SKEW_S:
         raise CardRejected("not-yet-valid", f"card is issued {issued - now:.0f} s in the future")
     if expires - issued > MAX_TTL_S:
-        raise CardRejected("malformed", f"card claims {expires - issued} s validity, "
-                                        f"limit {MAX_TTL_S}")
+        raise CardRejected("malformed", f"card claims {expires - issued} s validity, limit "
+                                        f"{MAX_TTL_S} s (nodes re-sign theirs every announce "
+                                        "interval)")
     return CardInfo(card=card, did=did, peer_id=peer_id, multiaddrs=_addrs(params),
                     http=_opt_str(params, "http"), a2a_url=_a2a_url(card),
                     capacity=_int(params, "capacity", default=1), issued_at=issued,
@@ -362,10 +412,16 @@ def _shards(params: dict[str, Any]) -> list[ServedShard]:
                 or not isinstance(dep.get("model"), str) \
                 or not isinstance(dep.get("shards", []), list):
             raise CardRejected("malformed", "each deployment needs 'cid', 'model', 'shards'")
+        # a card that names no scheme promises nothing: read as "none"
+        scheme = dep.get("encryption", "none")
+        if not isinstance(scheme, str) or not 0 < len(scheme) <= MAX_SCHEME_CHARS:
+            raise CardRejected("malformed", f"a deployment's 'encryption' must be a scheme name "
+                                            f"of 1 to {MAX_SCHEME_CHARS} characters")
         for s in dep.get("shards", []):
             if not isinstance(s, dict) or not isinstance(s.get("cid"), str):
                 raise CardRejected("malformed", "each shard needs a string 'cid'")
-            out.append(ServedShard(dep["cid"], dep["model"], s["cid"], _int(s, "index")))
+            out.append(ServedShard(dep["cid"], dep["model"], s["cid"], _int(s, "index"),
+                                   scheme))
     if len(out) > MAX_SHARDS:
         raise CardRejected("oversized", f"card names {len(out)} shards, limit {MAX_SHARDS}")
     return out

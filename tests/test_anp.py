@@ -266,6 +266,10 @@ def test_agent_description_lists_a2a_interfaces_for_anp_crawler():
     assert served == {(s.model, s.deployment, s.shard, s.index) for s in info.shards}
     assert [s["index"] for m in node["models"] if m["name"] == "minilm" for s in m["shards"]] \
         == [0, 1]
+    # each deployment's scheme, as the card states it; no promise the threat model refutes
+    assert {m["deployment"]: m["encryption"] for m in node["models"]} == {
+        s.deployment: s.encryption for s in info.shards}
+    assert "never" not in json.dumps(ad).lower()
 
 
 def test_agent_description_is_deterministic_per_card():

@@ -347,9 +347,76 @@ def test_validity_window() -> None:
     assert reject_reason(make_card(now=T0 + 86_400), now=T0) == "not-yet-valid"
 
 
-def test_validity_over_24h_is_malformed() -> None:
+def test_validity_beyond_max_ttl_is_malformed() -> None:
     assert verify_card(make_card(ttl=MAX_TTL_S), now=T0).expires_at == T0 + MAX_TTL_S
     assert reject_reason(make_card(ttl=MAX_TTL_S + 1), now=T0) == "malformed"
+    # issue 12 item 9: a self-signed card valid for a day is refused, not kept for 24 h
+    assert reject_reason(make_card(ttl=24 * 3600), now=T0) == "malformed"
+    # the limit leaves room for a node's own cards: 3 announce intervals of at most 100 s
+    assert 3 * 10 <= MAX_TTL_S <= 300
+
+
+# -- what a card claims about privacy (issue 12 item 8) -----------------------------------------
+
+EE = [ServedShard(DEP_A, "all-MiniLM-L6-v2", cid_of_bytes(b"e1"), 1, "ee-encoder/1")]
+PLAIN = [ServedShard(DEP_B, "digits-mlp", cid_of_bytes(b"d1"), 1, "none")]
+
+
+def skill_of(card: dict[str, Any], model: str) -> dict[str, Any]:
+    (skill,) = [s for s in card["skills"] if f"model:{model}" in s["tags"]]
+    return skill
+
+
+def test_ee_card_states_its_scheme_and_what_it_does_not_hide() -> None:
+    card = make_card(shards=EE)
+    deployment = params_of(card)["deployments"][0]
+    assert deployment["encryption"] == "ee-encoder/1"
+    skill = skill_of(card, "all-MiniLM-L6-v2")
+    text = skill["description"]
+    assert "ee-encoder/1" in text and "docs/threat-model.md" in text
+    assert "recovers the key and reads the input tokens" in text
+    assert "encryption:ee-encoder/1" in skill["tags"]
+    assert "docs/threat-model.md" in card["description"]
+    assert [s.encryption for s in verify_card(card, now=T0).shards] == ["ee-encoder/1"]
+
+
+def test_plaintext_card_says_the_node_sees_activations() -> None:
+    card = make_card(shards=PLAIN)
+    assert params_of(card)["deployments"][0]["encryption"] == "none"
+    skill = skill_of(card, "digits-mlp")
+    text = skill["description"]
+    assert "Plaintext shards (encryption none)" in text
+    assert "the node sees the activations a client sends" in text
+    assert "CKKS" in text and "docs/threat-model.md" in text
+    assert "encrypted" not in skill["name"] and "encryption:none" in skill["tags"]
+    assert [s.encryption for s in verify_card(card, now=T0).shards] == ["none"]
+
+
+def test_one_model_in_two_schemes_names_each_deployment() -> None:
+    twin = [ServedShard(DEP_B, "all-MiniLM-L6-v2", cid_of_bytes(b"p1"), 1, "none")]
+    card = make_card(shards=EE + twin)
+    text = skill_of(card, "all-MiniLM-L6-v2")["description"]
+    assert f"Deployment {DEP_A}: Shards encrypted with ee-encoder/1" in text
+    assert f"Deployment {DEP_B}: Plaintext shards" in text
+    with pytest.raises(ValueError, match="two encryption schemes"):
+        make_card(shards=[EE[0], ServedShard(DEP_A, "all-MiniLM-L6-v2", cid_of_bytes(b"x"), 2,
+                                             "none")])
+
+
+@pytest.mark.parametrize("shards", [SHARDS, EE, PLAIN, EE + PLAIN, []])
+def test_no_card_says_never(shards: list[ServedShard]) -> None:
+    assert "never" not in json.dumps(make_card(shards=shards)).lower()
+
+
+def test_scheme_field_checked_and_defaults_to_none() -> None:
+    card = make_card(shards=EE)
+    missing = copy.deepcopy(card)
+    del params_of(missing)["deployments"][0]["encryption"]
+    assert [s.encryption for s in verify_card(resign(missing), now=T0).shards] == ["none"]
+    for bad in (7, "", "x" * 65, None):
+        wrong = copy.deepcopy(card)
+        params_of(wrong)["deployments"][0]["encryption"] = bad
+        assert reject_reason(resign(wrong), now=T0) == "malformed", bad
 
 
 def test_oversized_json_bytes() -> None:

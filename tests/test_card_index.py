@@ -16,7 +16,15 @@ import pytest
 from crypto.identity import Identity
 from models.cid import cid_of_bytes
 from registry.card import CardInfo, ServedShard, build_card, verify_card
-from registry.index import CardIndex
+from registry.index import (
+    CHECKING,
+    CONFIRMED,
+    FAILED,
+    UNCONFIRMED,
+    CardIndex,
+    CardStatus,
+    model_matches,
+)
 
 NOW = int(time.time())  # put() judges "previous card expired" by the real clock
 DEP_MINI, DEP_BERT = cid_of_bytes(b"deployment minilm"), cid_of_bytes(b"deployment bert")
@@ -26,7 +34,7 @@ BERT = [ServedShard(DEP_BERT, "bert", cid_of_bytes(f"bert {i}".encode()), i) for
 
 
 def info_of(identity: Identity, shards: list[ServedShard], *, issued: int = NOW,
-            ttl: float = 600, addrs: list[str] | None = None) -> CardInfo:
+            ttl: float = 300, addrs: list[str] | None = None) -> CardInfo:
     card = build_card(identity, a2a_url=f"http://{identity.peer_id[-6:]}.example/a2a",
                       multiaddrs=addrs or [f"/ip4/10.0.0.1/tcp/4001/p2p/{identity.peer_id}"],
                       shards=shards, now=issued, ttl=ttl)
@@ -196,3 +204,118 @@ def test_persistence(db_path: Path) -> None:
         assert again.put(infos[0]) == "updated"
     finally:
         again.close()
+
+
+# -- confirmation status (issue 12 item 9) -------------------------------------------------------
+
+def test_confirmed_first_failed_left_out(index: CardIndex) -> None:
+    """Confirmed cards come first whatever their age; a card whose addresses failed to dial is
+    left out until it is confirmed again."""
+    real = info_of(Identity.generate(), MINI, issued=NOW)
+    sybils = [info_of(Identity.generate(), MINI, issued=NOW + 50) for _ in range(3)]
+    assert index.put(real, confirmed=True) == "new"
+    for info in sybils:
+        index.put(info)  # POSTed over HTTP: unconfirmed
+    assert index.status(real.peer_id).state == CONFIRMED
+    assert {index.status(i.peer_id).state for i in sybils} == {UNCONFIRMED}
+    order = peers(index.query(shard=MINI[0].shard))
+    assert order[0] == real.peer_id and set(order[1:]) == {i.peer_id for i in sybils}
+    assert [i.peer_id for i in index.infos(deployment=DEP_MINI)] == order
+    assert index.unconfirmed(10) and {i.peer_id for i in index.unconfirmed(10)} == set(order[1:])
+
+    # while a check dials a card's addresses, the card is not served
+    assert index.mark_checking(sybils[2].peer_id, sybils[2].multiaddrs)
+    assert index.status(sybils[2].peer_id).state == CHECKING
+    assert sybils[2].peer_id not in peers(index.query())
+    assert sybils[2].peer_id not in {i.peer_id for i in index.unconfirmed(10)}
+    index.end_check(sybils[2].peer_id)  # a check that learned nothing: unconfirmed again
+    assert sybils[2].peer_id in peers(index.query())[1:]
+    assert index.mark_checking(sybils[2].peer_id, sybils[2].multiaddrs)
+
+    assert index.mark(sybils[0].peer_id, sybils[0].multiaddrs, reached=False)
+    assert index.status(sybils[0].peer_id).state == FAILED
+    assert index.status(sybils[0].peer_id).failures == 1
+    assert sybils[0].peer_id not in peers(index.query())
+    assert sybils[0].peer_id not in [i.peer_id for i in index.infos()]
+    assert index.get(sybils[0].peer_id) == sybils[0].card  # still known by PeerID
+    # reposting the same card does not lift the demotion
+    assert index.put(sybils[0]) == "updated"
+    assert index.status(sybils[0].peer_id).state == FAILED
+    # a dial result about other addresses than the card's is ignored
+    assert not index.mark(sybils[1].peer_id, ["/ip4/10.9.9.9/tcp/1"], reached=True)
+    assert index.status(sybils[1].peer_id).state == UNCONFIRMED
+    # reaching the peer, or hearing its card from itself, confirms it again
+    assert index.mark(sybils[0].peer_id, sybils[0].multiaddrs, reached=True)
+    assert peers(index.query())[:2] == [sybils[0].peer_id, real.peer_id]  # newest confirmed
+    # a confirmed card that then fails to dial is demoted too
+    assert index.mark(real.peer_id, real.multiaddrs, reached=False)
+    assert real.peer_id not in peers(index.query())
+    heard = info_of(Identity.from_seed(b"\1" * 32), MINI, issued=NOW)
+    index.put(heard)
+    index.put(heard, confirmed=True)
+    assert index.status(heard.peer_id).state == CONFIRMED
+
+
+def test_new_addresses_start_unconfirmed(index: CardIndex) -> None:
+    ident = Identity.generate()
+    index.put(info_of(ident, MINI, issued=NOW), confirmed=True)
+    index.put(info_of(ident, MINI, issued=NOW + 1))  # same addresses, POSTed: stays confirmed
+    assert index.status(ident.peer_id).state == CONFIRMED
+    moved = info_of(ident, MINI, issued=NOW + 2, addrs=["/ip4/10.0.0.7/tcp/1"])
+    index.put(moved)
+    assert index.status(ident.peer_id) == CardStatus(UNCONFIRMED, moved.multiaddrs,
+                                                     index.status(ident.peer_id).since, 0)
+
+
+def test_cards_from_disk_are_unconfirmed_at_start(db_path: Path) -> None:
+    """A node restarted (or a new testnet in the same directory) does not trust what an earlier
+    process confirmed: its cards count as unconfirmed until heard again."""
+    old = CardIndex(db_path)
+    stale = info_of(Identity.generate(), MINI, issued=NOW + 20)
+    dead = info_of(Identity.generate(), MINI, issued=NOW + 10)
+    old.put(stale, confirmed=True)
+    old.put(dead)
+    old.mark(dead.peer_id, dead.multiaddrs, reached=False)
+    old.close()
+    again = CardIndex(db_path)
+    try:
+        assert again.status(stale.peer_id).state == UNCONFIRMED
+        assert again.status(dead.peer_id).state == UNCONFIRMED
+        fresh = info_of(Identity.generate(), MINI, issued=NOW)
+        again.put(fresh, confirmed=True)
+        assert peers(again.query()) == [fresh.peer_id, stale.peer_id, dead.peer_id]
+        assert {i.peer_id for i in again.unconfirmed(10)} == {stale.peer_id, dead.peer_id}
+        again.purge(now=NOW + 10_000)
+        assert again.status(stale.peer_id) is None
+    finally:
+        again.close()
+
+
+# -- model names (issue 12 item 13) -------------------------------------------------------------
+
+@pytest.mark.parametrize(("query", "name", "match"), [
+    ("all-MiniLM-L6-v2", "all-MiniLM-L6-v2", True),
+    ("minilm", "all-MiniLM-L6-v2", True),
+    ("MiniLM", "all-MiniLM-L6-v2", True),
+    ("MINILM-l6", "all-MiniLM-L6-v2", True),
+    ("all_minilm_l6_v2", "all-MiniLM-L6-v2", True),
+    ("digits", "digits-mlp", True),
+    ("mini", "all-MiniLM-L6-v2", False),      # words, not fragments
+    ("l6-all", "all-MiniLM-L6-v2", False),    # in order
+    ("minilm", "digits-mlp", False),
+    ("--", "all-MiniLM-L6-v2", False),
+    ("", "all-MiniLM-L6-v2", False),
+    ("minilm " * 100, "all-MiniLM-L6-v2", False),  # longer than any name: no work done
+])
+def test_model_matches(query: str, name: str, match: bool) -> None:
+    assert model_matches(query, name) is match
+
+
+def test_query_by_short_model_name(index: CardIndex) -> None:
+    mini = [ServedShard(DEP_MINI, "all-MiniLM-L6-v2", s.shard, s.index) for s in MINI]
+    info = info_of(Identity.generate(), mini)
+    index.put(info)
+    index.put(info_of(Identity.generate(), BERT))
+    for query in ("minilm", "MiniLM", "all-MiniLM-L6-v2", DEP_MINI):
+        assert peers(index.query(model=query)) == [info.peer_id], query
+    assert index.query(model="mini") == [] and index.query(model="gpt") == []

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,41 @@ def test_is_valid_cid_rejects_trailing_garbage_character() -> None:
 @pytest.mark.parametrize("value", [None, 123, b"bafk"])
 def test_is_valid_cid_rejects_non_strings(value: Any) -> None:
     assert not is_valid_cid(value)
+
+
+@pytest.mark.parametrize(("prefix", "length"), [
+    ("z", 20_000),            # base58btc: the multiformats decoder is quadratic (old: ~5 s)
+    ("Qm", 20_000),           # CIDv0 text
+    ("f", 20_000),            # base16
+    ("z", 5_000_000), ("b", 5_000_000), ("bafkrei", 5_000_000)])
+def test_is_valid_cid_is_constant_time_on_long_strings(prefix: str, length: int) -> None:
+    """Issue 12 item 1: a long fake CID froze a node (10k characters 1.5 s, 30k 26 s); the
+    check now looks at type, length and alphabet before decoding anything."""
+    text = prefix + "2" * length
+    started = time.perf_counter()
+    assert not is_valid_cid(text)
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c.upper(), lambda c: "B" + c[1:], lambda c: c[:-1], lambda c: c[:-1] + "1",
+    lambda c: c[:-1] + "=", lambda c: "bafkreh" + c[7:], lambda c: c[:30] + " " + c[31:]],
+    ids=["upper", "multibase-B", "short", "digit-1", "padding", "prefix", "space"])
+def test_is_valid_cid_rejects_near_misses(mutate: Any) -> None:
+    good = independent_cid(b"near miss")
+    assert is_valid_cid(good)
+    assert not is_valid_cid(mutate(good))
+
+
+def test_is_valid_cid_rejects_non_zero_padding_bits() -> None:
+    """59 characters of the right alphabet whose last character carries non-zero pad bits
+    decode to the same bytes as the canonical CID: only the canonical text is valid."""
+    good = independent_cid(b"pad")
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    last = alphabet.index(good[-1])
+    variants = [good[:-1] + alphabet[last | bits] for bits in (1, 2, 3) if last | bits != last]
+    assert variants
+    assert not any(is_valid_cid(v) for v in variants)
 
 
 # --- shard files vs. manifest ---------------------------------------------------------------------

@@ -83,6 +83,15 @@ def test_help(capsys: pytest.CaptureFixture[str], argv: list[str], words: list[s
         assert word in out
 
 
+def test_query_help_says_what_is_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "query", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert "--allow-unverified" in text
+    assert "DEPLOY/client/ is the secret" in text and "mode 0600" in text
+    assert "key.json is not read by queries" in text
+
+
 @pytest.mark.parametrize("argv", [[], ["model"], ["model", "frobnicate"],
                                   ["model", "import", "minilm"]],
                          ids=["nothing", "model-only", "unknown-subcommand", "missing-out"])

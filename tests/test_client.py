@@ -1,7 +1,11 @@
 """Integration tests of the client SDK (``Client``, ``AsyncClient``) and ``veilnet query``
-against honest nodes: the honest path, streams closed by an idle node, bad arguments and the CLI.
+against honest nodes: the honest path, streams closed by an idle node, bad arguments, the CLI,
+full verification refusing a single node's answer, and the client shards as the secret (modes
+and CIDs).
 
 Nodes are real ``veilnet node start`` subprocesses; nothing of the client or the node is mocked.
+``honest`` is the only node serving the shards here, so the honest-path tests use
+``verify="none"`` (one node per hop); replicated hops are tested in test_consensus_network.py.
 The fixtures (``honest``, ``manifest``, ``expected``) and the checks live in client_fixtures.py;
 misbehaving nodes and unreachable bootstraps are tested in test_client_faults.py.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -28,8 +33,9 @@ from client_fixtures import (
 from node_helpers import REPO, NodeProcess, metric_value, start_node, stop_at_teardown
 
 from client import AsyncClient, Client, EmbedResult, QueryError
+from client.deployment import SecretFileError
 from crypto.identity import public_from_peer_id, verify
-from models import Manifest
+from models import Manifest, ManifestError
 from node.store import ShardStore
 from node.wire import receipt_payload
 
@@ -40,7 +46,7 @@ pytest_plugins = ["client_fixtures"]
 
 def test_client_honest_path(honest: NodeProcess, deployment_dir: Path, manifest: Manifest,
                             expected: np.ndarray) -> None:
-    with Client([honest.addr], deployment_dir) as client:
+    with Client([honest.addr], deployment_dir, verify="none") as client:
         result = client.embed(TEXTS)
         assert_matches(result.embeddings, expected)
         assert_honest_hops(result, honest, manifest)
@@ -63,7 +69,7 @@ def test_streams_closed_by_an_idle_node_are_replaced(request: pytest.FixtureRequ
     that must open new streams to the same node, not count the node as failed."""
     ShardStore(tmp_path / "D").add_deployment(deployment_dir)
     node = stop_at_teardown(request, start_node(tmp_path / "D", "--idle-timeout", "1"))
-    with Client([node.addr], deployment_dir) as client:
+    with Client([node.addr], deployment_dir, verify="none") as client:
         first = client.embed(TEXTS)
         time.sleep(2.5)  # every pooled stream is now closed by the node
         second = client.embed(TEXTS)
@@ -80,7 +86,7 @@ def test_async_client_honest_path(honest: NodeProcess, deployment_dir: Path, man
                                   expected: np.ndarray) -> None:
     async def main() -> EmbedResult:
         with trio.fail_after(60):
-            async with AsyncClient([honest.addr], deployment_dir) as client:
+            async with AsyncClient([honest.addr], deployment_dir, verify="none") as client:
                 peers = {r.peer_id: r for r in await client.refresh()}
                 assert peers[honest.peer_id].did == honest.info["did"]
                 assert [r.peer_id for r in client.providers(manifest.node_shards[0].cid)] == [
@@ -98,7 +104,7 @@ def test_async_client_unusable_outside_its_context(honest: NodeProcess,
     must refuse calls with a RuntimeError saying so, not reach for a closed libp2p host."""
     async def main() -> None:
         with trio.fail_after(30):
-            client = AsyncClient([honest.addr], deployment_dir)
+            client = AsyncClient([honest.addr], deployment_dir, verify="none")
             with pytest.raises(RuntimeError, match=r"async with|closed|not open"):
                 await client.embed(TEXTS)
             async with client:
@@ -125,8 +131,13 @@ def test_no_bootstrap(deployment_dir: Path) -> None:
         Client([], deployment_dir)
 
 
+def test_full_mode_needs_two_replicas(deployment_dir: Path) -> None:
+    with pytest.raises(ValueError, match="replicas >= 2"):
+        Client([closed_port_addr()], deployment_dir, verify="full", replicas=1)
+
+
 def test_bad_texts(honest: NodeProcess, deployment_dir: Path) -> None:
-    with Client([honest.addr], deployment_dir) as client:
+    with Client([honest.addr], deployment_dir, verify="none") as client:
         with pytest.raises(TypeError):
             client.embed("a string")
         with pytest.raises(ValueError):
@@ -143,7 +154,8 @@ def veilnet_query(*args: str, timeout: float = 60) -> subprocess.CompletedProces
 
 def test_cli_query(honest: NodeProcess, deployment_dir: Path, manifest: Manifest,
                    expected: np.ndarray) -> None:
-    common = ["--bootstrap", honest.addr, "--deployment", str(deployment_dir)]
+    common = ["--bootstrap", honest.addr, "--deployment", str(deployment_dir), "--verify",
+              "none"]
     done = veilnet_query(*TEXTS, *common, "--json")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
@@ -173,6 +185,7 @@ def test_cli_query(honest: NodeProcess, deployment_dir: Path, manifest: Manifest
     for line, shard in zip(hop_lines, manifest.node_shards, strict=True):
         assert f"shard {shard.index} {shard.cid[:16]}" in line, line
         assert honest.peer_id in line and "signature verified" in line, line
+        assert "failed" not in line, line
 
 
 def test_cli_query_unreachable_bootstrap(deployment_dir: Path) -> None:
@@ -185,3 +198,147 @@ def test_cli_query_unreachable_bootstrap(deployment_dir: Path) -> None:
     assert done.stdout == ""
     assert "veilnet: error:" in done.stderr and addr in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+# -- 4. verify=full with one node: refused, or returned marked unverified ---------------------
+
+def test_full_mode_refuses_a_single_nodes_answer(honest: NodeProcess, deployment_dir: Path,
+                                                 manifest: Manifest,
+                                                 expected: np.ndarray) -> None:
+    """One node serves every shard: verify=full (the default) has no second answer to compare
+    with, so it fails naming the hop and the count, unless unverified answers are allowed."""
+    first = manifest.node_shards[0]
+    with Client([honest.addr], deployment_dir) as client, pytest.raises(QueryError) as info:
+        client.embed(TEXTS)
+    message = str(info.value)
+    assert f"hop {first.index} (shard {first.cid})" in message, message
+    assert "only 1 of the 1 node(s) serving the shard answered" in message, message
+    assert "allow_unverified" in message, message
+
+    with Client([honest.addr], deployment_dir, allow_unverified=True) as client:
+        result = client.embed(TEXTS)
+    assert_matches(result.embeddings, expected)
+    assert result.verified is False
+    assert [h.shard_index for h in result.hops] == [s.index for s in manifest.node_shards]
+    for hop in result.hops:
+        assert hop.verified is False and hop.verdict is None, hop
+        assert hop.unverified_reason and "only 1 of the 1 node(s)" in hop.unverified_reason
+        assert hop.signature_verified and hop.peer_id == honest.peer_id
+        assert hop.attempts == 1 and hop.failures == ()
+
+
+def test_cli_full_mode_with_a_single_node(honest: NodeProcess, deployment_dir: Path,
+                                          expected: np.ndarray) -> None:
+    common = ["--bootstrap", honest.addr, "--deployment", str(deployment_dir), "--json"]
+    refused = veilnet_query(*TEXTS, *common)
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert refused.stdout == ""
+    assert refused.stderr.startswith("veilnet: error: hop 1 "), refused.stderr
+    assert "--allow-unverified" in refused.stderr and "Traceback" not in refused.stderr
+
+    allowed = veilnet_query(*TEXTS, *common, "--allow-unverified")
+    assert allowed.returncode == 0, allowed.stderr
+    doc = json.loads(allowed.stdout)
+    assert_matches(np.asarray(doc["embeddings"], dtype=np.float32), expected)
+    assert all(h["verified"] is False and "only 1 of the 1" in h["unverified_reason"]
+               for h in doc["hops"]), doc["hops"]
+    warnings = [line for line in allowed.stderr.splitlines() if "NOT verified" in line]
+    assert len(warnings) == len(doc["hops"]), allowed.stderr
+    assert all(line.startswith("veilnet: warning: hop ") for line in warnings), warnings
+
+
+# -- 5. the client shards are the secret --------------------------------------------------------
+
+@pytest.fixture
+def private_copy(deployment_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the deployment (modes preserved)."""
+    out = tmp_path / "deploy"
+    shutil.copytree(deployment_dir, out)
+    return out
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=["0644", "0640", "0604"])
+def test_client_refuses_readable_client_shards(private_copy: Path, manifest: Manifest,
+                                               mode: int) -> None:
+    head = private_copy / manifest.head.path
+    head.chmod(mode)
+    with pytest.raises(SecretFileError) as info:
+        Client([closed_port_addr()], private_copy)
+    message = str(info.value)
+    assert str(head) in message and f"{mode:04o}" in message, message
+    assert f"chmod 600 {head}" in message, message
+
+
+def test_client_refuses_a_readable_key_file(private_copy: Path) -> None:
+    key = private_copy / "client" / "key.json"
+    key.chmod(0o644)
+    with pytest.raises(SecretFileError, match=re.escape(f"chmod 600 {key}")):
+        Client([closed_port_addr()], private_copy)
+
+
+def test_client_refuses_a_tampered_client_shard(private_copy: Path, manifest: Manifest) -> None:
+    tail = private_copy / manifest.tail.path
+    data = bytearray(tail.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tail.write_bytes(bytes(data))
+    with pytest.raises(ManifestError) as info:
+        Client([closed_port_addr()], private_copy)
+    message = str(info.value)
+    assert str(tail) in message and manifest.tail.cid in message, message
+
+
+def test_cli_query_refuses_readable_client_shards(private_copy: Path,
+                                                  manifest: Manifest) -> None:
+    tail = private_copy / manifest.tail.path
+    tail.chmod(0o644)
+    done = veilnet_query("hello", "--bootstrap", closed_port_addr(), "--deployment",
+                         str(private_copy))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"chmod 600 {tail}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# -- 6. failure memory and one-line reasons (no network) ----------------------------------------
+
+def test_peer_health_backoff_doubles_to_a_cap_and_resets() -> None:
+    from client.health import PeerHealth
+
+    now = [100.0]
+    health = PeerHealth(base=5.0, cap=30.0, clock=lambda: now[0])
+    assert health.backoff_left("a") == 0.0 and health.failures("a") == 0
+    assert [health.failed("a", "no answer within 30 s") for _ in range(5)] == [5, 10, 20, 30, 30]
+    assert health.backoff_left("a") == 30.0 and health.failures("a") == 5
+    assert "5 consecutive failure(s), the last: no answer within 30 s" in health.skip_note("a")
+    now[0] += 29.0
+    assert health.backoff_left("a") == 1.0
+    now[0] += 1.0
+    assert health.backoff_left("a") == 0.0  # asked again: one probe
+    health.succeeded("a", 40.0)
+    assert health.failures("a") == 0 and health.failed("a", "x") == 5.0  # reset by the answer
+    assert health.backoff_left("b") == 0.0  # per peer
+
+
+def test_hedge_delay_follows_the_median_latency() -> None:
+    from client.health import HEDGE_DEFAULT_S, HEDGE_MIN_S, PeerHealth
+
+    health = PeerHealth()
+    assert health.hedge_delay(30.0) == HEDGE_DEFAULT_S  # nothing measured yet
+    for ms in (50, 60, 70):
+        health.succeeded("a", ms)
+    assert health.hedge_delay(30.0) == HEDGE_MIN_S  # 4 x 60 ms is below the floor
+    for ms in (900, 1000, 1100, 1200):
+        health.succeeded("b", ms)
+    assert health.hedge_delay(30.0) == pytest.approx(4 * 0.9)
+    assert health.hedge_delay(2.0) == 2.0  # never beyond the hop timeout
+
+
+def test_failure_reasons_are_one_line_and_never_empty() -> None:
+    from client.health import describe
+
+    multi = RuntimeError("Failed to open stream to peer X:\n  Error: timed out\n  Protocols: []")
+    assert describe(multi, 30) == ("RuntimeError: Failed to open stream to peer X: Error: timed "
+                                   "out Protocols: []")
+    assert describe(ConnectionError(), 30) == "ConnectionError"
+    assert describe(ValueError("   \n "), 30) == "ValueError"
+    assert describe(trio.TooSlowError(), 2.5) == "no answer within 2.5 s"
+    long = describe(RuntimeError("x" * 5000), 30)
+    assert len(long) <= 300 and long.endswith("...") and "\n" not in long

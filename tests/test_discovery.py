@@ -42,7 +42,7 @@ from protocol_fixtures import Hop
 
 from crypto.identity import Identity, public_from_did, verify
 from node.discovery import CARDS_TOPIC, lookup_cards
-from node.p2p import connect, peer_info
+from node.p2p import connect, full_addrs, peer_info
 from node.wire import receipt_payload, tensors_digest
 from registry.a2a_rpc import infer_request_from_part, infer_response_from_part
 from registry.anp import verify_agent_description
@@ -185,13 +185,22 @@ def test_forged_cards_are_dropped_with_reasons(gossip: ClientThread, node1: Node
 # -- HTTP ----------------------------------------------------------------------------------------
 
 def test_post_agents_checks_and_expires(node1: NodeProcess, hop: Hop) -> None:
-    outsider = Identity.generate()
-    card = card_of(outsider, hop, ttl=3)
-    answer = httpx.post(f"{node1.http}/v1/agents", json=card, timeout=5)
-    assert answer.status_code == 201, answer.text
-    assert answer.json()["peer_id"] == outsider.peer_id
-    assert outsider.peer_id in indexed(node1, model=hop.manifest.name, shard=hop.shard.cid)
-    assert outsider.peer_id not in indexed(node1, shard=hop.head_cid)  # serves no such shard
+    """A posted card is listed once node1 reached its peer (a real libp2p host here) at its
+    addresses, is checked like a gossiped one, and expires."""
+    peer = ClientThread().start()
+    try:
+        outsider = peer.identity
+        addrs = peer.run(lambda host: _listen_addrs(host))
+        card = card_of(outsider, hop, addrs=addrs, ttl=8)
+        answer = httpx.post(f"{node1.http}/v1/agents", json=card, timeout=5)
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["peer_id"] == outsider.peer_id
+        wait_for(lambda: outsider.peer_id in indexed(node1, model=hop.manifest.name,
+                                                     shard=hop.shard.cid),
+                 "the posted card, confirmed")
+        assert outsider.peer_id not in indexed(node1, shard=hop.head_cid)  # no such shard
+    finally:
+        peer.close()
 
     tampered = copy.deepcopy(card)
     tampered["name"] = "someone else"
@@ -211,7 +220,13 @@ def test_post_agents_checks_and_expires(node1: NodeProcess, hop: Hop) -> None:
                 > metric_value(before, "veilnet_cards_dropped_total", reason=reason,
                                source="http"))
     # the outsider stops announcing: its card expires from the index
-    wait_for(lambda: outsider.peer_id not in indexed(node1), "expiry of the posted card", 10)
+    wait_for(lambda: outsider.peer_id not in indexed(node1), "expiry of the posted card", 15)
+    assert httpx.get(f"{node1.http}/agents/{outsider.peer_id}/did.json",
+                     timeout=5).status_code == 404
+
+
+async def _listen_addrs(host: IHost) -> list[str]:
+    return full_addrs(host)
 
 
 def test_client_lookup_verifies_every_card(node1: NodeProcess, hop: Hop) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,17 @@ def test_deployment_layout(deployment_dir: Path, deployment_manifest: Manifest) 
     assert {p.name for p in client.iterdir()} == expected_client
     assert {p.name for p in deployment_dir.iterdir()} == {"manifest.json", "shards", "client"}
     assert deployment_manifest.verify_files() == []
+
+
+def test_deployment_client_files_are_private(deployment_dir: Path) -> None:
+    """client/ is the secret (the key is folded into the client shards): 0700, files 0600."""
+    client_dir = deployment_dir / "client"
+    assert stat.S_IMODE(client_dir.stat().st_mode) == 0o700
+    files = list(client_dir.iterdir())
+    assert {p.suffix for p in files} == {".onnx", ".json"} and len(files) == 4
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE((deployment_dir / "manifest.json").stat().st_mode) & 0o044  # public
 
 
 def test_deployment_node_shards_differ_from_plaintext(

@@ -81,11 +81,18 @@ def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_di
         # the entry names every hop, each with the node's own signature over its digests
         entry = parse_entry(receipt.entry)
         assert entry.type == "infer-receipt/1"
+        assert entry.body["verdict"] == "accepted"  # every hop won a verdict of 2 nodes
         assert entry.body["deployment"] == Manifest.load(net.deployment).cid
         assert [h["node"] for h in entry.body["hops"]] == [h.node_did for h in result.hops]
         for hop in entry.body["hops"]:
             assert verify(public_from_did(hop["node"]), hop["signature"], receipt_payload(
                 hop["id"], hop["shard"], hop["input_digest"], hop["output_digest"]))
+
+    # a receipt never claims checks that did not happen: one node per hop is "unverified"
+    with Client([net.bootstrap], net.deployment, ledger=True, verify="none") as client:
+        single = client.embed(texts)
+    assert single.receipt is not None, single.receipt_error
+    assert parse_entry(single.receipt.entry).body["verdict"] == "unverified"
 
     # offline from the command line too: `veilnet ledger check-proof --receipt FILE`
     good = tmp_path / "receipt.json"
@@ -170,7 +177,7 @@ def test_witness_node_cosigns_then_refuses_a_fork(witness_node: NodeProcess,
         assert answer["refused"]["reason"] == "unknown-log"
         card = build_card(peer.identity, a2a_url="http://127.0.0.1:9/a2a",
                           multiaddrs=["/ip4/127.0.0.1/tcp/9"], shards=[],
-                          ledger_key=honest.verifier_key, ttl=600)
+                          ledger_key=honest.verifier_key, ttl=300)
         posted = httpx.post(f"{witness_node.http}/v1/agents", json=card, timeout=5)
         assert posted.status_code == 201, posted.text
 

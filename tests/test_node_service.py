@@ -57,6 +57,11 @@ def get_json(url: str) -> Any:
     return r.json()
 
 
+def operator(node: NodeProcess) -> dict[str, str]:
+    """The headers of the node operator's calls: its API token from D/api-token."""
+    return {"Authorization": "Bearer " + (node.data_dir / "api-token").read_text().strip()}
+
+
 def metrics_text(node: NodeProcess) -> str:
     r = httpx.get(node.http + "/metrics", timeout=10)
     assert r.status_code == 200
@@ -222,7 +227,7 @@ def test_shard_protocol_serves_the_manifest(node1: NodeProcess, hop: Hop, deploy
 def test_fetch_shards_from_a_peer(node1: NodeProcess, node2: NodeProcess, hop: Hop,
                                   client: ClientThread) -> None:
     node_cids = [s.cid for s in hop.manifest.node_shards]
-    r = httpx.post(node2.http + "/v1/shards/fetch",
+    r = httpx.post(node2.http + "/v1/shards/fetch", headers=operator(node2),
                    json={"deployment": hop.manifest_cid, "peer": node1.addr}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json() == {"deployment": hop.manifest_cid, "shards": node_cids}
@@ -262,12 +267,13 @@ def test_fetching_client_material_fails(node1: NodeProcess, node2: NodeProcess,
             ({"deployment": hop.manifest_cid, "shards": [hop.tail_cid], "peer": node1.addr}, 400),
             # the head shard asked for as if it were a manifest: node1 does not serve it
             ({"deployment": hop.head_cid, "peer": node1.addr}, 502)):
-        r = httpx.post(node2.http + "/v1/shards/fetch", json=body, timeout=60)
+        r = httpx.post(node2.http + "/v1/shards/fetch", json=body, headers=operator(node2),
+                       timeout=60)
         assert r.status_code == status, (body, r.status_code, r.text)
     for cid in (hop.head_cid, hop.tail_cid):
         assert not (node2.data_dir / "shards" / f"{cid}.onnx").exists()
         assert not (node2.data_dir / "deployments" / f"{cid}.json").exists()
-    r = httpx.post(node2.http + "/v1/shards/fetch",
+    r = httpx.post(node2.http + "/v1/shards/fetch", headers=operator(node2),
                    json={"deployment": "not-a-cid", "peer": node1.addr}, timeout=30)
     assert r.status_code == 400
 
@@ -282,6 +288,10 @@ def test_sigterm_stops_cleanly_and_identity_is_reused(tmp_path: Path) -> None:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert first.info["identity_created"] is True
         key_bytes = key.read_bytes()
+        token = data_dir / "api-token"  # the operator's token for POST /v1/shards/fetch
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        token_text = token.read_text()
+        assert len(token_text.strip()) >= 32
         started = time.monotonic()
         first.proc.send_signal(signal.SIGTERM)
         code = first.proc.wait(10)
@@ -300,6 +310,7 @@ def test_sigterm_stops_cleanly_and_identity_is_reused(tmp_path: Path) -> None:
         assert second.info["identity_created"] is False
         assert key.read_bytes() == key_bytes
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert token.read_text() == token_text
         assert second.stop() == 0
     finally:
         stop_process(second.proc)

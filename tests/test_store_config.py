@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
 from models import Manifest, cid_of_bytes, cid_of_file
-from node.config import ConfigError, NodeConfig, load_config
-from node.store import ShardStore, StoreError
+from node.config import DEFAULT_SHARD_SIZE_LIMIT, ConfigError, NodeConfig, load_config
+from node.daemon import load_or_create_api_token
+from node.store import MANIFEST_LIMIT, ShardStore, StoreError, check_data_dir
 from node.wire import DEFAULT_FRAME_LIMIT
 
 
@@ -157,6 +160,102 @@ def test_received_blobs_are_checked_against_their_cid(deployment_dir: Path,
     assert not list(store.manifest_dir.iterdir())
 
 
+def test_incoming_blobs_are_capped_hashed_and_cleaned_up(deployment_dir: Path,
+                                                        tmp_path: Path) -> None:
+    store = ShardStore(tmp_path / "D")
+    spec = Manifest.load(deployment_dir).node_shards[0]
+    data = (deployment_dir / spec.path).read_bytes()
+    assert store.download_limit(size=spec.size) == (len(data), "the size its manifest declares")
+    assert store.download_limit()[0] == DEFAULT_SHARD_SIZE_LIMIT
+    assert store.download_limit(manifest=True)[0] == MANIFEST_LIMIT
+
+    with store.receive(spec.cid, 1000) as incoming, pytest.raises(StoreError, match="1000"):
+        incoming.write(data[:600])
+        incoming.write(data[600:1200])  # over the cap: refused before it is written
+    assert list(store.shard_dir.iterdir()) == []  # the temporary file is gone
+
+    with store.receive(spec.cid, len(data)) as incoming:
+        for offset in range(0, len(data), 1 << 20):
+            incoming.write(data[offset:offset + (1 << 20)])
+        incoming.commit()
+    assert store.shard_path(spec.cid).read_bytes() == data
+    assert [p.name for p in store.shard_dir.iterdir()] == [f"{spec.cid}.onnx"]
+
+    not_a_manifest = b'{"format": "veilnet-manifest/1"}'
+    with store.receive(cid_of_bytes(not_a_manifest), MANIFEST_LIMIT, manifest=True) as incoming:
+        incoming.write(not_a_manifest)
+        with pytest.raises(ValueError, match="name"):
+            incoming.commit()
+    assert list(store.manifest_dir.iterdir()) == []
+
+
+def test_a_corrupt_mark_lasts_until_the_file_is_replaced(deploy_copy: Path,
+                                                         tmp_path: Path) -> None:
+    store = ShardStore(tmp_path / "D")
+    _, installed = store.add_deployment(deploy_copy)
+    victim = installed[0]
+    path = store.shard_path(victim)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store.mark_corrupt(victim)
+    assert store.is_corrupt(victim)
+    assert victim not in store.shards() and store.blob_path(victim) is None
+    assert sorted(store.shards()) == sorted(installed[1:])
+    store.add_deployment(deploy_copy)  # notices the damaged copy and replaces it
+    assert cid_of_file(path) == victim
+    assert not store.is_corrupt(victim)
+    assert sorted(store.shards()) == sorted(installed)
+
+
+def test_check_data_dir_names_each_kind_of_problem(deployment_dir: Path,
+                                                   tmp_path: Path) -> None:
+    root = tmp_path / "D"
+    store = ShardStore(root)
+    mcid, installed = store.add_deployment(deployment_dir)
+    assert check_data_dir(root).ok
+    (store.shard_dir / "notes.txt").write_text("hi")
+    (store.shard_dir / ".incoming-abc").write_bytes(b"partial")
+    orphan = b"an onnx file no manifest names"
+    (store.shard_dir / f"{cid_of_bytes(orphan)}.onnx").write_bytes(orphan)
+    bad_json = b"{not json"
+    (store.manifest_dir / f"{cid_of_bytes(bad_json)}.json").write_bytes(bad_json)
+    wrong = store.manifest_path(mcid)
+    wrong.write_bytes(wrong.read_bytes() + b" ")
+    report = check_data_dir(root)
+    kinds = sorted((p.kind, Path(p.path).name) for p in report.problems)
+    assert kinds == sorted([("bad_name", "notes.txt"),
+                            ("bad_manifest", f"{cid_of_bytes(bad_json)}.json"),
+                            ("corrupt", f"{mcid}.json")])
+    corrupt = next(p for p in report.problems if p.kind == "corrupt")
+    assert (corrupt.expected, corrupt.actual) == (mcid, cid_of_file(wrong))
+    assert corrupt.expected in corrupt.message and corrupt.actual in corrupt.message
+    assert report.manifests == 2 and report.shards == 4
+    notes = "\n".join(report.notes)
+    assert ".incoming-abc" in notes and cid_of_bytes(orphan) in notes
+    # the installed shards are orphans now too: their only manifest is damaged
+    assert all(c in notes for c in installed)
+    with pytest.raises(StoreError, match="no such data directory"):
+        check_data_dir(tmp_path / "nowhere")
+
+
+def test_api_token_is_created_private_and_reused(tmp_path: Path) -> None:
+    token, created = load_or_create_api_token(tmp_path)
+    path = tmp_path / "api-token"
+    assert created and len(token) >= 32 and path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_api_token(tmp_path) == (token, False)
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_or_create_api_token(tmp_path)
+    os.chmod(path, 0o600)
+    path.write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_or_create_api_token(tmp_path)
+    path.write_text("an operator's own token, long enough\n")
+    assert load_or_create_api_token(tmp_path) == ("an operator's own token, long enough", False)
+
+
 @pytest.mark.parametrize("text", ["", "hello", "../../etc/passwd", "bafkrei",
                                   "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"])
 def test_paths_need_a_cid(tmp_path: Path, text: str) -> None:
@@ -196,6 +295,18 @@ def test_defaults_with_only_a_data_dir(tmp_path: Path) -> None:
     assert config.http_host_port() == ("127.0.0.1", 0)
     assert config.frame_limit == DEFAULT_FRAME_LIMIT
     assert (config.capacity, config.threads, config.request_timeout) == (1, 0, 60.0)
+    assert config.shard_size_limit == DEFAULT_SHARD_SIZE_LIMIT == 1 << 30
+
+
+def test_shard_size_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, 'data_dir = "D"\nshard_size_limit = 1048576\n')
+    assert load_config(path, {}).shard_size_limit == 1 << 20
+    assert load_config(path, {"shard_size_limit": 5}).shard_size_limit == 5
+    for bad in ('"1GiB"', "1.5", "true"):
+        with pytest.raises(ConfigError, match="shard_size_limit"):
+            load_config(write(tmp_path, f'data_dir = "D"\nshard_size_limit = {bad}\n'), {})
+    with pytest.raises(ConfigError, match="shard_size_limit"):
+        load_config(None, {"data_dir": tmp_path, "shard_size_limit": 0})
 
 
 def test_toml_values(tmp_path: Path) -> None:

@@ -147,8 +147,8 @@ def start_testnet(tmp_path: Path, deployment_dir: Path,
 
 def query_json(bootstrap: str, deployment: Path, texts: list[str]) -> dict[str, Any]:
     result = subprocess.run(
-        [*veilnet_command(), "query", "--json", "--bootstrap", bootstrap,
-         "--deployment", str(deployment), *texts],
+        [*veilnet_command(), "query", "--json", "--verify", "none", "--bootstrap", bootstrap,
+         "--deployment", str(deployment), *texts],  # one node per shard: nothing to compare
         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
+import tracemalloc
 
 import cbor2
 import numpy as np
@@ -20,10 +22,15 @@ from hypothesis.extra import numpy as hnp
 from node.wire import (
     DEFAULT_FRAME_LIMIT,
     DTYPES,
+    MAX_DEPTH,
+    MAX_ERROR_CHARS,
+    MAX_FRAME_ITEMS,
     RECEIPT_DOMAIN,
+    THREAD_DECODE_BYTES,
     WIRE_VERSION,
     WireError,
     decode_body,
+    decode_frame_body,
     decode_tensor,
     decode_tensors,
     encode_frame,
@@ -33,6 +40,7 @@ from node.wire import (
     read_frame,
     read_frame_length,
     receipt_payload,
+    scan_items,
     tensors_digest,
     write_frame,
 )
@@ -229,6 +237,154 @@ TAGGED = {
 def test_cbor_tags_are_rejected(body: bytes) -> None:
     """docs/protocol.md: "every CBOR tag rejected" -- including tags cbor2 would decode itself."""
     assert wire_error(decode_body, body).code == "bad_frame"
+
+
+# -- item bounds (issue 12 item 3) ----------------------------------------------------------------
+
+def _padded(body_map: bytes) -> bytes:
+    """``body_map`` is a one-entry map's CBOR minus its header; add a byte-string entry that
+    makes the body longer than MAX_FRAME_ITEMS bytes, so decode_body runs the pre-scan."""
+    return b"\xa2\x61p\x5a" + (MAX_FRAME_ITEMS + 1).to_bytes(4, "big") \
+        + b"\x00" * (MAX_FRAME_ITEMS + 1) + body_map
+
+
+def test_memory_bomb_is_refused_before_any_object_is_built() -> None:
+    """A 16 MiB frame holding one array of 16M empty arrays: passed the depth limit and took
+    a node from 725 MB to 1.95 GB before the "must be a map" check."""
+    count = 16 * 1024 * 1024 - 16
+    body = b"\xa1\x61a\x9a" + count.to_bytes(4, "big") + b"\x80" * count
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        err = wire_error(decode_body, body)
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.code == "bad_frame"
+    assert f"more than {MAX_FRAME_ITEMS} CBOR items" in err.message
+    assert peak < 16 << 20, f"decoding allocated {peak >> 20} MiB"
+    assert elapsed < 5.0
+
+
+def test_a_top_level_array_bomb_is_refused_by_its_first_byte() -> None:
+    body = b"\x9a" + (1 << 24).to_bytes(4, "big") + b"\x80" * (1 << 24)
+    err = wire_error(scan_items, body)
+    assert err.code == "bad_frame" and "map" in err.message
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_item_limit_is_exact(extra: int) -> None:
+    """{"a": [0, ...]}: the map, the key, the array and n elements; a body of more bytes
+    than the limit, so the pre-scan runs."""
+    n = MAX_FRAME_ITEMS - 3 + extra
+    body = cbor2.dumps({"a": [1000] * n})  # 3 bytes each: longer than MAX_FRAME_ITEMS bytes
+    assert len(body) > MAX_FRAME_ITEMS
+    if extra:
+        assert wire_error(decode_body, body).code == "bad_frame"
+    else:
+        assert scan_items(body) == MAX_FRAME_ITEMS
+        assert decode_body(body) == {"a": [1000] * n}
+
+
+@pytest.mark.parametrize(("name", "entry"), [
+    ("tag", b"\x61t\xc1\x00"),                          # tag 1 (datetime)
+    ("big tag", b"\x61t\xd9\xd9\xf7\x00"),               # tag 55799
+    ("indefinite array", b"\x61t\x9f\x00\xff"),
+    ("indefinite map", b"\x61t\xbf\xff"),
+    ("indefinite text", b"\x61t\x7f\x61a\xff"),
+    ("reserved info 28", b"\x61t\x1c"),
+    ("reserved info 30", b"\x61t\xfe"),
+    ("too deep", b"\x61t" + b"\x81" * (MAX_DEPTH + 1) + b"\x00"),
+    ("container longer than the body", b"\x61t\x9b" + (1 << 62).to_bytes(8, "big")),
+    ("string longer than the body", b"\x61t\x5b" + (1 << 62).to_bytes(8, "big")),
+    ("cut inside an argument", b"\x61t\x19\x01"),
+    ("trailing bytes", b"\x61t\x00\x00"),
+    ("missing value", b"\x61t"),
+])
+def test_pre_scan_refuses_malformed_big_frames(name: str, entry: bytes) -> None:
+    body = _padded(entry)
+    assert len(body) > MAX_FRAME_ITEMS
+    assert wire_error(scan_items, body).code == "bad_frame"
+    assert wire_error(decode_body, body).code == "bad_frame"
+
+
+def test_depth_limit_matches_cbor2() -> None:
+    """Nested non-empty containers count as cbor2's max_depth counts them: the deepest frame
+    cbor2 accepts passes the pre-scan, one level more fails both."""
+    deepest = {"a": [0]}
+    for _ in range(MAX_DEPTH - 2):
+        deepest = {"a": deepest}
+    body = _padded(cbor2.dumps(deepest)[1:])
+    assert scan_items(body) > 0
+    assert decode_body(body)["a"] == deepest["a"]
+    too_deep = _padded(cbor2.dumps({"a": deepest})[1:])
+    assert wire_error(scan_items, too_deep).code == "bad_frame"
+
+
+def test_non_string_map_keys_are_refused() -> None:
+    """Integer, float and array keys hash predictably in Python (a map of colliding keys
+    costs quadratic time to build); veilnet maps have text keys only."""
+    for key in (1, 1.5, (1, 2)):
+        assert wire_error(decode_body, cbor2.dumps({"v": 1, key: 0})).code == "bad_frame"
+
+
+def _cbor_values(leaves: st.SearchStrategy) -> st.SearchStrategy:
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=5)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=5), max_leaves=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_cbor_values(st.none() | st.booleans() | st.integers(-(2**64) + 1, 2**64 - 1)
+                    | st.floats(allow_nan=False) | st.text(max_size=20)
+                    | st.binary(max_size=20)))
+def test_pre_scan_accepts_whatever_we_encode(value: object) -> None:
+    message = {"v": 1, "x": value}
+    body = cbor2.dumps(message)
+    assert scan_items(body) == _count(message)
+    assert decode_body(_padded(cbor2.dumps({"x": value})[1:]))["x"] == value
+
+
+def _count(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + sum(_count(k) + _count(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 1 + sum(_count(v) for v in value)
+    return 1
+
+
+def test_big_frames_are_decoded_off_the_event_loop() -> None:
+    """A body over THREAD_DECODE_BYTES is decoded in a worker thread; the loop keeps ticking."""
+    message = {"v": 1, "id": "big", "blob": b"\x07" * (2 * THREAD_DECODE_BYTES)}
+    body = cbor2.dumps(message)
+
+    async def main() -> tuple[dict, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            await trio.sleep(0)
+            before = ticks
+            decoded = await decode_frame_body(body)
+            nursery.cancel_scope.cancel()
+        return decoded, ticks - before
+
+    decoded, ticks = trio.run(main)
+    assert decoded == message
+    assert ticks >= 1  # the ticker ran while the body was being decoded
+    assert read_one(encode_frame(message), piece=1 << 20) == message
+
+
+def test_error_messages_are_clipped() -> None:
+    err = WireError("bad_request", "x" * 10_000_000)
+    assert len(err.message) < MAX_ERROR_CHARS + 40
+    assert "10000000 characters" in err.message
 
 
 # -- tensors --------------------------------------------------------------------------------------
