@@ -65,6 +65,12 @@ CHUNK = 1 << 20
 CHUNK_OVERHEAD = 64  # CBOR framing of {"data": <bytes>} around a chunk's bytes
 HEADER_LIMIT = 64 * 1024  # a /veilnet/shard/1 header or error frame
 MAX_ID_LENGTH = 128
+# Inbound streams a node serves at once, per peer and in all, and the request bytes it reads
+# or handles at once: with the frame limit, these bound the memory requests can take.
+MAX_STREAMS_PER_PEER = 16
+MAX_STREAMS = 256
+IN_FLIGHT_FRAMES = 4  # request bodies being read or handled at once, in frame limits of bytes
+
 
 class FetchRefused(ValueError):
     """A fetch request that cannot be served whatever the peers hold (HTTP 400)."""
@@ -99,6 +105,9 @@ class NodeService:
         self.host: IHost | None = None
         self.http_url: str | None = None
         self.started = time.time()
+        self.in_flight_limit = IN_FLIGHT_FRAMES * frame_limit
+        self._in_flight = 0  # bytes of request bodies being read or handled
+        self._streams: dict[str, int] = {}  # open inbound streams by peer
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -146,12 +155,27 @@ class NodeService:
     async def _serve(self, stream: INetStream, protocol: str, handle: Handler,
                      persistent: bool = False) -> None:
         """Answer requests on ``stream``: one, or (``persistent``) one after another until the
-        peer closes it, stays idle for ``idle_timeout`` or breaks the framing."""
+        peer closes it, stays idle for ``idle_timeout`` or breaks the framing. A peer with
+        ``MAX_STREAMS_PER_PEER`` streams open, or a node with ``MAX_STREAMS``, gets ``busy``."""
+        peer = _peer_of(stream)
         try:
-            await widen_window(stream)
-            first = True
-            while await self._serve_one(stream, protocol, handle, first) and persistent:
-                first = False
+            if self._streams.get(peer, 0) >= MAX_STREAMS_PER_PEER \
+                    or sum(self._streams.values()) >= MAX_STREAMS:
+                self.metrics.requests.labels(protocol).inc()
+                await self._send_error(stream, protocol, WireError(
+                    "busy", f"too many open streams (at most {MAX_STREAMS_PER_PEER} per peer, "
+                            f"{MAX_STREAMS} in all); close idle ones or retry later"), None)
+                return
+            self._streams[peer] = self._streams.get(peer, 0) + 1
+            try:
+                await widen_window(stream)
+                first = True
+                while await self._serve_one(stream, protocol, handle, first) and persistent:
+                    first = False
+            finally:
+                self._streams[peer] -= 1
+                if not self._streams[peer]:
+                    del self._streams[peer]
         finally:
             await close_quietly(stream, 2.0)
 
@@ -160,6 +184,7 @@ class NodeService:
         """Serve one request; True when the stream can carry another one."""
         request_id: str | None = None
         framing_ok = True
+        reserved = 0
         try:
             with trio.move_on_after(self.request_timeout if first else self.idle_timeout) as wait:
                 length = await read_frame_length(stream)
@@ -177,6 +202,11 @@ class NodeService:
                 if length > self.frame_limit:
                     raise WireError("frame_too_large", f"the frame has {length} bytes, the "
                                                        f"limit is {self.frame_limit}")
+                if self._in_flight + length > self.in_flight_limit:
+                    raise WireError("busy", f"{self._in_flight} bytes of requests are being "
+                                            "handled; retry later or use another node")
+                self._in_flight += length
+                reserved = length
                 body = await read_exactly(stream, length)
                 framing_ok = True
                 message = await decode_frame_body(body)
@@ -202,6 +232,8 @@ class NodeService:
             log.exception("%s: internal error", protocol)
             await self._send_error(stream, protocol, WireError(
                 "internal", f"{type(exc).__name__} while handling the request"), request_id)
+        finally:
+            self._in_flight -= reserved
         return False
 
     async def _send_error(self, stream: INetStream, protocol: str, exc: WireError,

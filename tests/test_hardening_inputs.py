@@ -48,7 +48,7 @@ from crypto.identity import Identity, public_from_peer_id
 from node.http_limits import DEFAULT_BODY_LIMIT
 from node.p2p import INFER, PEERS, connect, peer_info, request
 from node.peers import MAX_KNOWN_PEERS, PeerRecord, PeerTable, parse_record
-from node.wire import MAX_FRAME_ITEMS, encode_frame, encode_varint
+from node.wire import MAX_FRAME_ITEMS, encode_frame, encode_varint, read_frame
 from registry.a2a_rpc import (
     DEFAULT_MAX_BODY,
     INVALID_PARAMS,
@@ -440,3 +440,82 @@ def test_peer_record_refuses_a_long_peer_id_without_decoding_it() -> None:
     with pytest.raises(ValueError, match="at most 64 characters"):
         parse_record({"peer_id": "1" * 1_000_000, "addrs": [], "shards": []})
     assert time.perf_counter() - started < 1.0
+
+
+# -- streams a peer holds open --------------------------------------------------------------------
+
+async def _hold(host: IHost, addr: str, streams: int) -> list[str]:
+    """Open ``streams`` infer streams at once and keep them open while each gets a frame that
+    breaks the framing; returns the error code the node answered on each."""
+    info = peer_info(addr)
+    await connect(host, info, 10)
+    opened = [await host.new_stream(info.peer_id, [INFER]) for _ in range(streams)]
+    codes = []
+    try:
+        for stream in opened:
+            await stream.write(b"\xff" * 10)  # a varint longer than 9 bytes: bad_frame
+            answer = await read_frame(stream)
+            codes.append(answer["error"]["code"] if answer else "none")
+    finally:
+        for stream in opened:
+            await stream.reset()
+    return codes
+
+
+def test_streams_one_peer_holds_open_are_capped(node: NodeProcess) -> None:
+    """One peer opens 24 infer streams at once: the node serves MAX_STREAMS_PER_PEER of them
+    and answers the others ``busy`` (each open stream can hold a frame of up to the frame
+    limit, so the cap bounds what one peer can make the node read at once)."""
+    from node.service import MAX_STREAMS_PER_PEER
+
+    peer = ClientThread().start()
+    try:
+        codes = while_probing(node, lambda: peer.run(_hold, node.addr, 24))
+    finally:
+        peer.close()
+    assert codes.count("bad_frame") == MAX_STREAMS_PER_PEER, codes
+    assert codes.count("busy") == 24 - MAX_STREAMS_PER_PEER, codes
+    # the streams are released: the node serves new ones
+    again = ClientThread().start()
+    try:
+        assert again.run(_hold, node.addr, 2) == ["bad_frame", "bad_frame"]
+    finally:
+        again.close()
+
+
+async def _declare_big_frames(host: IHost, addr: str, streams: int, length: int) -> str:
+    """Open ``streams`` infer streams, each announcing a frame of ``length`` bytes and sending
+    none of it; then one more stream does the same. Returns the node's answer on that one."""
+    info = peer_info(addr)
+    await connect(host, info, 10)
+    opened = []
+    try:
+        for _ in range(streams):
+            stream = await host.new_stream(info.peer_id, [INFER])
+            await stream.write(encode_varint(length))
+            opened.append(stream)
+        await trio.sleep(0.5)  # the node has read each header and reserved its bytes
+        last = await host.new_stream(info.peer_id, [INFER])
+        opened.append(last)
+        await last.write(encode_varint(length))
+        answer = await read_frame(last)
+        return answer["error"]["code"] if answer else "none"
+    finally:
+        for stream in opened:
+            await stream.reset()
+
+
+def test_request_bytes_in_flight_are_capped(node: NodeProcess) -> None:
+    """Frames a node reads at once are budgeted: four streams each announcing a 64 MiB frame
+    (the frame limit) reserve the node's whole budget, and a fifth is answered ``busy`` at once
+    instead of the node reading another 64 MiB."""
+    from node.service import IN_FLIGHT_FRAMES
+    from node.wire import DEFAULT_FRAME_LIMIT
+
+    peer = ClientThread().start()
+    try:
+        code = while_probing(node, lambda: peer.run(
+            _declare_big_frames, node.addr, IN_FLIGHT_FRAMES, DEFAULT_FRAME_LIMIT))
+    finally:
+        peer.close()
+    assert code == "busy"
