@@ -91,6 +91,16 @@ def deployment_manifest(deployment_dir: Path) -> Manifest:
 
 
 @pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits MLP (CKKS mode), trained once per test session."""
+    from models.digits import import_digits
+
+    out = tmp_path_factory.mktemp("digits") / "model"
+    import_digits(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm_model() -> onnx.ModelProto:
     """The unsplit plaintext model, built straight from the weights."""
     return build_minilm()

@@ -83,6 +83,19 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     return proc.returncode
 
 
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 15.0,
+             interval: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy and return that; fail naming ``what``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(interval)
+
+
 def node_command(data_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "node", "node", "start", "--data-dir", str(data_dir),
             "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", *extra]

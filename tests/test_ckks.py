@@ -36,15 +36,6 @@ LOGIT_TOLERANCE = 0.25  # |CKKS - plaintext| on logits up to ~80 (docs/threat-mo
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.digits import import_digits
-
-    out = tmp_path_factory.mktemp("digits") / "model"
-    import_digits(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def weights(digits_dir: Path) -> MlpWeights:
     import onnx
 

@@ -18,7 +18,7 @@ import copy
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,14 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
-from node_helpers import ClientThread, NodeProcess, metric_value, start_node, stop_at_teardown
+from node_helpers import (
+    ClientThread,
+    NodeProcess,
+    metric_value,
+    start_node,
+    stop_at_teardown,
+    wait_for,
+)
 from protocol_fixtures import Hop
 
 from crypto.identity import Identity, public_from_did, verify
@@ -78,16 +85,6 @@ def gossip(node1: NodeProcess) -> Iterator[ClientThread]:
         yield peer
     finally:
         peer.close()
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
-        time.sleep(0.1)
 
 
 def publish(peer: ClientThread, data: bytes) -> None:

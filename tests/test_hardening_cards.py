@@ -22,7 +22,7 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import httpx
 import pytest
 from client_fixtures import TEXTS, assert_matches
 from libp2p.abc import IHost
-from node_helpers import ClientThread, NodeProcess, start_node, stop_at_teardown
+from node_helpers import ClientThread, NodeProcess, start_node, stop_at_teardown, wait_for
 
 from client import Client
 from crypto.identity import Identity
@@ -49,15 +49,6 @@ FLOOD = 200
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.digits import import_digits
-
-    out = tmp_path_factory.mktemp("digits") / "model"
-    import_digits(out)
-    return out
-
 
 @pytest.fixture(scope="module")
 def ee_cid(deployment_dir: Path) -> str:
@@ -126,16 +117,6 @@ def probe() -> Iterator[ClientThread]:
     thread.close()
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
-        time.sleep(0.2)
-
-
 def lookup(probe: ClientThread, node: NodeProcess, **filters: str) -> list[str]:
     """PeerIDs of the cards a /veilnet/cards/1 lookup returns, in its order."""
     async def ask(host: IHost) -> list[str]:
@@ -197,11 +178,11 @@ def test_cards_from_an_earlier_run_do_not_steer(node: NodeProcess, probe: Client
     first = lookup(probe, node, deployment=ee_cid)
     assert first[0] == node.peer_id
     wait_for(lambda: lookup(probe, node, deployment=ee_cid) == [node.peer_id],
-             "lookup without the earlier run's cards")
+             "lookup without the earlier run's cards", WAIT)
     assert not stale & {verify_card(c).peer_id
                         for c in httpx.get(f"{node.http}/v1/agents", timeout=5).json()}
     wait_for(lambda: all(f"card of {p} demoted: not reachable at its addresses" in node.log()
-                         for p in stale), "a failed check of each earlier card")
+                         for p in stale), "a failed check of each earlier card", WAIT)
     assert lookup(probe, node, deployment=ee_cid) == [node.peer_id]
 
 
@@ -244,7 +225,7 @@ def test_sybil_cards_do_not_steer_lookups_or_queries(
     # the dials fail (the port never answers the libp2p handshake): demoted, and posting the
     # same card again does not bring it back
     wait_for(lambda: httpx.post(f"{node.http}/v1/agents", json=sybils[-1], timeout=5)
-             .json()["status"] == "failed", "demotion of a Sybil card")
+             .json()["status"] == "failed", "demotion of a Sybil card", WAIT)
     assert lookup(probe, node, deployment=ee_cid) == [node.peer_id]
     assert f"card of {verify_card(sybils[-1]).peer_id} demoted" in node.log()
 
@@ -262,7 +243,7 @@ def test_posted_card_of_a_reachable_peer_is_confirmed(node: NodeProcess, probe: 
         assert httpx.post(f"{node.http}/v1/agents", json=card,
                           timeout=5).json()["status"] in ("checking", "confirmed")
         wait_for(lambda: httpx.post(f"{node.http}/v1/agents", json=card, timeout=5)
-                 .json()["status"] == "confirmed", "confirmation of a reachable peer's card")
+                 .json()["status"] == "confirmed", "confirmation of a reachable peer's card", WAIT)
         assert peer.identity.peer_id in lookup(probe, node, deployment=ee_cid)
     finally:
         peer.close()

@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from node_helpers import (
     spawn_node,
     start_node,
     stop_process,
+    wait_for,
 )
 from protocol_fixtures import (
     Hop,
@@ -68,17 +68,6 @@ def metrics_text(node: NodeProcess) -> str:
     return r.text
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 # -- HTTP API and metrics -------------------------------------------------------------------------
 
 def test_metrics_count_requests_errors_and_latency(node1: NodeProcess, hop: Hop,
@@ -105,7 +94,7 @@ def test_metrics_count_requests_errors_and_latency(node1: NodeProcess, hop: Hop,
         text = metrics_text(node1)
         return text if delta(text, "veilnet_infer_latency_seconds_count") >= 2 else None
 
-    after = wait_for(observed, 5, "the latency observations")
+    after = wait_for(observed, "the latency observations", 5)
     assert delta(after, "veilnet_requests_total", protocol=INFER_P) == len(sends) + 2
     for code, count in [("bad_frame", 2), ("unknown_shard", 1), ("bad_inputs", 1),
                         ("bad_tensor", 1), ("unsupported_version", 1)]:
@@ -142,7 +131,7 @@ def test_peers_are_exchanged(node1: NodeProcess, node2: NodeProcess,
     def node1_knows_node2() -> list[dict[str, Any]]:
         return [r for r in get_json(node1.http + "/v1/peers") if r["peer_id"] == node2.peer_id]
 
-    (record,) = wait_for(node1_knows_node2, 15, "node2's hello to reach node1")
+    (record,) = wait_for(node1_knows_node2, "node2's hello to reach node1", 15)
     assert record["did"] == node2.info["did"]
     assert node2.addr in record["addrs"]
     assert record["http"] == node2.http
@@ -150,7 +139,7 @@ def test_peers_are_exchanged(node1: NodeProcess, node2: NodeProcess,
     def node2_knows_node1() -> list[dict[str, Any]]:
         return [r for r in get_json(node2.http + "/v1/peers") if r["peer_id"] == node1.peer_id]
 
-    (back,) = wait_for(node2_knows_node1, 15, "node1's record at node2")
+    (back,) = wait_for(node2_knows_node1, "node1's record at node2", 15)
     assert back["did"] == node1.info["did"]
     assert sorted(back["shards"]) == sorted(node1.info["shards"])
 
