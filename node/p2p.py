@@ -209,9 +209,11 @@ def error_text(exc: BaseException) -> str:
 
 
 class RemoteError(Exception):
-    """The peer answered with a structured error frame."""
+    """The peer answered with a structured error frame (its code and message are cut to
+    ``MAX_ERROR_TEXT`` characters: they come from the peer and end up in logs and results)."""
 
     def __init__(self, code: str, message: str) -> None:
+        code, message = code[:MAX_ERROR_TEXT], message[:MAX_ERROR_TEXT]
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message

@@ -519,3 +519,15 @@ def test_request_bytes_in_flight_are_capped(node: NodeProcess) -> None:
     finally:
         peer.close()
     assert code == "busy"
+
+
+def test_a_peers_error_text_is_cut_before_it_reaches_logs_and_results() -> None:
+    from node.p2p import MAX_ERROR_TEXT, RemoteError, error_text
+
+    exc = RemoteError("c" * 10_000, "m" * 1_000_000)
+    assert len(exc.code) == len(exc.message) == MAX_ERROR_TEXT
+    assert len(str(exc)) <= 2 * MAX_ERROR_TEXT + 2
+    assert len(error_text(exc)) <= MAX_ERROR_TEXT
+    assert error_text(trio.TooSlowError()) == "TooSlowError"  # never empty
+    assert error_text(ConnectionError("cannot reach\n  /ip4/1.2.3.4\n")) == \
+        "cannot reach /ip4/1.2.3.4"
