@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/ledger.py
 	$(PY) bench/consensus.py
 	$(PY) bench/privacy_modes.py
+	$(PY) bench/attacks.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -12,10 +12,10 @@ CPU per query, the median latency of ``/healthz`` at rest, and a cold query (a n
 then one embed) for the Sybil attack's comparison.
 
 Per attack: wall time until the node's answer, the node's CPU seconds (/proc/<pid>/stat utime +
-stime, before and after), its RSS before and after (VmRSS) and peak (VmHWM, reset through
-/proc/<pid>/clear_refs before each run), and the worst ``/healthz`` latency seen by a poller in a
-separate process (a probe every 20 ms while the attack runs). Attacks 1-5 run ``--reps`` times
-each. The attacks (the payloads of tests/test_hardening_*.py):
+stime, before and after), its RSS before, after and 0.5 s later (VmRSS) and peak (VmHWM, reset
+through /proc/<pid>/clear_refs before each run), and the worst ``/healthz`` latency seen by a
+poller in a separate process (a probe every 20 ms while the attack runs). Attacks 1-5 run
+``--reps`` times each. The attacks (the payloads of tests/test_hardening_*.py):
 
 1. ``a2a_fake_cid``: POST /a2a whose data part names a 3 MB fake shard CID;
 2. ``infer_fake_shard``: a /veilnet/infer/1 frame whose 'shard' is a 3 MB fake CID;
@@ -32,7 +32,8 @@ each. The attacks (the payloads of tests/test_hardening_*.py):
    accepts and never answers) POSTed to /v1/agents, then a real cold client query.
 
 Prints one JSON object (figures, and each attack's ratios to the baseline); progress goes to
-stderr. The node, the poller and every libp2p host are stopped in a ``finally``.
+stderr. The node, the poller and every libp2p host are stopped in a ``finally``. The process,
+/proc, poller and hostile-peer machinery is in bench/attack_harness.py.
 
     .venv/bin/python bench/attacks.py [--reps 5] [--queries 15] [--dir DIR]
 """
@@ -40,24 +41,20 @@ stderr. The node, the poller and every libp2p host are stopped in a ``finally``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
+import importlib.util
 import json
 import os
-import queue
 import select
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -65,297 +62,56 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 # bench/ledger.py would shadow the ledger package the client imports: take bench/ off the path
+# and load attack_harness.py by file (registered in sys.modules, so it can be imported by name)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "tests"))
+_spec = importlib.util.spec_from_file_location("attack_harness",
+                                               REPO / "bench" / "attack_harness.py")
+assert _spec is not None and _spec.loader is not None
+_harness = importlib.util.module_from_spec(_spec)
+sys.modules["attack_harness"] = _harness
+_spec.loader.exec_module(_harness)
 
-import trio  # noqa: E402
-from libp2p.abc import IHost, INetStream  # noqa: E402
+from attack_harness import (  # noqa: E402
+    ATTACK_TIMEOUT,
+    CHUNK,
+    DECLARED,
+    POLL_INTERVAL_S,
+    HostileShards,
+    Node,
+    Poller,
+    cpu_s,
+    reset_peak,
+    status_mib,
+    stop,
+    system_busy_s,
+)
+from libp2p.abc import IHost  # noqa: E402
 from node_helpers import ClientThread, exchange  # noqa: E402
 
 from client import Client  # noqa: E402
 from crypto.identity import Identity  # noqa: E402
 from models import Manifest, cid_of_bytes, cid_of_file, encrypt_model_dir, import_minilm  # noqa: E402
-from node.p2p import INFER, SHARD, close_quietly, connect, full_addrs, peer_info  # noqa: E402
+from node.p2p import INFER, connect, full_addrs, peer_info  # noqa: E402
 from node.store import ShardStore  # noqa: E402
-from node.wire import encode_frame, encode_varint, read_frame, write_frame  # noqa: E402
+from node.wire import encode_frame, encode_varint  # noqa: E402
 from registry.card import MAX_TTL_S, ServedShard, build_card  # noqa: E402
 
 SENTENCE = "Encrypted activations travel between untrusted nodes."
 FAKE_CID = "z" + "2" * 3_000_000        # 3 MB of base58btc: the old CID check was quadratic
 BOMB_ITEMS = 16 * 1024 * 1024 - 16      # empty CBOR arrays in a 16 MiB frame
 BIG_BODY = 70_000_000                   # bytes of the oversized /a2a body
-DECLARED = 1 << 40                      # the shard size the hostile peer declares
-CHUNK = 1 << 20
-HOSTILE_CHUNKS = 256                    # the hostile peer stops after 256 MiB whatever happens
 SYBILS = 10
 SYBIL_AHEAD_S = 30.0                    # issued in the future (within the 60 s clock skew)
-ATTACK_TIMEOUT = 60.0                   # any single attack (and the hostile stream) ends by then
-NODE_READY_S = 60.0
-STOP_GRACE_S = 10.0
-POLL_INTERVAL_S = 0.02
-POLL_TIMEOUT_S = 30.0                   # one /healthz probe
-POLL_MAX_S = 120.0                      # one polling window
-POLL_MAX_PROBES = 20_000
 REST_S = 2.0                            # /healthz polled at rest for the baseline
 SETTLE_S = 0.5                          # pause after each attack (node CPU also read then)
 WARMUP = 3
 COLD_QUERIES = 2
-PR_SET_PDEATHSIG = 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(message: str) -> None:
     print(f"attacks: {message}", file=sys.stderr, flush=True)
 
-
-# -- processes --------------------------------------------------------------------------------
-
-try:  # resolved before any fork: the child only calls it
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """In the child, between fork and exec: SIGTERM when the bench dies, even by SIGKILL."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def spawn(cmd: list[str], out: IO[bytes] | int, **kwargs: Any) -> subprocess.Popen[bytes]:
-    """A child in its own session (a terminal's Ctrl-C reaches only the bench) that gets SIGTERM
-    if the bench dies."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=out, start_new_session=True,
-                            preexec_fn=_die_with_parent,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> int | None:
-    """SIGTERM, then SIGKILL if it has not exited within STOP_GRACE_S. Returns the exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(STOP_GRACE_S)
-    return proc.returncode
-
-
-class Node:
-    """One ``veilnet node start`` process and the facts of its D/node.json."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        with open(self.log_path, "ab") as out:
-            self.proc = spawn([sys.executable, "-m", "node", "node", "start", "--data-dir",
-                               str(data_dir), "--listen", "/ip4/127.0.0.1/tcp/0", "--http",
-                               "127.0.0.1:0"], out, stderr=subprocess.STDOUT)
-        self.pid = self.proc.pid
-        self.info: dict[str, Any] = {}
-
-    def wait_ready(self, timeout: float = NODE_READY_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                info = json.loads((self.data_dir / "node.json").read_text())
-            except (OSError, ValueError):
-                info = None
-            if isinstance(info, dict) and info.get("pid") == self.pid:
-                self.info = info
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"the node did not become ready (exit code {self.proc.poll()}); "
-                           f"log:\n{self.log_tail()}")
-
-    @property
-    def http(self) -> str:
-        return str(self.info["http"])
-
-    @property
-    def addr(self) -> str:
-        return str(self.info["multiaddrs"][0])
-
-    @property
-    def peer_id(self) -> str:
-        return str(self.info["peer_id"])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "<no log>"
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (/proc/<pid>/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def status_mib(pid: int, key: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident) of a process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); False if not allowed."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def system_busy_s() -> float:
-    """CPU seconds all processes have spent busy since boot (/proc/stat, minus idle, iowait)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
-
-
-# -- the /healthz poller (a separate process, so the bench's own work cannot delay it) --------
-
-def poller_main() -> int:
-    """Commands on stdin: ``start URL`` (answers ``started``, then probes URL/healthz every
-    POLL_INTERVAL_S) and ``stop`` (finishes the probe in flight, answers one JSON line)."""
-    commands: queue.Queue[str | None] = queue.Queue()
-
-    def read_stdin() -> None:
-        for line in sys.stdin:
-            commands.put(line.strip())
-        commands.put(None)
-
-    threading.Thread(target=read_stdin, daemon=True).start()
-    with httpx.Client(timeout=POLL_TIMEOUT_S) as http:
-        while True:
-            command = commands.get()
-            if command is None:
-                return 0
-            if not command.startswith("start "):
-                continue  # a stop after a window that ended on its own bound
-            url = command.split(" ", 1)[1] + "/healthz"
-            print("started", flush=True)
-            latencies: list[float] = []
-            failures, eof = 0, False
-            deadline = time.monotonic() + POLL_MAX_S
-            while len(latencies) < POLL_MAX_PROBES and time.monotonic() < deadline:
-                started = time.perf_counter()
-                try:
-                    ok = http.get(url).json().get("status") == "ok"
-                except (httpx.HTTPError, ValueError):
-                    ok = False
-                latencies.append(time.perf_counter() - started)
-                failures += not ok
-                try:
-                    command = commands.get(timeout=POLL_INTERVAL_S)
-                except queue.Empty:
-                    continue
-                eof = command is None
-                if eof or command == "stop":
-                    break
-            ms = sorted(x * 1e3 for x in latencies)
-            print(json.dumps({"probes": len(ms), "failures": failures,
-                              "median_ms": round(statistics.median(ms), 2),
-                              "max_ms": round(ms[-1], 2)}), flush=True)
-            if eof:
-                return 0
-
-
-class Poller:
-    def __init__(self, log_file: IO[bytes]) -> None:
-        self.proc = spawn([sys.executable, str(Path(__file__).resolve()), "--poller"],
-                          subprocess.PIPE, stdin=subprocess.PIPE, stderr=log_file)
-        self._buf = b""
-
-    def _send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise RuntimeError(f"the /healthz poller did not answer within {timeout} s")
-            data = os.read(fd, 65536)
-            if not data:
-                raise RuntimeError(f"the /healthz poller exited ({self.proc.poll()})")
-            self._buf += data
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    def start(self, http: str) -> None:
-        self._send(f"start {http}")
-        if self._line(60) != "started":  # the first call waits for the poller's imports
-            raise RuntimeError("the /healthz poller did not start")
-
-    def stop(self) -> dict[str, Any]:
-        self._send("stop")
-        return dict(json.loads(self._line(POLL_TIMEOUT_S + 5)))
-
-    def close(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()  # EOF: the poller exits
-                self.proc.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        stop(self.proc)
-
-
-# -- the hostile libp2p peer: serves /veilnet/shard/1 as a malicious node would -----------------
-
-class HostileShards:
-    """Serves the manifest of a deployment honestly, then declares its shard as DECLARED bytes
-    and sends 1 MiB chunks until the node hangs up (at most HOSTILE_CHUNKS)."""
-
-    def __init__(self) -> None:
-        self.manifests: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        self.chunks_sent = 0
-
-    @asynccontextmanager
-    async def serve(self, host: IHost) -> AsyncIterator[HostileShards]:
-        host.set_stream_handler(SHARD, self._handle)
-        yield self
-
-    async def _handle(self, stream: INetStream) -> None:
-        try:
-            with trio.move_on_after(ATTACK_TIMEOUT):
-                req = await read_frame(stream)
-                if req is None:
-                    return
-                cid = str(req.get("cid"))
-                self.requests.append(cid)
-                head = {"v": 1, "id": req.get("id"), "cid": cid}
-                if cid in self.manifests:
-                    data = self.manifests[cid]
-                    await write_frame(stream, {**head, "size": len(data)})
-                    await write_frame(stream, {"data": data})
-                    return
-                await write_frame(stream, {**head, "size": DECLARED})
-                block = bytes(CHUNK)
-                for _ in range(HOSTILE_CHUNKS):
-                    await write_frame(stream, {"data": block})
-                    self.chunks_sent += 1
-        except Exception:
-            pass  # the node hung up: that is the point
-        finally:
-            await close_quietly(stream)
 
 
 async def _exchange(host: IHost, addr: str, payload: bytes) -> dict[str, Any] | None:
@@ -492,6 +248,7 @@ def run_once(node: Node, poller: Poller, attack: Callable[[], Any]) -> dict[str,
     out = {"wall_s": round(wall, 4), "node_cpu_s": round(cpu_after - cpu_before, 3),
            "node_cpu_s_incl_settle": round(cpu_s(pid) - cpu_before, 3),
            "rss_before_mib": rss_before, "rss_after_mib": rss_after, "rss_peak_mib": peak,
+           "rss_settled_mib": status_mib(pid, "VmRSS"),
            "peak_reset": peak_reset, "healthz_worst_ms": health["max_ms"],
            "healthz_median_ms": health["median_ms"], "healthz_probes": health["probes"],
            "healthz_failures": health["failures"], "answer": answer, "node_alive": node.alive()}
@@ -510,6 +267,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "node_cpu_s": med("node_cpu_s"), "node_cpu_s_max": max(r["node_cpu_s"] for r in runs),
         "node_cpu_s_incl_settle": med("node_cpu_s_incl_settle"),
         "rss_before_mib": runs[0]["rss_before_mib"], "rss_after_mib": runs[-1]["rss_after_mib"],
+        "rss_settled_mib": runs[-1]["rss_settled_mib"],
+        "rss_growth_over_runs_mib": round(runs[-1]["rss_settled_mib"]
+                                          - runs[0]["rss_before_mib"], 1),
         "rss_peak_mib": max(r["rss_peak_mib"] for r in runs),
         "rss_peak_growth_mib": round(max(r["rss_peak_mib"] - r["rss_before_mib"]
                                          for r in runs), 1),
@@ -635,10 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed baseline queries (default 15)")
     parser.add_argument("--dir", type=Path, help="an empty or new work directory, kept "
                         "afterwards with the node's log (default: a temporary one)")
-    parser.add_argument("--poller", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.poller:
-        return poller_main()
     if not 1 <= args.reps <= 20 or not 3 <= args.queries <= 200:
         parser.error("--reps must be 1-20 and --queries 3-200")
     if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
@@ -665,9 +422,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"node pid {node.pid} ready at {node.http}, {node.addr}")
 
             # -- baseline --
+            cpu_before = cpu_s(node.pid)
             poller.start(node.http)
             time.sleep(REST_S)
             rest = poller.stop()
+            rest["node_cpu_ms_per_probe"] = round((cpu_s(node.pid) - cpu_before) * 1e3
+                                                  / rest["probes"], 2)  # with idle work
             client = Client([node.addr], deploy, verify="none")
             base = query_baseline(node, poller, client, args.queries)
             expected = client.embed([SENTENCE]).embeddings
