@@ -36,7 +36,9 @@ def _base32(cid: multiformats_cid.CIDv1) -> str:
 
 
 def cid_of_file(path: Path) -> str:
-    return cid_of_bytes(Path(path).read_bytes())
+    """The CID of a file's bytes, hashed in blocks (a shard may be larger than memory allows)."""
+    with open(path, "rb") as f:
+        return cid_of_digest(hashlib.file_digest(f, "sha256").digest())
 
 
 def is_valid_cid(text: str) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from models.cid import cid_of_bytes, is_valid_cid
+from models.cid import cid_of_bytes, cid_of_file, is_valid_cid
 
 FORMAT = "veilnet-manifest/1"
 ROLES = ("client-head", "node", "client-tail")
@@ -220,7 +220,7 @@ class Manifest:
             if not path.is_file():
                 problems.append(f"shard {shard.index}: missing file {path}")
                 continue
-            actual = cid_of_bytes(path.read_bytes())
+            actual = cid_of_file(path)
             if actual != shard.cid:
                 problems.append(f"shard {shard.index}: {path} hashes to {actual}, not {shard.cid}")
         return problems

@@ -19,9 +19,9 @@ from typing import NoReturn
 import numpy as np
 import trio
 
-from models import ShardInputError, ShardSession
+from models import ShardInputError, ShardSession, cid_of_file
 from models.runtime import check_inputs
-from node.store import ShardStore, StoredShard, file_cid
+from node.store import ShardStore, StoredShard
 from node.wire import WireError
 
 log = logging.getLogger("veilnet.node")
@@ -58,7 +58,7 @@ class ShardExecutor:
         shard file itself rather than through a session, such as CKKS mode)."""
         shard = self.lookup(cid)
         if cid not in self._verified and cid not in self._sessions:
-            actual = await trio.to_thread.run_sync(file_cid, shard.path)
+            actual = await trio.to_thread.run_sync(cid_of_file, shard.path)
             if actual != cid:
                 self._refuse(shard, actual)
             self._verified.add(cid)
@@ -78,7 +78,7 @@ class ShardExecutor:
 
     def _load(self, shard: StoredShard) -> tuple[str, ShardSession | None]:
         """In a worker thread: hash the file, and only if it matches its CID load it."""
-        actual = file_cid(shard.path)
+        actual = cid_of_file(shard.path)
         if actual != shard.spec.cid:
             return actual, None
         return actual, ShardSession(shard.path, shard.spec, self.threads, self.spin)

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, ValidationError
 
 from models import is_valid_cid
+from node.http_limits import ROUTE_BODY_LIMITS, BodyLimit, read_body
 from node.p2p import error_text
 from node.service import NodeService
 from node.store import StoreError
@@ -41,13 +42,9 @@ class FetchRequest(BaseModel):
 
 async def _fetch_body(request: Request) -> FetchRequest:
     """The body of POST /v1/shards/fetch, read up to FETCH_BODY_LIMIT bytes and validated."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > FETCH_BODY_LIMIT:
-            raise HTTPException(413, f"the body is larger than {FETCH_BODY_LIMIT} bytes")
+    data = await read_body(request, FETCH_BODY_LIMIT)  # 413 past the limit
     try:
-        return FetchRequest.model_validate_json(bytes(data))
+        return FetchRequest.model_validate_json(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
@@ -82,7 +79,6 @@ def create_app(service: NodeService, domain: str | None = None,
     app = FastAPI(title="veilnet node", version="1",
                   description="Health, metrics, identity, peers, agent cards and A2A/ANP "
                               "endpoints of one veilnet node.")
-    from node.http_limits import ROUTE_BODY_LIMITS, BodyLimit  # docs/protocol.md "Limits"
 
     app.add_middleware(BodyLimit, limits=ROUTE_BODY_LIMITS)  # 413 for bodies over the limits
     if service.discovery is not None:

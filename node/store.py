@@ -27,7 +27,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from models import Manifest, ManifestError, ShardSpec, cid_of_bytes, cid_of_digest, is_valid_cid
+from models import (
+    Manifest,
+    ManifestError,
+    ShardSpec,
+    cid_of_bytes,
+    cid_of_digest,
+    cid_of_file,
+    is_valid_cid,
+)
 from node.config import DEFAULT_SHARD_SIZE_LIMIT
 
 MANIFEST_LIMIT = 1 << 20  # a manifest of a 100-shard model is under 100 KiB
@@ -47,12 +55,6 @@ class StoredShard:
     deployment: str  # manifest CID
     model: str
     path: Path
-
-
-def file_cid(path: Path) -> str:
-    """The CID of a file's bytes, hashed in blocks (a shard may be larger than memory allows)."""
-    with open(path, "rb") as f:
-        return cid_of_digest(hashlib.file_digest(f, "sha256").digest())
 
 
 def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -256,7 +258,7 @@ class ShardStore:
             if not source.is_file():
                 raise StoreError(f"{source}: node shard {spec.cid} is missing")
             target = self.shard_path(spec.cid)
-            if not target.is_file() or file_cid(target) != spec.cid:
+            if not target.is_file() or cid_of_file(target) != spec.cid:
                 with open(source, "rb") as f:
                     self.add_shard_bytes(spec.cid, iter(lambda: f.read(READ_BLOCK), b""))
             installed.append(spec.cid)
@@ -329,7 +331,7 @@ def check_data_dir(data_dir: Path) -> CheckReport:
                                            "it"))
                 continue
             try:
-                actual = file_cid(path)
+                actual = cid_of_file(path)
             except OSError as exc:
                 report.problems.append(Problem(str(path), "unreadable",
                                                f"{path}: cannot read: {exc.strerror}", expected))
