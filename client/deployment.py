@@ -17,12 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from models import Manifest, ManifestError, Pipeline, ShardSpec
+from models import Manifest, ManifestError, Pipeline
 
 log = logging.getLogger("veilnet.client")
 KEY_FILE = "key.json"
@@ -54,10 +51,8 @@ def check_secret_files(manifest: Manifest) -> None:
                 f"it must be private to you: chmod 600 {path} (and chmod 700 {path.parent})")
 
 
-def load_pipeline(deployment: Path, threads: int | None,
-                  never: Callable[[ShardSpec, dict[str, np.ndarray]], dict[str, np.ndarray]],
-                  ) -> Pipeline:
-    """The deployment's client head and tail, ready to run (node shards go to ``never``)."""
+def load_pipeline(deployment: Path, threads: int | None) -> Pipeline:
+    """The deployment's client head and tail, ready to run (node shards run on nodes)."""
     manifest = Manifest.load(deployment)
     if manifest.encryption == "none":
         log.warning("%s is not EE-encrypted: nodes see plaintext activations unless the "
@@ -69,7 +64,7 @@ def load_pipeline(deployment: Path, threads: int | None,
     # Pipeline hashes every client shard against its CID in the manifest before loading it.
     # spin=False: busy-waiting onnxruntime threads here would steal the cores of nodes
     # running on the same machine (the testnet) while the client waits for them.
-    return Pipeline(manifest, node_runner=never, threads=threads, spin=False)
+    return Pipeline(manifest, threads=threads, spin=False, remote_nodes=True)
 
 
 __all__ = ["KEY_FILE", "SecretFileError", "check_secret_files", "load_pipeline"]

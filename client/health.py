@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import trio
 
-from node.p2p import RemoteError, one_line
-from node.wire import WireError
+from errors import ProtocolError
+from protocols.transport import one_line
 
 BACKOFF_BASE_S = 5.0     # skip a peer this long after its first failure ...
 BACKOFF_CAP_S = 300.0    # ... doubling per consecutive failure, up to this
@@ -98,7 +98,7 @@ def describe(exc: BaseException, timeout: float) -> str:
     """A failure as one trimmed, non-empty line."""
     if isinstance(exc, trio.TooSlowError):
         text = f"no answer within {timeout:g} s"
-    elif isinstance(exc, RemoteError | WireError):
+    elif isinstance(exc, ProtocolError):  # the code says it all: "bad_signature: ..."
         text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}" if str(exc).strip() else type(exc).__name__

@@ -8,7 +8,8 @@ a ``LedgerReceipt``, verifies offline with the log's verifier key and the witnes
 
 Two failures differ: the entry was never logged (``ReceiptError``), or it was logged at an
 index and only the witness cosignatures were late (``ReceiptPending``, carrying a
-``PendingReceipt`` with the index, from which the proof can be fetched later).
+``PendingReceipt`` with the index, from which the proof can be fetched later). The requests
+themselves are ``protocols.ledger``'s.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ import trio
 from libp2p.abc import IHost
 
 from crypto.identity import Identity
+from errors import UnavailableError
 from ledger.checkpoint import Checkpoint
-from ledger.entries import make_entry, parse_entry
+from ledger.entries import make_entry
 from ledger.note import NoteError, parse_verifier_key
 from ledger.tlog_proof import verify_proof
-from node.p2p import LEDGER, ensure_connected, request
-from node.wire import WIRE_VERSION
+from protocols import ledger as ledger_proto
+from protocols.transport import PEER_ERRORS, error_text
 from registry.card import CardInfo
 
 POLL_S = 0.1
 
 
-class ReceiptError(RuntimeError):
+class ReceiptError(UnavailableError, RuntimeError):
     """The receipt could not be logged or proven; the message says why."""
 
 
@@ -111,48 +113,6 @@ def score_report_entry(identity: Identity, report: dict[str, dict[str, Any]]) ->
     return make_entry(identity, "score-report/1", {"scores": report})
 
 
-async def _ledger_call(host: IHost, ledger: CardInfo, op: str, timeout: float,
-                       **fields: Any) -> dict[str, Any]:
-    """One ``/veilnet/ledger/1`` request to ``ledger`` (dialled unless already connected)."""
-    peer = await ensure_connected(host, ledger.peer_id, ledger.multiaddrs, timeout)
-    return await request(host, peer, LEDGER, {"v": WIRE_VERSION, "id": secrets.token_hex(8),
-                                              "op": op, **fields}, timeout)
-
-
-async def _append(host: IHost, ledger: CardInfo, entry: bytes, timeout: float,
-                  ) -> tuple[int, bytes]:
-    """Append ``entry`` at ``ledger``; its (index, leaf hash) once committed."""
-    added = await _ledger_call(host, ledger, "append", timeout, entry=entry)
-    index, leaf = added.get("index"), added.get("leaf_hash")
-    if not isinstance(index, int) or not isinstance(leaf, bytes):
-        raise ReceiptError(f"{ledger.peer_id}: malformed append answer")
-    return index, leaf
-
-
-async def append_entry(host: IHost, ledger: CardInfo, entry: bytes, timeout: float) -> int:
-    """Append ``entry`` at ``ledger`` without waiting for a proof; returns its index."""
-    with trio.fail_after(timeout):
-        index, _ = await _append(host, ledger, entry, timeout)
-    return index
-
-
-async def fetch_rankings(host: IHost, ledger: CardInfo, timeout: float) -> dict[str, float]:
-    """{did: score} from the newest ``ranking/1`` snapshot of ledger node ``ledger``, checked
-    to be signed by that node; raises ReceiptError or the transport's errors."""
-    with trio.fail_after(timeout):
-        answer = await _ledger_call(host, ledger, "rankings", timeout)
-    data = answer.get("entry")
-    if not isinstance(data, bytes):
-        raise ReceiptError(f"{ledger.peer_id}: no ranking entry in the answer")
-    entry = parse_entry(data)
-    if entry.type != "ranking/1" or entry.author != ledger.did:
-        raise ReceiptError(f"{ledger.peer_id}: the ranking is not signed by that node")
-    rows = entry.body.get("rows")
-    return {r["did"]: float(r["score"]) for r in rows or []
-            if isinstance(r, dict) and isinstance(r.get("did"), str)
-            and isinstance(r.get("score"), int | float)}
-
-
 async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: Sequence[str],
                     quorum: int, timeout: float) -> LedgerReceipt:
     """Append ``entry`` at the ledger node ``ledger`` and wait for a proof with ``quorum``
@@ -167,17 +127,17 @@ async def log_entry(host: IHost, ledger: CardInfo, entry: bytes, witness_keys: S
     log_key = ledger.ledger_key
     last_error = "the ledger node did not answer"
     appended: tuple[int, bytes] | None = None
+    where = (ledger.peer_id, ledger.multiaddrs)
     with trio.move_on_after(timeout):
-        index, leaf = appended = await _append(host, ledger, entry, timeout)
+        index, leaf = appended = await ledger_proto.append(host, *where, entry, timeout)
         last_error = "the ledger node returned no proof yet"
         while True:
             try:
-                answer = await _ledger_call(host, ledger, "proof", timeout, index=index)
-            except Exception as exc:  # logged already: keep asking until the time is up
-                last_error = " ".join(f"{type(exc).__name__}: {exc}".split())
-                answer = {}
-            proof = answer.get("proof")
-            if isinstance(proof, str):
+                proof = await ledger_proto.fetch_proof(host, *where, index, timeout)
+            except PEER_ERRORS as exc:  # logged already: keep asking until the time is up
+                last_error = f"{type(exc).__name__}: {error_text(exc)}"
+                proof = None
+            if proof is not None:
                 receipt = LedgerReceipt(entry, index, leaf, log_key, proof, tuple(witness_keys),
                                         quorum)
                 try:

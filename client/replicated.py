@@ -18,48 +18,58 @@ Slow and failed nodes: a node that has not answered after the hedge delay (``Pee
 a few times the median latency, at least 1 s) no longer counts; the next candidate is asked as
 well and whichever answers complete the verdict first are used. When the answers in hand are
 already a strict majority of ``replicas`` and only such slow nodes are outstanding, the hop
-ends without them. Every failure (and every slow node left behind) is remembered in
-``client.health``, which skips the node for a while (``AsyncClient.plan``).
+ends without them. Every answer, failure (and slow node left behind) and decided verdict is
+reported to the ``Router`` (client/router.py): failed nodes are skipped for a while, nodes that
+lost a decided verdict are avoided from then on.
 
-Every decided verdict updates the client's ``Reputation`` (agreement, latency, availability);
-nodes that lost a decided verdict are avoided from then on.
+``run_hop`` takes what it needs: the ``InferCaller`` (one checked answer from one node), the
+``Router`` (who to ask, what to remember) and the ``VerifyPolicy`` (mode, replicas, timeouts).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import trio
 
+from client.caller import InferCaller, Reply
 from client.health import describe
-from consensus.fingerprint import Tolerance
-from consensus.verdict import Answer, Verdict, decide
+from client.results import HopRecord, QueryError
+from client.router import Router
+from consensus.fingerprint import Tolerance, fingerprints_agree
+from consensus.verdict import VERIFY_MODES, Answer, Verdict, decide
+from errors import InputError
+from models import ShardSpec
+from protocols.peers import PeerRecord
+from protocols.transport import PEER_ERRORS
+from protocols.wire import DigestEntry
 
-if TYPE_CHECKING:
-    from client.async_client import AsyncClient, HopRecord
-    from models import ShardSpec
-    from node.peers import PeerRecord
-    from node.wire import DigestEntry
-
-MODES = ("full", "spot", "none")
 log = logging.getLogger("veilnet.client")
 
 
 @dataclass
-class Reply:
-    """One node's checked answer for one hop."""
+class VerifyPolicy:
+    """How hops are checked (docs/consensus.md); see the module docstring."""
 
-    record: PeerRecord
-    hop: HopRecord
-    outputs: dict[str, np.ndarray] | None  # None when the node sent only its fingerprint
-    out_entries: dict[str, DigestEntry] | None
-    fingerprint: dict[str, Any]
-    fingerprint_signature: bytes | None
+    mode: str = "full"
+    replicas: int = 3
+    spot_rate: float = 0.1
+    allow_unverified: bool = False
+    hop_timeout: float = 30.0  # one node's answer
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+    def __post_init__(self) -> None:
+        if self.mode not in VERIFY_MODES:
+            raise InputError(f"verify={self.mode!r}: use one of {', '.join(VERIFY_MODES)}")
+        if self.replicas < 1 or not 0.0 <= self.spot_rate <= 1.0:
+            raise InputError("replicas must be >= 1 and spot_rate between 0 and 1")
+        if self.mode == "full" and self.replicas < 2:
+            raise InputError("verify='full' needs replicas >= 2 (two agreeing answers); use "
+                             "verify='none' for one node per hop")
 
 
 @dataclass
@@ -74,20 +84,22 @@ class _Asked:
 class _HopRun:
     """The nodes asked for one hop, their answers and failures, until the verdict is done."""
 
-    def __init__(self, client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                 input_digest: bytes, candidates: list[PeerRecord], want: int) -> None:
-        self.client, self.shard, self.feeds = client, shard, feeds
+    def __init__(self, caller: InferCaller, router: Router, policy: VerifyPolicy,
+                 shard: ShardSpec, feeds: dict[str, np.ndarray], input_digest: bytes,
+                 candidates: list[PeerRecord], want: int) -> None:
+        self.caller, self.router, self.policy = caller, router, policy
+        self.shard, self.feeds = shard, feeds
         self.input_digest, self.want = input_digest, want
         self.queue = list(candidates)
         self.asked: dict[str, _Asked] = {}  # outstanding requests by peer id
         self.replies: dict[str, Reply] = {}
         self.failures: list[str] = []
-        hedge = client.health.hedge_delay(client.hop_timeout)
-        self.hedge = hedge if hedge < client.hop_timeout else math.inf
+        hedge = router.health.hedge_delay(policy.hop_timeout)
+        self.hedge = hedge if hedge < policy.hop_timeout else math.inf
 
     def verdict(self) -> Verdict:
         answers = [Answer(p, r.fingerprint, r.outputs) for p, r in self.replies.items()]
-        return decide(answers, self.client.tolerance)
+        return decide(answers, self.policy.tolerance)
 
     async def run(self) -> None:
         send, receive = trio.open_memory_channel[tuple[str, str, Any]](math.inf)
@@ -146,15 +158,14 @@ class _HopRun:
         nursery.start_soon(self._task, asked, send)
 
     async def _task(self, asked: _Asked, send: trio.MemorySendChannel[Any]) -> None:
-        client = self.client
+        timeout = self.policy.hop_timeout
         with asked.scope:
             try:
-                with trio.fail_after(client.hop_timeout):
-                    reply = await client._call(asked.record, self.shard, self.feeds,
-                                               self.input_digest, asked.what)
-            except (Exception, trio.TooSlowError) as exc:
-                send.send_nowait(("fail", asked.record.peer_id,
-                                  describe(exc, client.hop_timeout)))
+                with trio.fail_after(timeout):
+                    reply = await self.caller.call(asked.record, self.shard, self.feeds,
+                                                   self.input_digest, asked.what)
+            except PEER_ERRORS as exc:
+                send.send_nowait(("fail", asked.record.peer_id, describe(exc, timeout)))
                 return
             send.send_nowait(("ok", asked.record.peer_id, reply))
 
@@ -162,38 +173,31 @@ class _HopRun:
         if self.asked.pop(peer, None) is None:
             return
         if kind == "ok":
-            self.client.reputation.record_availability(peer, True)
-            self.client.reputation.record_latency(peer, value.hop.latency_ms)
-            self.client.health.succeeded(peer, value.hop.latency_ms)
+            self.router.answered(peer, value.hop.latency_ms)
             self.replies[peer] = value
         else:
             self._failed(peer, value)
 
     def _failed(self, peer: str, reason: str) -> None:
         self.failures.append(f"{peer}: {reason}")
-        self.client.reputation.record_availability(peer, False)
-        self.client.mark_failed(peer, reason)
+        self.router.failed(peer, reason)
 
 
-async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                  input_digest: bytes,
+async def run_hop(caller: InferCaller, router: Router, policy: VerifyPolicy, shard: ShardSpec,
+                  feeds: dict[str, np.ndarray], input_digest: bytes,
                   ) -> tuple[dict[str, np.ndarray], HopRecord, dict[str, DigestEntry]]:
     """The hop's outputs, the HopRecord of the node whose outputs are used (with the verdict
     attached) and the outputs' digest entries; raises QueryError."""
-    from client.async_client import QueryError
-
-    mode, rng = client.verify, client.rng
+    mode = policy.mode
     where = f"hop {shard.index} (shard {shard.cid})"
-    candidates = client.plan(shard.cid)
-    planned = {r.peer_id for r in candidates}
-    skipped = [f"{r.peer_id}: {client.health.skip_note(r.peer_id)}"
-               for r in client.providers(shard.cid) if r.peer_id not in planned]
+    candidates = router.plan(shard.cid)
+    skipped = router.skipped(shard.cid, candidates)
     if not candidates:
         raise QueryError(f"hop {shard.index}: no known node serves shard {shard.cid}")
     replicas = len(candidates) + len(skipped)
-    want = {"full": client.replicas, "spot": 2 if rng.random() < client.spot_rate else 1,
-            "none": 1}[mode]
-    run = _HopRun(client, shard, feeds, input_digest, candidates, want)
+    want = {"full": policy.replicas,
+            "spot": 2 if router.rng.random() < policy.spot_rate else 1, "none": 1}[mode]
+    run = _HopRun(caller, router, policy, shard, feeds, input_digest, candidates, want)
     await run.run()
     replies, failures = run.replies, run.failures
     attempts = len(replies) + len(failures)  # not counting a node cancelled as not needed
@@ -218,7 +222,7 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
                       f"node(s) serving the shard answered"
                       + (" (no other node serves it)" if replicas == 1 else "")
                       + "".join(f"; {f}" for f in failures + skipped))
-            if not client.allow_unverified:
+            if not policy.allow_unverified:
                 raise QueryError(
                     f"{where}: verify=full needs two agreeing answers, but only 1 of the "
                     f"{replicas} node(s) serving the shard answered"
@@ -227,28 +231,26 @@ async def run_hop(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.nda
                       "--allow-unverified, returns such an answer marked unverified)"
                     + _lines(failures + skipped))
             log.warning("%s: the answer is NOT verified: %s", where, reason)
-    for node in verdict.winners if verified else ():
-        client.reputation.record_verdict(node, True)
-    for node in verdict.losers:
-        client.reputation.record_verdict(node, False)
-        client.caught.add(node)
+    router.verdict(verdict.winners if verified else (), verdict.losers)
     if primary is not None and primary in verdict.winners:
         chosen = replies[primary]
     else:  # the outputs we hold lost, or every node asked for outputs failed: a winner's
-        chosen = await _winner_outputs(client, shard, feeds, input_digest, verdict, replies,
-                                       failures)
+        chosen = await _winner_outputs(caller, router, policy, shard, feeds, input_digest,
+                                       verdict, replies, failures)
     record = {"mode": mode, "nodes": list(replies), "winners": list(verdict.winners),
               "losers": list(verdict.losers), "decided": verdict.decided,
               "reason": verdict.reason,
               "answers": {p: {"output_digest": r.hop.output_digest,
                               "signature": r.hop.signature, "request_id": r.hop.request_id,
-                              "fingerprint_signature": (r.fingerprint_signature or b"").hex()}
+                              "fingerprint_signature":
+                                  (r.answer.fingerprint_signature or b"").hex()}
                           for p, r in replies.items()}}
     hop = replace(chosen.hop, attempts=attempts, failures=tuple(failures),
                   verdict=record if verified else None, verified=verified,
                   unverified_reason=reason)
-    assert chosen.outputs is not None and chosen.out_entries is not None
-    return chosen.outputs, hop, chosen.out_entries
+    outputs, entries = chosen.answer.outputs, chosen.answer.out_entries
+    assert outputs is not None and entries is not None
+    return outputs, hop, entries
 
 
 def _lines(failures: list[str]) -> str:
@@ -256,38 +258,26 @@ def _lines(failures: list[str]) -> str:
     return "".join(f"\n  - {f}" for f in failures)
 
 
-async def _winner_outputs(client: AsyncClient, shard: ShardSpec, feeds: dict[str, np.ndarray],
-                          input_digest: bytes, verdict: Verdict, replies: dict[str, Reply],
+async def _winner_outputs(caller: InferCaller, router: Router, policy: VerifyPolicy,
+                          shard: ShardSpec, feeds: dict[str, np.ndarray], input_digest: bytes,
+                          verdict: Verdict, replies: dict[str, Reply],
                           failures: list[str]) -> Reply:
     """Full outputs from a winner, checked to agree with the winning fingerprint."""
-    from client.async_client import QueryError
-    from consensus.fingerprint import fingerprints_agree
-
     reference = replies[verdict.winners[0]].fingerprint
     for node in verdict.winners:
         try:
-            with trio.fail_after(client.hop_timeout):
-                reply = await client._call(replies[node].record, shard, feeds, input_digest)
-        except (Exception, trio.TooSlowError) as exc:
+            with trio.fail_after(policy.hop_timeout):
+                reply = await caller.call(replies[node].node, shard, feeds, input_digest)
+        except PEER_ERRORS as exc:
             failures.append(f"{node}: outputs after the verdict: "
-                            f"{describe(exc, client.hop_timeout)}")
+                            f"{describe(exc, policy.hop_timeout)}")
             continue
-        if fingerprints_agree(reply.fingerprint, reference, client.tolerance)[0]:
+        if fingerprints_agree(reply.fingerprint, reference, policy.tolerance)[0]:
             return reply
         failures.append(f"{node}: its outputs do not match the fingerprint it won with")
-        client.caught.add(node)
+        router.caught.add(node)
     raise QueryError(f"hop {shard.index}: no winning node sent outputs matching the verdict"
                      + _lines(failures))
 
 
-def plan(candidates: list[PeerRecord], score: Any, caught: set[str], rng: random.Random,
-         exploration: float = 0.2) -> list[PeerRecord]:
-    """Candidates ordered by reputation with some randomness (so new nodes get traffic), nodes
-    caught lying last (used only when nothing else serves the shard)."""
-    honest = [r for r in candidates if r.peer_id not in caught]
-    liars = [r for r in candidates if r.peer_id in caught]
-    keyed = sorted(honest, key=lambda r: -(score(r.peer_id) + rng.uniform(0, exploration)))
-    return keyed + liars
-
-
-__all__ = ["MODES", "Reply", "Tolerance", "plan", "run_hop"]
+__all__ = ["VerifyPolicy", "run_hop"]

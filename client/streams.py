@@ -15,8 +15,9 @@ from typing import Any
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 
-from node.p2p import INFER, STREAM_ERRORS, close_quietly, exchange, open_stream
-from node.wire import WireError
+from protocols.infer import INFER
+from protocols.transport import STREAM_ERRORS, close_quietly, exchange, open_stream
+from protocols.wire import WireError
 
 log = logging.getLogger("veilnet.client")
 STREAM_REUSE_S = 20.0

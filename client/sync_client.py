@@ -1,4 +1,4 @@
-"""``Client``: the blocking facade over ``AsyncClient``.
+"""``Client``: the blocking facade over ``AsyncClient``, with the same arguments and methods.
 
 A private thread runs a trio event loop holding the AsyncClient open; each call is handed to that
 loop with ``trio.from_thread.run`` and blocks until it returns. Use it as a context manager (or
@@ -8,19 +8,41 @@ call ``close()``) so the libp2p host is shut down.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
 
-from client.async_client import AsyncClient, EmbedResult, HopRecord
+from client.async_client import AsyncClient
+from client.receipts import LedgerReceipt
+from client.results import EmbedResult, HopRecord
+from crypto.identity import Identity
+from models import Manifest
+from protocols.peers import PeerRecord
+from protocols.wire import DEFAULT_FRAME_LIMIT
+
+T = TypeVar("T")
 
 
 class Client:
-    def __init__(self, bootstrap: Sequence[str], deployment: Path | str, **options: Any) -> None:
-        self._async = AsyncClient(bootstrap, deployment, **options)
+    """``with Client(bootstrap, deployment) as client: client.embed(...)``; the arguments are
+    ``AsyncClient``'s."""
+
+    def __init__(self, bootstrap: Sequence[str], deployment: Path | str, *,
+                 timeout: float = 120.0, hop_timeout: float = 30.0, connect_timeout: float = 5.0,
+                 threads: int | None = None, frame_limit: int = DEFAULT_FRAME_LIMIT,
+                 identity: Identity | None = None, ledger: bool = True,
+                 witness_quorum: int = 1, receipt_timeout: float = 15.0,
+                 verify: str = "full", replicas: int = 3, spot_rate: float = 0.1,
+                 seed: int | None = None, allow_unverified: bool = False) -> None:
+        self.async_client = AsyncClient(
+            bootstrap, deployment, timeout=timeout, hop_timeout=hop_timeout,
+            connect_timeout=connect_timeout, threads=threads, frame_limit=frame_limit,
+            identity=identity, ledger=ledger, witness_quorum=witness_quorum,
+            receipt_timeout=receipt_timeout, verify=verify, replicas=replicas,
+            spot_rate=spot_rate, seed=seed, allow_unverified=allow_unverified)
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self._error: BaseException | None = None
@@ -35,7 +57,7 @@ class Client:
 
     async def _main(self) -> None:
         try:
-            async with self._async:
+            async with self.async_client:
                 self._token = trio.lowlevel.current_trio_token()
                 self._stop = trio.Event()
                 self._ready.set()
@@ -48,25 +70,35 @@ class Client:
         finally:
             self._ready.set()
 
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         if self._token is None or not self._thread.is_alive():
             raise RuntimeError("the client is closed")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
+    @property
+    def manifest(self) -> Manifest:
+        return self.async_client.manifest
+
     def embed(self, texts: Sequence[str]) -> EmbedResult:
-        return self._call(self._async.embed, texts)
+        return self._call(self.async_client.embed, texts)
 
     def run(self, inputs: Mapping[str, np.ndarray],
             ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
-        return self._call(self._async.run, inputs)
+        return self._call(self.async_client.run, inputs)
 
     def run_ckks(self, inputs: Mapping[str, np.ndarray],
                  ) -> tuple[dict[str, np.ndarray], list[HopRecord]]:
         """``AsyncClient.run_ckks``: the node shard on CKKS ciphertexts."""
-        return self._call(self._async.run_ckks, inputs)
+        return self._call(self.async_client.run_ckks, inputs)
 
-    def refresh(self) -> None:
-        self._call(self._async.refresh)
+    def refresh(self) -> list[PeerRecord]:
+        return self._call(self.async_client.refresh)
+
+    def log_receipt(self, hops: Sequence[HopRecord]) -> LedgerReceipt:
+        return self._call(self.async_client.log_receipt, hops)
+
+    def publish_scores(self) -> int | None:
+        return self._call(self.async_client.publish_scores)
 
     def close(self) -> None:
         if self._token is not None and self._thread.is_alive():
@@ -81,3 +113,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["Client"]

@@ -12,9 +12,17 @@ from consensus.fingerprint import (
 )
 from consensus.rankings import Report, aggregate, weighted_median
 from consensus.reputation import NodeStats, Reputation
-from consensus.verdict import Answer, Verdict, decide, detection_probability, group_answers
+from consensus.verdict import (
+    VERIFY_MODES,
+    Answer,
+    Verdict,
+    decide,
+    detection_probability,
+    group_answers,
+)
 
 __all__ = [
+    "VERIFY_MODES",
     "Answer", "NodeStats", "Report", "Reputation", "Tolerance", "Verdict", "aggregate",
     "check_fingerprint", "decide", "detection_probability", "fingerprint", "fingerprint_bytes",
     "fingerprints_agree", "group_answers", "tensors_agree", "weighted_median",

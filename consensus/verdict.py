@@ -12,6 +12,11 @@ import numpy as np
 
 from consensus.fingerprint import Tolerance, fingerprints_agree, tensors_agree
 
+# How a client checks a hop (docs/consensus.md): on several nodes at once (full), with a second
+# node now and then (spot), or not at all (none). The one list the SDK, the CLI and the testnet
+# use.
+VERIFY_MODES = ("full", "spot", "none")
+
 FetchFull = Callable[[str], Mapping[str, np.ndarray] | None]
 
 

@@ -19,24 +19,23 @@ as much as 4096; the node's time per sample falls with the batch size.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cbor2
 import numpy as np
 import tenseal as ts
+
+from errors import InputError
 
 POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (40, 30, 30, 30, 40)
 SCALE_BITS = 30
 MAX_SLOTS = POLY_MODULUS_DEGREE // 2
 MAX_CONTEXT_BYTES = 16 * 1024 * 1024
-MAX_CIPHERTEXTS = 1024
 DEPTH = 3  # Gemm, square, Gemm
 
 
-class CkksError(ValueError):
+class CkksError(InputError):
     """Bad CKKS input; ``code`` is a veilnet wire error code."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -152,13 +151,6 @@ def evaluate_mlp(ctx: ts.Context, ciphertexts: Sequence[bytes],
         raise CkksError("bad_parameters", f"the ciphertexts cannot carry this shard: {exc}") \
             from None
     return outputs
-
-
-def ciphertexts_digest(context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
-    """SHA-256 over dCBOR ``[SHA-256(context), [SHA-256(ciphertext), ...]]`` (receipts)."""
-    return hashlib.sha256(cbor2.dumps(
-        [hashlib.sha256(context).digest(), [hashlib.sha256(c).digest() for c in ciphertexts]],
-        canonical=True)).digest()
 
 
 def mlp_weights_from_onnx(model: object) -> MlpWeights:

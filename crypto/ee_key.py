@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from crypto.csprng import SecureRandom
+from errors import InputError
 
 KEY_FORMAT = "veilnet-ee-key/1"
 # Singular values of the random mixing matrices are drawn log-uniformly from this range, so the
@@ -33,7 +34,7 @@ KEY_FORMAT = "veilnet-ee-key/1"
 _SINGULAR_RANGE = (0.5, 2.0)
 
 
-class KeyFormatError(ValueError):
+class KeyFormatError(InputError):
     """A key file that is not a valid veilnet EE key."""
 
 

@@ -22,6 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from errors import InputError
+
 # identity multihash (code 0x00, length 0x24 = 36) of protobuf PublicKey{Type=1 (Ed25519),
 # Data=<32 bytes>}: field 1 varint (0x08 0x01), field 2 bytes of length 32 (0x12 0x20).
 _PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
@@ -34,7 +36,7 @@ DID_KEY_PREFIX = "did:key:z"
 MAX_BASE58_CHARS = 64
 
 
-class IdentityError(ValueError):
+class IdentityError(InputError):
     """A key file, PeerID or did:key that cannot be used."""
 
 

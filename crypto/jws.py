@@ -16,11 +16,12 @@ from jwt import api_jws
 from jwt.utils import base64url_decode, base64url_encode
 
 from crypto.identity import Identity
+from errors import IntegrityError
 
 ALGORITHM = "EdDSA"
 
 
-class JWSError(ValueError):
+class JWSError(IntegrityError, ValueError):
     """A JWS that is malformed or whose signature does not verify."""
 
 

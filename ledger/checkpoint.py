@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from errors import InputError
 from ledger.note import NoteError, b64decode, b64encode, check_note_chars
 
 HASH_SIZE = 32
@@ -26,7 +27,7 @@ MAX_SIZE = 2**64 - 1
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint text that does not follow c2sp.org/tlog-checkpoint."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import cbor2
 
 from crypto.identity import Identity, IdentityError, public_from_did, verify
+from errors import InputError
 
 ENTRY_DOMAIN = "veilnet-entry/1"
 TYPES = frozenset({"infer-receipt/1", "score-report/1", "ranking/1", "node-join/1",
@@ -39,7 +40,7 @@ TYPES = frozenset({"infer-receipt/1", "score-report/1", "ranking/1", "node-join/
 MAX_ENTRY_BYTES = 1 << 20
 
 
-class EntryError(ValueError):
+class EntryError(InputError):
     """Bytes that are not a valid, signed veilnet ledger entry."""
 
 
@@ -85,7 +86,7 @@ def parse_entry(data: bytes) -> Entry:
     if doc["v"] != 1:
         raise EntryError(f"entry version {doc['v']!r}, expected 1")
     type_, author, when, body, sig = (doc[k] for k in ("type", "author", "time", "body", "sig"))
-    if type_ not in TYPES:
+    if not isinstance(type_, str) or type_ not in TYPES:  # a list or map is unhashable
         raise EntryError(f"unknown entry type {type_!r}")
     if not isinstance(author, str) or not isinstance(when, int) or not isinstance(body, dict) \
             or not isinstance(sig, bytes):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto.identity import Identity, IdentityError
+from errors import InputError
 from ledger.checkpoint import Checkpoint, parse_checkpoint
 from ledger.merkle import (
     EMPTY_ROOT,
@@ -39,7 +40,7 @@ DB_FILE = "log.sqlite"
 MAX_BATCH = 10_000
 
 
-class LedgerError(ValueError):
+class LedgerError(InputError):
     """A bad argument or request (index out of range, size beyond the log, ...)."""
 
 

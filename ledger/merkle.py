@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
+from errors import IntegrityError
+
 HASH_SIZE = 32
 EMPTY_ROOT: bytes = hashlib.sha256(b"").digest()  # MTH({}), RFC 6962 §2.1
 
 PerfectHash = Callable[[int, int], bytes]
 
 
-class ProofError(ValueError):
+class ProofError(IntegrityError, ValueError):
     """A proof failed to verify, or cannot exist for the sizes asked; the message says why."""
 
 

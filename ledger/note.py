@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from crypto.identity import Identity, verify
+from errors import InputError
 
 ALG_ED25519 = 0x01
 ALG_COSIGNATURE_V1 = 0x04
@@ -55,7 +56,7 @@ _ED25519_SIG_LEN = 64
 _HEX8 = re.compile(r"[0-9a-fA-F]{8}")
 
 
-class NoteError(ValueError):
+class NoteError(InputError):
     """A signed note, signature line or verifier key that is malformed or does not verify."""
 
 

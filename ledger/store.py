@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from errors import UnavailableError
 from ledger.merkle import leaf_hash, node_hash, tree_root
 
 FORMAT = "veilnet-ledger/1"
@@ -55,8 +56,10 @@ CREATE TABLE IF NOT EXISTS cosignatures (
 """
 
 
-class StoreError(RuntimeError):
-    """The store is missing, of another format, or inconsistent."""
+class StoreError(UnavailableError, RuntimeError):
+    """The ledger's SQLite log store (``LogStore``, ledger/store.py) is missing, of another
+    format, or inconsistent: the ledger cannot be served from it. Not ``node.store.StoreError``
+    (a node's shard store)."""
 
 
 class LogStore:

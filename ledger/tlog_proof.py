@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from errors import InputError
 from ledger.checkpoint import (
     HASH_SIZE,
     Checkpoint,
@@ -36,7 +37,7 @@ HEADER = "c2sp.org/tlog-proof@v1"
 MAX_PROOF_HASHES = 64
 
 
-class TlogProofError(ValueError):
+class TlogProofError(InputError):
     """A tlog-proof that is malformed, or whose inclusion proof or quorum does not hold."""
 
 

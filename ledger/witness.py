@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from crypto.identity import Identity
+from errors import IntegrityError
 from ledger.checkpoint import Checkpoint, parse_checkpoint
 from ledger.cosign import cosign, cosignature_verifier_key
 from ledger.merkle import EMPTY_ROOT, ProofError, verify_consistency
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS witnessed (
 REASONS = ("unknown-log", "bad-note", "fork", "inconsistent", "conflict")
 
 
-class WitnessRefused(ValueError):
+class WitnessRefused(IntegrityError, ValueError):
     """The witness will not cosign; ``reason`` is one of REASONS."""
 
     def __init__(self, reason: str, message: str, known_size: int | None = None) -> None:

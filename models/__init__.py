@@ -16,13 +16,14 @@ from models.importer import (
 )
 from models.manifest import Manifest, ManifestError, ShardSpec, TensorSpec
 from models.minilm import ModelSourceError, build_minilm, locate
-from models.pipeline import NodeRunner, Pipeline
+from models.pipeline import AsyncRunner, NodeRunner, Pipeline
 from models.runtime import ShardInputError, ShardSession
 from models.split import SplitError, split_model
 from models.tokenizer import TextTokenizer
 
 __all__ = [
     "SCHEME",
+    "AsyncRunner",
     "BertConfig",
     "EEPlan",
     "EncryptionError",

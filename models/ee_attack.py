@@ -8,7 +8,8 @@ by matching them against the encrypted weights it was given.
 - Attention: ``Wq' = Wq[P, :] T_q``; with ``P`` known, ``T_q = lstsq(Wq[P, :], Wq')``. Its block
   structure gives the head permutation, its blocks give ``R``; ``T_v`` gives ``S`` likewise.
 
-It is shipped so the threat model's claim is measured (tests/test_ee_attack.py), not asserted.
+It is shipped so the threat model's claim is measured (tests/unit/models/test_ee_attack.py),
+not asserted.
 """
 
 from __future__ import annotations

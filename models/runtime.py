@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from errors import InputError
 from models.manifest import ShardSpec
 
 
-class ShardInputError(ValueError):
+class ShardInputError(InputError):
     """Inputs that do not match what the shard declares (names, dtypes, ranks, fixed dims)."""
 
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper, shape_inference
 
+from errors import InputError
 
-class SplitError(ValueError):
+
+class SplitError(InputError):
     """Cut tensors that do not split the graph into usable shards."""
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from crypto.ee_key import KeyFormatError
+from errors import InputError, VeilnetError
 
 
 def _progress(message: str) -> None:
@@ -81,7 +81,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     pass
 
 
@@ -160,30 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from models import (
-        EncryptionError,
-        ImportError_,
-        ManifestError,
-        ModelSourceError,
-        OutputDirError,
-        ShardInputError,
-        SplitError,
-    )
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "source", None) == "minilm" and args.node_shards is None:
         args.node_shards = 2
-    from crypto.identity import IdentityError
-    from node.config import ConfigError
-    from node.store import StoreError
-
-    known = (UsageError, EncryptionError, ImportError_, ManifestError, ModelSourceError,
-             OutputDirError, ShardInputError, SplitError, KeyFormatError, IdentityError,
-             ConfigError, StoreError)
     try:
         return int(args.func(args))
-    except known as exc:
+    except VeilnetError as exc:  # bad input, a bad file, a failed check: said in one line
         print(f"veilnet: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # e.g. --node-shards out of range

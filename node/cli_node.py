@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from node.byzantine import MODES as BYZANTINE_MODES
 from node.config import load_config
 
 
@@ -116,10 +117,10 @@ def register(sub: Any) -> None:
                     help="keep a transparency log in D/ledger that clients submit receipts to "
                          "(its key is published in this node's card; docs/ledger.md)")
     st.add_argument("--byzantine-test-mode", metavar="MODE",
-                    choices=["noise", "zeros", "stale", "wrong-shard", "random"],
+                    choices=BYZANTINE_MODES,
                     help="FOR TESTS ONLY: return wrong (but signed) answers of this kind, to "
-                         "exercise the clients' consensus checks (noise, zeros, stale, "
-                         "wrong-shard, random). Off by default.")
+                         "exercise the clients' consensus checks ("
+                         + ", ".join(BYZANTINE_MODES) + "). Off by default.")
     st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     st.set_defaults(func=_cmd_start)
 

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from node.wire import DEFAULT_FRAME_LIMIT
+from errors import InputError
+from protocols.wire import DEFAULT_FRAME_LIMIT
 
 DEFAULT_SHARD_SIZE_LIMIT = 1 << 30  # shards of manifests that declare no size (older ones)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     pass
 
 

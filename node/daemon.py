@@ -34,11 +34,11 @@ from node.discovery import Discovery
 from node.executor import ShardExecutor
 from node.http_api import create_app
 from node.ledger_service import LedgerService
-from node.p2p import make_host, parse_multiaddr, quiet_libraries
 from node.rankings_service import RankingService
 from node.service import NodeService
 from node.store import ShardStore
-from node.wire import WireError
+from protocols.transport import make_host, parse_multiaddr, quiet_libraries
+from protocols.wire import WireError
 from registry.index import CardIndex
 
 log = logging.getLogger("veilnet.node")

@@ -8,8 +8,9 @@ is indexed only if its own JWS verifies and names that same peer, it has not exp
 not oversized. Anything else is dropped, logged with the reason and counted in
 ``veilnet_cards_dropped_total{reason,source}``.
 
-``/veilnet/cards/1`` answers lookups from the index, so a client that knows one bootstrap node
-finds the nodes of every shard (and checks each card itself: the answering node is not trusted).
+``/veilnet/cards/1`` (protocols/cards.py) answers lookups from the index, so a client that knows one
+bootstrap node finds the nodes of every shard (and checks each card itself: the answering node
+is not trusted).
 
 Sybil cards: a signature proves who wrote a card, not that anyone answers at its addresses. A
 card heard over gossipsub from its own peer is *confirmed* (registry/index.py); a card POSTed
@@ -27,7 +28,6 @@ import functools
 import json
 import logging
 import random
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,17 +40,16 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from models import is_valid_cid
+from errors import UnavailableError
 from node.metrics import NodeMetrics
-from node.p2p import CARDS, connect, ensure_connected, error_text, peer_info, request
-from node.wire import WIRE_VERSION, WireError, write_frame
+from protocols.cards import CARDS_TOPIC, lookup_answer, parse_lookup
+from protocols.transport import PEER_ERRORS, ensure_connected, error_text
+from protocols.wire import write_frame
 from registry.card import MAX_CARD_BYTES, CardInfo, CardRejected, parse_card_json, verify_card
 from registry.index import CONFIRMED, FAILED, CardIndex
 
 log = logging.getLogger("veilnet.discovery")
 
-CARDS_TOPIC = "veilnet/cards/1"
-MAX_LOOKUP_CARDS = 256
 MAX_PEERS = 8            # connections a node opens to peers it learns from cards
 NEW_PEER_DELAY = (0.05, 0.5)  # re-announce after a random delay in this range (coalesces)
 MESH_POLL_S = 0.25           # how often the announce loop looks for new mesh peers
@@ -62,7 +61,7 @@ MAX_START_CHECKS = 1024      # cards loaded from disk checked at start (the newe
 RECHECK_AFTER_S = 60.0       # a failed card POSTed again is dialled again only after this
 
 
-class ChecksBusy(RuntimeError):
+class ChecksBusy(UnavailableError, RuntimeError):
     """Too many POSTed cards are waiting for their check: the card was not indexed."""
 
 
@@ -228,7 +227,7 @@ class Discovery:
         try:
             with trio.fail_after(CHECK_TIMEOUT_S):
                 await ensure_connected(host, info.peer_id, info.multiaddrs, DIAL_TIMEOUT_S)
-        except (Exception, trio.TooSlowError) as exc:
+        except PEER_ERRORS as exc:
             if self.index.mark(info.peer_id, info.multiaddrs, reached=False):
                 log.info("card of %s demoted: not reachable at its addresses: %s",
                          info.peer_id, error_text(exc))
@@ -284,20 +283,9 @@ class Discovery:
 
     async def lookup(self, stream: INetStream, message: dict[str, Any]) -> None:
         """Answer a card lookup: ``{deployment?, shard?, model?}`` -> ``{cards: [JSON text]}``."""
-        filters = {}
-        for key in ("deployment", "shard", "model"):
-            value = message.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str) or not value or len(value) > 200 or (
-                    key != "model" and not is_valid_cid(value)):
-                raise WireError("bad_request", f"{key!r} must be "
-                                               f"{'a name' if key == 'model' else 'a CID'}")
-            filters[key] = value
-        cards = self.index.query(**filters)[:MAX_LOOKUP_CARDS]
-        await write_frame(stream, {
-            "v": WIRE_VERSION, "id": message["id"],
-            "cards": [json.dumps(c, separators=(",", ":")) for c in cards]})
+        lookup = parse_lookup(message)
+        await write_frame(stream, lookup_answer(message["id"],
+                                                self.index.query(**lookup.filters())))
 
 
 def _connected_at(host: IHost, peer: ID, multiaddrs: list[str]) -> bool:
@@ -321,31 +309,3 @@ def _origin(msg: rpc_pb2.Message) -> str:
         return ID(msg.from_id).to_base58()
     except Exception:
         return "?"
-
-
-async def lookup_cards(host: IHost, addr: str, *, deployment: str | None = None,
-                       shard: str | None = None, timeout: float = 10.0,
-                       dial_timeout: float | None = None,
-                       ) -> tuple[list[CardInfo], list[str]]:
-    """Ask the node at ``addr`` for the cards it indexed; returns the cards that verify here
-    and one reason for each that does not (the answering node is not trusted)."""
-    info = peer_info(addr)
-    await connect(host, info, dial_timeout or timeout)
-    message: dict[str, Any] = {"v": WIRE_VERSION, "id": secrets.token_hex(8)}
-    if deployment:
-        message["deployment"] = deployment
-    if shard:
-        message["shard"] = shard
-    response = await request(host, info.peer_id, CARDS, message, timeout)
-    raw = response.get("cards")
-    if not isinstance(raw, list):
-        raise WireError("bad_frame", "card lookup response has no 'cards' list")
-    found, rejected = [], []
-    for text in raw[:MAX_LOOKUP_CARDS]:
-        try:
-            if not isinstance(text, str):
-                raise CardRejected("malformed", "a card must be JSON text")
-            found.append(verify_card(parse_card_json(text)))
-        except CardRejected as exc:
-            rejected.append(str(exc))
-    return found, rejected

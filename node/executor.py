@@ -22,7 +22,7 @@ import trio
 from models import ShardInputError, ShardSession, cid_of_file
 from models.runtime import check_inputs
 from node.store import ShardStore, StoredShard
-from node.wire import WireError
+from protocols.wire import WireError
 
 log = logging.getLogger("veilnet.node")
 

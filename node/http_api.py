@@ -21,9 +21,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from models import is_valid_cid
 from node.http_limits import ROUTE_BODY_LIMITS, BodyLimit, read_body
-from node.p2p import error_text
 from node.service import NodeService
 from node.store import StoreError
+from protocols.transport import error_text
 
 FETCH_BODY_LIMIT = 256 * 1024  # a fetch naming 1024 shard CIDs is about 64 KiB
 MAX_FETCH_SHARDS = 1024

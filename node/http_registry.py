@@ -24,7 +24,7 @@ from crypto.identity import IdentityError, public_from_peer_id
 from node.discovery import ChecksBusy
 from node.http_limits import A2A_BODY_LIMIT, read_body
 from node.service import NodeService
-from node.wire import WIRE_VERSION, WireError
+from protocols.wire import WIRE_VERSION, WireError
 from registry.a2a_rpc import InferFailed, dispatch
 from registry.anp import agent_description, collection_page, did_document, did_wba
 from registry.card import MAX_CARD_BYTES, CardRejected, parse_card_json, verify_card

@@ -17,32 +17,29 @@ All SQLite work runs in worker threads, one call at a time per database.
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
 from libp2p.abc import IHost, INetStream
 
-from ledger.entries import EntryError, parse_entry
 from ledger.log import LedgerError, Log
 from ledger.note import NoteError, parse_verifier_key
 from ledger.witness import Witness, WitnessRefused
 from node.discovery import Discovery
 from node.metrics import NodeMetrics
-from node.p2p import WITNESS, ensure_connected, error_text, remote_peer, request
-from node.wire import WIRE_VERSION, WireError, write_frame
+from protocols import ledger as ledger_proto
+from protocols import witness as witness_proto
+from protocols.ledger import MAX_ENTRY_BYTES
+from protocols.transport import PEER_ERRORS, error_text, remote_peer
+from protocols.wire import WireError, envelope, write_frame
 from registry.card import CardRejected, verify_card
 
 log = logging.getLogger("veilnet.ledger")
 T = TypeVar("T")
 
 MAX_WITNESSES = 8
-MAX_ENTRY_BYTES = 1 << 20
-MAX_PROOF_HASHES = 128
-MAX_NOTE_CHARS = 64 * 1024  # a checkpoint with 100 signature lines is under 16 KiB
 WITNESS_TIMEOUT = 10.0
 
 
@@ -152,25 +149,23 @@ class LedgerService:
                 proof = await self.on_log(ledger.consistency, old, size)
                 try:
                     with trio.fail_after(WITNESS_TIMEOUT):
-                        pid = await ensure_connected(self.host, peer_id, addrs, 5.0)
-                        answer = await request(self.host, pid, WITNESS, {
-                            "v": WIRE_VERSION, "id": secrets.token_hex(8), "note": note,
-                            "old": old, "proof": proof}, WITNESS_TIMEOUT)
-                except (Exception, trio.TooSlowError) as exc:
+                        answer = await witness_proto.offer(
+                            self.host, peer_id, addrs, witness_proto.Offer(note, old, proof),
+                            WITNESS_TIMEOUT)
+                except PEER_ERRORS as exc:
                     log.info("witness %s: %s", peer_id, error_text(exc))
                     return
-                line = answer.get("cosignature")
-                refused = answer.get("refused")
-                if isinstance(line, str):
-                    await self.on_log(ledger.store.add_cosignature, size, peer_id, line)
+                if answer.cosignature is not None:
+                    await self.on_log(ledger.store.add_cosignature, size, peer_id,
+                                      answer.cosignature)
                     self._witness_sizes[peer_id] = size
                     cosigned += 1
                     return
-                if isinstance(refused, dict) and refused.get("reason") == "conflict" \
-                        and isinstance(refused.get("size"), int):
-                    old = refused["size"]
+                if answer.reason == "conflict" and answer.size is not None:
+                    old = answer.size
                     continue
-                log.warning("witness %s refused checkpoint %d: %s", peer_id, size, refused)
+                log.warning("witness %s refused checkpoint %d: %s %s", peer_id, size,
+                            answer.reason, answer.message)
                 return
 
         async with trio.open_nursery() as nursery:
@@ -180,44 +175,28 @@ class LedgerService:
         return cosigned
 
     async def handle_ledger(self, stream: INetStream, message: dict[str, Any]) -> None:
-        """``/veilnet/ledger/1``: append, checkpoint, proof, consistency."""
+        """``/veilnet/ledger/1``: append, checkpoint, proof, consistency, rankings."""
         if self.ledger is None:
             raise WireError("no_ledger", "this node keeps no ledger (start it with --ledger)")
         ledger = self.ledger
-        op = message.get("op")
-        reply: dict[str, Any] = {"v": WIRE_VERSION, "id": message["id"]}
+        request = ledger_proto.parse_request(message)
+        reply: dict[str, Any] = envelope(message["id"])
         try:
-            if op == "append":
-                entry = message.get("entry")
-                if not isinstance(entry, bytes):
-                    raise WireError("bad_request", "'entry' must be bytes")
-                try:  # over the network only signed veilnet entries are logged
-                    parse_entry(entry)
-                except EntryError as exc:
-                    raise WireError("bad_request", f"not a veilnet ledger entry: {exc}") from None
-                reply.update(await self.submit(entry))
-            elif op == "rankings":
+            if request.op == "append":
+                assert request.entry is not None
+                reply.update(await self.submit(request.entry))
+            elif request.op == "rankings":
                 entry = self.rankings_entry() if self.rankings_entry else None
                 if entry is None:
                     raise WireError("not_found", "no ranking snapshot yet")
                 reply["entry"] = entry
-            elif op == "checkpoint":
-                reply["note"] = await self.on_log(ledger.checkpoint, _opt_int(message, "size"))
-            elif op == "proof":
-                index = _opt_int(message, "index")
-                if index is None:
-                    raise WireError("bad_request", "'index' is required")
-                reply["proof"] = await self.on_log(ledger.proof, index,
-                                                   _opt_int(message, "size"))
-            elif op == "consistency":
-                old = _opt_int(message, "old")
-                if old is None:
-                    raise WireError("bad_request", "'old' is required")
-                reply["hashes"] = await self.on_log(ledger.consistency, old,
-                                                    _opt_int(message, "new"))
-            else:
-                raise WireError("bad_request", f"unknown op {op!r}: append, checkpoint, "
-                                               "proof, consistency, rankings")
+            elif request.op == "checkpoint":
+                reply["note"] = await self.on_log(ledger.checkpoint, request.size)
+            elif request.op == "proof":
+                reply["proof"] = await self.on_log(ledger.proof, request.index, request.size)
+            else:  # consistency
+                reply["hashes"] = await self.on_log(ledger.consistency, request.old,
+                                                    request.new)
         except (LedgerError, IndexError) as exc:
             raise WireError("bad_request", str(exc)) from None
         await write_frame(stream, reply)
@@ -226,27 +205,19 @@ class LedgerService:
 
     async def handle_witness(self, stream: INetStream, message: dict[str, Any]) -> None:
         """``/veilnet/witness/1``: {note, old, proof} -> {cosignature} or {refused}."""
-        note, old, proof = message.get("note"), message.get("old"), message.get("proof")
-        if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS \
-                or not isinstance(old, int) or old < 0 \
-                or not isinstance(proof, list) or len(proof) > MAX_PROOF_HASHES \
-                or not all(isinstance(h, bytes) for h in proof):
-            raise WireError("bad_request", f"expected note (text of at most {MAX_NOTE_CHARS} "
-                                           "characters), old (int >= 0), proof (list of at "
-                                           f"most {MAX_PROOF_HASHES} hashes)")
+        offer = witness_proto.parse_offer(message)
         sender = remote_peer(stream)
-        reply: dict[str, Any] = {"v": WIRE_VERSION, "id": message["id"]}
         try:
             await self._trust_sender_log(sender)
-            reply["cosignature"] = await self.on_witness(self.witness.add_checkpoint, note, old,
-                                                         proof)
+            line = await self.on_witness(self.witness.add_checkpoint, offer.note, offer.old,
+                                         offer.proof)
             self.metrics.witness_cosigned.inc()
+            reply = witness_proto.cosigned(message["id"], line)
         except WitnessRefused as exc:
             self.metrics.witness_refused.labels(exc.reason).inc()
             level = logging.WARNING if exc.reason in ("fork", "inconsistent") else logging.INFO
             log.log(level, "witness: refused a checkpoint from %s: %s", sender, exc)
-            reply["refused"] = {"reason": exc.reason, "message": str(exc),
-                                "size": exc.known_size}
+            reply = witness_proto.refused(message["id"], exc.reason, str(exc), exc.known_size)
         await write_frame(stream, reply)
 
     async def _trust_sender_log(self, sender: str) -> None:
@@ -263,16 +234,3 @@ class LedgerService:
             raise WitnessRefused("unknown-log", f"{sender}'s card: bad ledger key: {exc}") \
                 from None
         await self.on_witness(self.witness.trust, key)
-
-
-def _opt_int(message: dict[str, Any], key: str) -> int | None:
-    value = message.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise WireError("bad_request", f"{key!r} must be an integer >= 0")
-    return value
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()

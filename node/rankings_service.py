@@ -13,7 +13,6 @@ ledger node's card.
 from __future__ import annotations
 
 import logging
-import secrets
 from typing import Any
 
 import trio
@@ -24,8 +23,8 @@ from crypto.identity import Identity
 from ledger.entries import EntryError, make_entry, parse_entry
 from node.discovery import Discovery
 from node.ledger_service import LedgerService
-from node.p2p import LEDGER, ensure_connected, request
-from node.wire import WIRE_VERSION
+from protocols.ledger import fetch_ranking
+from protocols.transport import PEER_ERRORS
 
 log = logging.getLogger("veilnet.rankings")
 FIGURES = ("agreement", "latency_ms", "availability")
@@ -109,17 +108,10 @@ class RankingService:
                 continue
             try:
                 with trio.fail_after(10):
-                    peer = await ensure_connected(self.host, info.peer_id, info.multiaddrs, 5)
-                    answer = await request(self.host, peer, LEDGER, {
-                        "v": WIRE_VERSION, "id": secrets.token_hex(8), "op": "rankings"}, 10)
-                data = answer.get("entry")
-                if not isinstance(data, bytes):
-                    continue
-                entry = parse_entry(data)
-            except (Exception, trio.TooSlowError) as exc:
+                    data, entry = await fetch_ranking(self.host, info.peer_id, info.multiaddrs,
+                                                      info.did, 5)
+            except PEER_ERRORS as exc:  # none yet, unreachable, or not signed by that node
                 log.debug("rankings from %s: %s", info.peer_id, exc)
-                continue
-            if entry.type != "ranking/1" or entry.author != info.did:
                 continue
             if best is None or entry.time > best[0]:
                 best = (entry.time, data, entry.body)

@@ -1,8 +1,11 @@
-"""The node's libp2p protocols: /veilnet/infer/1, /veilnet/shard/1 and /veilnet/peers/1.
+"""``NodeService``: the node's side of every libp2p protocol (messages in protocols/).
 
-Each handler reads one request frame, answers with one response (or a structured error) and
-closes the stream. Nothing a peer sends can stop the node: every failure becomes an error frame,
-a log line and a counter in /metrics.
+It owns the request plumbing (``_serve``: stream and in-flight byte limits, timeouts, error
+frames), serves ``/veilnet/infer/1``, ``/veilnet/shard/1`` and ``/veilnet/peers/1`` itself and
+hands ``/veilnet/cards/1`` to ``Discovery`` and ``/veilnet/ledger/1`` and
+``/veilnet/witness/1`` to ``LedgerService``. It also fetches deployments from peers and says
+hello to bootstrap nodes. Nothing a peer sends can stop the node: every failure becomes an error
+frame, a log line and a counter in /metrics.
 """
 
 from __future__ import annotations
@@ -10,61 +13,54 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 
-from consensus.fingerprint import fingerprint
 from crypto.identity import Identity
-from models import is_valid_cid
+from errors import InputError
+from node.byzantine import Byzantine
+from node.discovery import Discovery
 from node.executor import ShardExecutor
+from node.ledger_service import LedgerService
 from node.metrics import NodeMetrics
-from node.p2p import (
-    CARDS,
-    INFER,
-    LEDGER,
-    PEERS,
-    SHARD,
-    WITNESS,
-    RemoteError,
+from node.peers import PeerTable
+from node.rankings_service import RankingService
+from node.store import ShardStore, StoreError
+from protocols import shard as shard_proto
+from protocols.cards import CARDS
+from protocols.infer import INFER, CkksRequest, answer, parse_request
+from protocols.ledger import LEDGER
+from protocols.peers import PEERS, PeerRecord, exchange_peers, hello_answer, parse_hello
+from protocols.shard import SHARD, send_file
+from protocols.transport import (
+    PEER_ERRORS,
     close_quietly,
     ensure_connected,
     error_text,
     full_addrs,
-    open_stream,
     peer_info,
     remote_peer,
     widen_window,
 )
-from node.peers import PeerRecord, PeerTable, exchange_peers, parse_record
-from node.store import ShardStore, StoreError
-from node.wire import (
-    WIRE_VERSION,
+from protocols.wire import (
     WireError,
+    check_envelope,
     decode_frame_body,
-    decode_tensors,
-    encode_tensors,
-    fingerprint_payload,
     read_exactly,
-    read_frame,
     read_frame_length,
-    receipt_payload,
-    tensors_digest,
+    request_id_of,
     write_frame,
 )
+from protocols.witness import WITNESS
 from registry.card import ServedShard, build_card
 
 log = logging.getLogger("veilnet.node")
 VERSION = importlib.metadata.version("veilnet")
-CHUNK = 1 << 20
-CHUNK_OVERHEAD = 64  # CBOR framing of {"data": <bytes>} around a chunk's bytes
-HEADER_LIMIT = 64 * 1024  # a /veilnet/shard/1 header or error frame
-MAX_ID_LENGTH = 128
 # Inbound streams a node serves at once, per peer and in all, and the request bytes it reads
 # or handles at once: with the frame limit, these bound the memory requests can take.
 MAX_STREAMS_PER_PEER = 16
@@ -72,15 +68,8 @@ MAX_STREAMS = 256
 IN_FLIGHT_FRAMES = 4  # request bodies being read or handled at once, in frame limits of bytes
 
 
-class FetchRefused(ValueError):
+class FetchRefused(InputError):
     """A fetch request that cannot be served whatever the peers hold (HTTP 400)."""
-
-
-if TYPE_CHECKING:
-    from node.byzantine import Byzantine
-    from node.discovery import Discovery
-    from node.ledger_service import LedgerService
-    from node.rankings_service import RankingService
 
 Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 
@@ -210,16 +199,8 @@ class NodeService:
                 body = await read_exactly(stream, length)
                 framing_ok = True
                 message = await decode_frame_body(body)
-                raw_id = message.get("id")
-                if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_LENGTH:
-                    request_id = raw_id
-                if message.get("v") != WIRE_VERSION:
-                    raise WireError("unsupported_version",
-                                    f"wire version {message.get('v')!r}; this node speaks "
-                                    f"{WIRE_VERSION}")
-                if request_id is None:
-                    raise WireError("bad_request", f"'id' must be a string of at most "
-                                                   f"{MAX_ID_LENGTH} characters")
+                request_id = request_id_of(message)  # echoed in an error, when valid
+                check_envelope(message)
                 await handle(stream, message)  # raises WireError only before it writes
                 return True
         except WireError as exc:
@@ -228,7 +209,7 @@ class NodeService:
         except trio.TooSlowError:
             await self._send_error(stream, protocol, WireError(
                 "timeout", f"no complete request within {self.request_timeout:g} s"), request_id)
-        except Exception as exc:  # a bug must not take the node down; report it and keep serving
+        except Exception as exc:  # a bug must not take the node down: report it, keep serving
             log.exception("%s: internal error", protocol)
             await self._send_error(stream, protocol, WireError(
                 "internal", f"{type(exc).__name__} while handling the request"), request_id)
@@ -257,44 +238,18 @@ class NodeService:
     async def infer(self, message: dict[str, Any]) -> dict[str, Any]:
         """The signed response to an infer request (already checked for ``v`` and ``id``);
         raises WireError. Used by /veilnet/infer/1 and the A2A endpoint."""
-        shard = message.get("shard")
-        if not isinstance(shard, str) or not is_valid_cid(shard):
-            raise WireError("bad_request", "'shard' must be a shard CID")
-        encryption = message.get("encryption", "ee")
-        if encryption == "ckks":
-            from node.ckks_infer import infer_ckks  # TenSEAL is loaded only when used
+        request = parse_request(message, message["id"])
+        if isinstance(request, CkksRequest):
+            from node.ckks_infer import infer_ckks  # loads TenSEAL: only when a node needs it
 
-            return await infer_ckks(self.executor, self.identity, message)
-        if encryption != "ee":
-            raise WireError("bad_request", f"'encryption' {encryption!r}: \"ee\" (default) or "
-                                           "\"ckks\"")
-        want = message.get("want", "outputs")
-        if want not in ("outputs", "fingerprint"):
-            raise WireError("bad_request", "'want' must be \"outputs\" or \"fingerprint\"")
-        feeds = decode_tensors(message.get("inputs"), "'inputs'")
+            return await infer_ckks(self.executor, self.identity, request)
         run_started = time.perf_counter()
-        outputs = await self.executor.run(shard, feeds)
+        outputs = await self.executor.run(request.shard, dict(request.inputs))
         self.metrics.run_time.observe(time.perf_counter() - run_started)
         if self.byzantine is not None:  # test mode: a wrong answer, signed as if right
-            outputs = await self.byzantine.corrupt(shard, feeds, outputs,
+            outputs = await self.byzantine.corrupt(request.shard, request.inputs, outputs,
                                                    sorted(self.store.shards()), self.executor.run)
-        input_digest = tensors_digest(feeds)
-        output_digest = tensors_digest(outputs)
-        signature = self.identity.sign(
-            receipt_payload(message["id"], shard, input_digest, output_digest))
-        response = {
-            "v": WIRE_VERSION, "id": message["id"], "shard": shard,
-            "input_digest": input_digest, "output_digest": output_digest,
-            "node": self.identity.did, "signature": signature,
-        }
-        if want == "outputs":
-            response["outputs"] = encode_tensors(outputs)
-        else:  # a replica's check: the fingerprint instead of the tensors (consensus checks)
-            fp = fingerprint(outputs)
-            response["fingerprint"] = fp
-            response["fingerprint_signature"] = self.identity.sign(
-                fingerprint_payload(message["id"], shard, output_digest, fp))
-        return response
+        return answer(self.identity, request, outputs)
 
     # -- /veilnet/shard/1 -----------------------------------------------------------------------
 
@@ -302,27 +257,8 @@ class NodeService:
         await self._serve(stream, str(SHARD), self._shard)
 
     async def _shard(self, stream: INetStream, message: dict[str, Any]) -> None:
-        cid = message.get("cid")
-        if not isinstance(cid, str) or not is_valid_cid(cid):
-            raise WireError("bad_request", "'cid' must be a CID")
-        path = self.store.blob_path(cid)
-        try:
-            if path is None:
-                raise FileNotFoundError
-            blob = await trio.open_file(path, "rb")
-        except OSError:
-            raise WireError("not_found", f"this node holds no shard or manifest {cid}") from None
-        async with blob:  # streamed from the file: a 1 GB shard never sits in memory
-            size = os.fstat(blob.fileno()).st_size
-            await write_frame(stream, {"v": WIRE_VERSION, "id": message["id"], "cid": cid,
-                                       "size": size})
-            sent = 0
-            while sent < size:
-                data = await blob.read(min(CHUNK, size - sent))
-                if not data:  # the file shrank under us: the peer's hash check will fail
-                    break
-                await write_frame(stream, {"data": data})
-                sent += len(data)
+        cid = shard_proto.parse_request(message)
+        await send_file(stream, message["id"], cid, self.store.blob_path(cid))
 
     async def fetch_blob(self, peer: ID, cid: str, timeout: float, *, manifest: bool = False,
                          size: int | None = None) -> int:
@@ -335,38 +271,10 @@ class NodeService:
         Returns the bytes stored."""
         assert self.host is not None
         limit, why = self.store.download_limit(manifest, size)
-        what = "manifest" if manifest else "shard"
-        with trio.fail_after(timeout):
-            stream = await open_stream(self.host, peer, SHARD)
-            try:
-                await write_frame(stream, {"v": WIRE_VERSION, "id": f"fetch-{cid}", "cid": cid})
-                header = await read_frame(stream, HEADER_LIMIT)
-                if header is None or "error" in header:
-                    err = (header or {}).get("error") or {}
-                    err = err if isinstance(err, dict) else {}
-                    raise RemoteError(str(err.get("code", "truncated"))[:64],
-                                      str(err.get("message", "no answer"))[:500])
-                declared = header.get("size")
-                if not isinstance(declared, int) or isinstance(declared, bool) or declared < 0:
-                    raise WireError("bad_frame", f"the {what} header has no valid 'size'")
-                if declared > limit or (size is not None and declared != size):
-                    raise WireError("too_large" if declared > limit else "bad_frame",
-                                    f"the peer offers {what} {cid} as {declared} bytes; "
-                                    f"{why} is {limit} bytes")
-                with self.store.receive(cid, limit, manifest) as incoming:
-                    while incoming.received < declared:
-                        left = declared - incoming.received
-                        chunk = await read_frame(stream, min(self.frame_limit,
-                                                             left + CHUNK_OVERHEAD))
-                        data = chunk.get("data") if chunk else None
-                        if not isinstance(data, bytes) or not data or len(data) > left:
-                            raise WireError("bad_frame", f"bad chunk after {incoming.received} "
-                                                         f"of {declared} bytes")
-                        await trio.to_thread.run_sync(incoming.write, data)
-                    await trio.to_thread.run_sync(incoming.commit)
-            finally:
-                await close_quietly(stream)
-        return declared
+        return await shard_proto.fetch(
+            self.host, peer, cid, timeout, limit=limit, why=why, size=size,
+            what="manifest" if manifest else "shard", frame_limit=self.frame_limit,
+            open_sink=lambda: self.store.receive(cid, limit, manifest))
 
     async def fetch_deployment(self, deployment: str, shards: Sequence[str] | None,
                                source: str | None, timeout: float = 120.0) -> list[str]:
@@ -406,7 +314,7 @@ class NodeService:
                 return wanted
             except FetchRefused:
                 raise
-            except (Exception, trio.TooSlowError) as exc:
+            except PEER_ERRORS as exc:  # this peer could not supply it: try the next
                 errors.append(f"{peer_id}: {error_text(exc)}")
         raise StoreError("fetch failed: " + "; ".join(errors))
 
@@ -433,14 +341,12 @@ class NodeService:
 
     async def _peers(self, stream: INetStream, message: dict[str, Any]) -> None:
         sender = remote_peer(stream)
-        if message.get("node") is not None:
-            try:
-                self.peers.upsert(parse_record(message["node"], authenticated_peer=sender))
-            except ValueError as exc:
-                raise WireError("bad_request", str(exc)) from None
-        others = [r.to_json() for r in self.peers.records() if r.peer_id != sender]
-        await write_frame(stream, {"v": WIRE_VERSION, "id": message["id"],
-                                   "node": self.record().to_json(), "peers": others})
+        record = parse_hello(message, sender)
+        if record is not None:
+            self.peers.upsert(record)
+        await write_frame(stream, hello_answer(
+            message["id"], self.record(),
+            [r for r in self.peers.records() if r.peer_id != sender]))
 
     async def announce(self, bootstrap: Sequence[str], timeout: float = 10.0) -> None:
         """Say hello to each bootstrap node and learn the peers it knows."""
@@ -455,7 +361,7 @@ class NodeService:
                 for record, age in relayed:
                     if record.peer_id != self.identity.peer_id:
                         self.peers.upsert(record, age=age)
-            except (Exception, trio.TooSlowError) as exc:
+            except PEER_ERRORS as exc:
                 log.warning("bootstrap %s: %s", addr, error_text(exc))
 
     async def announce_loop(self, bootstrap: Sequence[str], interval: float) -> None:
@@ -467,6 +373,6 @@ class NodeService:
 def _peer_of(stream: INetStream) -> str:
     try:
         return remote_peer(stream)
-    except Exception:
+    except Exception:  # a stream whose connection is gone: only a log line needs the name
         return "?"
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from errors import InputError
 from models import (
     Manifest,
     ManifestError,
@@ -45,8 +46,10 @@ MANIFEST_DIR = "deployments"
 INCOMING_PREFIX = ".incoming-"
 
 
-class StoreError(ValueError):
-    """A deployment or shard that cannot be installed."""
+class StoreError(InputError):
+    """A deployment or shard that cannot be installed in a node's shard store (``ShardStore``,
+    node/store.py): too large, not matching its CID, not a node shard, unreadable. Not
+    ``ledger.store.StoreError`` (the ledger's log store)."""
 
 
 @dataclass(frozen=True)

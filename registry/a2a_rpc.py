@@ -48,6 +48,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from errors import ProtocolError
+
 log = logging.getLogger(__name__)
 
 DATA_KEY, DATA_KIND = "veilnet", "infer/1"
@@ -93,11 +95,11 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 
-class InferFailed(Exception):
+class InferFailed(ProtocolError):
     """An inference request that failed with a veilnet wire error ``code`` (docs/protocol.md)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(code, message)  # str(self) is "<code>: <message>"
         self.code = code
         self.message = message
 
@@ -106,12 +108,14 @@ InferFn = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 OffloadFn = Callable[..., Awaitable[Any]]  # e.g. trio.to_thread.run_sync(fn, *args)
 
 
-class RpcError(Exception):
-    """A JSON-RPC error object to answer with."""
+class RpcError(ProtocolError):
+    """A JSON-RPC error object to answer with. Unlike other ProtocolErrors, ``code`` is the
+    JSON-RPC error code (an int); a veilnet wire code, if any, is in ``data``."""
 
     def __init__(self, code: int, message: str, data: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.data = code, message, data
+        super().__init__(str(code), message)
+        self.code = code  # type: ignore[assignment]  # JSON-RPC's int, not a wire code
+        self.message, self.data = message, data
 
     def to_json(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}

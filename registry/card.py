@@ -24,6 +24,7 @@ import rfc8785
 
 from crypto.identity import Identity, IdentityError, peer_id_from_did, public_from_did
 from crypto.jws import JWSError, protected_header, sign_detached, verify_detached
+from errors import InputError
 
 EXTENSION_URI = "urn:veilnet:a2a-extension:node:1"
 A2A_PROTOCOL_VERSION = "1.0"
@@ -43,7 +44,7 @@ THREAT_MODEL = "docs/threat-model.md"  # in the veilnet source: what a node lear
 
 # What each deployment scheme (a manifest's ``encryption``) lets the serving node see. The
 # skill text of a card says exactly this; it must never promise more than docs/threat-model.md
-# measures (tests/test_hardening_cards.py checks the wording of both schemes).
+# measures (tests/network/test_hardening_cards.py checks the wording of both schemes).
 SCHEME_TEXT = {
     "ee-encoder/1": (
         "Shards encrypted with ee-encoder/1 (equivariant encryption): clients send activations "
@@ -64,7 +65,7 @@ REASONS = ("oversized", "malformed", "no-signature", "bad-signature", "key-misma
            "origin-mismatch", "expired", "not-yet-valid")
 
 
-class CardRejected(ValueError):
+class CardRejected(InputError):
     """A card that must not be indexed; ``reason`` is one of REASONS."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from errors import UnavailableError
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path("testnet-data")
 DEFAULT_NODE_SHARDS = 3
@@ -68,7 +70,7 @@ except (OSError, AttributeError):
     _prctl = None
 
 
-class TestnetError(RuntimeError):
+class TestnetError(UnavailableError, RuntimeError):
     """The testnet could not be set up or started; the message says which node and why."""
 
     __test__ = False  # not a pytest test class

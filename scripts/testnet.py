@@ -51,6 +51,8 @@ from localnet import (
     stderr_log,
 )
 
+from node.byzantine import MODES as BYZANTINE_MODES
+
 __all__ = ["Testnet", "TestnetError", "place_shards"]
 
 
@@ -85,7 +87,8 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
         node_args += ["--threads", str(args.threads)]
     if args.capacity is not None:
         node_args += ["--capacity", str(args.capacity)]
-    return Testnet(args.dir, args.nodes, args.replicas, args.node_shards,
+    replicas = args.replicas if args.replicas is not None else min(3, args.nodes)
+    return Testnet(args.dir, args.nodes, replicas, args.node_shards,
                    deployment=args.deployment, model=args.model, node_args=node_args,
                    timeout=args.timeout, byzantine=args.byzantine,
                    byzantine_mode=args.byzantine_mode)
@@ -129,11 +132,12 @@ TOLERANCE = 1e-4
 
 def _print_hops(hops: Sequence[Any], net: Testnet) -> None:
     by_peer = {n.peer_id: n.index for n in net.nodes}
-    print(f"    {'shard':<7}{'node':<6}{'peer id':<20}{'latency':>10}  signature  verdict")
+    # every answer shown passed the client's checks, its node's signature included; a hop
+    # whose answer did not is retried on another node (its failure is listed)
+    print(f"    {'shard':<7}{'node':<6}{'peer id':<20}{'latency':>10}  verdict")
     for h in hops:
-        sig = "verified" if h.signature_verified else "NOT VERIFIED"
         print(f"    {h.shard_index:<7}{by_peer.get(h.peer_id, '?')!s:<6}{short(h.peer_id):<20}"
-              f"{h.latency_ms:>8.1f}ms  {sig:<10} {_verdict(h.verdict, by_peer)}")
+              f"{h.latency_ms:>8.1f}ms  {_verdict(h.verdict, by_peer)}")
         for failure in h.failures:
             peer, _, reason = failure.partition(": ")
             reason = reason.replace(peer, short(peer)).split(": /")[0]  # drop the address
@@ -165,7 +169,7 @@ def _demo_query(net: Testnet, texts: Sequence[str], reference: Any, title: str,
     print(f"\n{title}")
     started = time.perf_counter()
     with Client([net.bootstrap], net.deployment,  # type: ignore[arg-type]
-                ledger=bool(net.ledger_nodes), witness_quorum=quorum) as client:
+                witness_quorum=quorum) as client:
         result = client.embed(texts)
     elapsed = time.perf_counter() - started
     diff, cos = _compare(result.embeddings, reference)
@@ -204,7 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         import logging
 
         from models import Pipeline
-        from node.p2p import quiet_libraries
+        from protocols.transport import quiet_libraries
 
         quiet_libraries()  # failed dials are shown in the hop table instead
         logging.getLogger("veilnet.client").setLevel(logging.ERROR)
@@ -252,8 +256,7 @@ def _reputation_round(net: Testnet, pipeline: Any, queries: int = 8) -> float:
           "report in node 0's ledger:")
     worst = 0.0
     by_peer = {n.peer_id: n.index for n in net.nodes}
-    with Client([net.bootstrap], net.deployment,  # type: ignore[arg-type]
-                ledger=bool(net.ledger_nodes)) as client:
+    with Client([net.bootstrap], net.deployment) as client:  # type: ignore[arg-type]
         for q in range(queries):
             texts = [f"query {q}: {s}" for s in DEMO_SENTENCES[:2]]
             result = client.embed(texts)
@@ -325,16 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
                "(see the module docstring).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser, nodes: int, replicas: int, byzantine: int = 0,
-               ) -> None:
+    def common(p: argparse.ArgumentParser, nodes: int, byzantine: int = 0) -> None:
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR, metavar="T",
                        help=f"work directory: model/, deploy/, nodes/node<i>/, {STATE_FILE} "
                             f"(default {DEFAULT_DIR}/)")
         p.add_argument("--nodes", type=int, default=nodes, metavar="N",
                        help=f"number of node processes (default {nodes})")
-        p.add_argument("--replicas", type=int, default=replicas, metavar="R",
-                       help=f"nodes per node shard, placed round robin; at most N "
-                            f"(default {replicas})")
+        p.add_argument("--replicas", type=int, default=None, metavar="R",
+                       help="nodes per node shard, placed round robin; at most N (default "
+                            "3, or N when fewer: a query's default verify=full needs at least "
+                            "2 nodes per hop, and 3 outvote one liar)")
         p.add_argument("--node-shards", type=int, default=None, metavar="K",
                        help=f"node shards when MiniLM is imported (default "
                             f"{DEFAULT_NODE_SHARDS}; an existing T/deploy must match)")
@@ -353,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the last K nodes return wrong answers on purpose (node flag "
                             f"--byzantine-test-mode; default {byzantine})")
         p.add_argument("--byzantine-mode", default="noise",
-                       choices=["noise", "zeros", "stale", "wrong-shard", "random"],
+                       choices=BYZANTINE_MODES,
                        help="how the Byzantine nodes lie (default noise)")
 
     up = sub.add_parser(
@@ -363,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"it), wait until all are up, write T/{STATE_FILE}, print a summary and run "
                     "until SIGINT or SIGTERM; then stop every node and remove "
                     f"T/{STATE_FILE}. Node logs: T/nodes/node<i>/node.log.")
-    common(up, nodes=3, replicas=1)
+    common(up, nodes=3)
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser(
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that served each hop, crash one node and query again, then stop every "
                     f"node. Exits 1 if any embedding differs from the plaintext one by more "
                     f"than {TOLERANCE:g}.")
-    common(demo, nodes=5, replicas=3, byzantine=1)
+    common(demo, nodes=5, byzantine=1)
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -19,7 +19,7 @@ from node_helpers import NodeProcess, serving_node
 from client import EmbedResult, HopRecord
 from crypto.identity import Identity, public_from_did, public_from_peer_id, verify
 from models import Manifest, Pipeline
-from node.wire import receipt_payload
+from protocols.infer import receipt_payload
 
 TEXTS = ["A man is eating food.", "Encrypted inference keeps activations private, 24/7."]
 TOLERANCE = 1e-4
@@ -61,6 +61,17 @@ def assert_matches(embeddings: np.ndarray, expected: np.ndarray) -> None:
     assert diff <= TOLERANCE, f"max abs diff {diff} from the plaintext embeddings"
 
 
+def assert_hop_signed(hop: HopRecord | dict) -> None:
+    """The hop's receipt signature verifies with the key of the PeerID that served it (the
+    client accepts no hop without that; this checks it independently)."""
+    doc = hop.to_json() if isinstance(hop, HopRecord) else hop
+    payload = receipt_payload(doc["request_id"], doc["shard_cid"],
+                              bytes.fromhex(doc["input_digest"]),
+                              bytes.fromhex(doc["output_digest"]))
+    assert verify(public_from_peer_id(doc["peer_id"]), bytes.fromhex(doc["signature"]), payload)
+    assert verify(public_from_did(doc["node_did"]), bytes.fromhex(doc["signature"]), payload)
+
+
 def assert_honest_hops(result: EmbedResult, node: NodeProcess, manifest: Manifest) -> None:
     """One verified hop per node shard, served by ``node`` (as its node.json says)."""
     shards = manifest.node_shards
@@ -71,7 +82,6 @@ def assert_honest_hops(result: EmbedResult, node: NodeProcess, manifest: Manifes
         assert isinstance(hop, HopRecord)
         assert hop.peer_id == node.info["peer_id"]
         assert hop.node_did == node.info["did"]
-        assert hop.signature_verified is True
         assert hop.attempts == 1 and hop.failures == (), hop
         assert hop.latency_ms > 0
         assert re.fullmatch(r"[0-9a-f]{32}", hop.request_id), hop.request_id

@@ -10,9 +10,10 @@ import pytest
 
 from models import Manifest, build_minilm, encrypt_model_dir, import_minilm
 
-# Fixture modules that test modules load with ``pytest_plugins`` and also import helpers from by
-# name: registered here, before any test module imports them, so their asserts are rewritten.
-pytest.register_assert_rewrite("client_fixtures", "protocol_fixtures")
+# Helper modules in tests/ (on the path through ``pythonpath`` in pyproject.toml, so every test
+# directory imports them by name; the fixture modules are also loaded with ``pytest_plugins``):
+# registered here, before any test module imports them, so their asserts are rewritten.
+pytest.register_assert_rewrite("client_fixtures", "protocol_fixtures", "node_helpers")
 
 HANDWRITTEN = [
     "A man is eating food.",

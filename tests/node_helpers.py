@@ -2,7 +2,8 @@
 
 Nothing here fakes a veilnet component: nodes are subprocesses started exactly as a user would
 start them, and the test side is a real py-libp2p host (TCP, Noise, yamux) built with
-``node.p2p.make_host``. Tests drive trio with ``trio.run`` (pytest-trio is not installed).
+``protocols.transport.make_host``. Tests drive trio with ``trio.run`` (pytest-trio is not
+installed).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from libp2p.custom_types import TProtocol
 from prometheus_client.parser import text_string_to_metric_families
 
 from crypto.identity import Identity
-from node.p2p import close_quietly, connect, make_host, peer_info
-from node.wire import read_frame
+from node.cli import main as veilnet_main
+from protocols.transport import close_quietly, connect, make_host, peer_info
+from protocols.wire import read_frame
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -248,3 +250,19 @@ def serving_node(request: Any, data_dir: Path, deployment: Path, *extra: str) ->
 
     ShardStore(data_dir).add_deployment(deployment)
     return stop_at_teardown(request, start_node(data_dir, *extra))
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def veilnet_in_process(capsys: Any, *args: str) -> CommandResult:
+    """Run the ``veilnet`` console command in this process (what the entry point calls), with
+    pytest's ``capsys`` capturing its output."""
+    capsys.readouterr()
+    code = veilnet_main(list(args))
+    out, err = capsys.readouterr()
+    return CommandResult(code, out, err)

@@ -33,14 +33,14 @@ from node_helpers import (
 
 from crypto.identity import did_from_peer_id, public_from_did, public_from_peer_id, verify
 from models import Manifest, Pipeline, ShardSession, ShardSpec, cid_of_file
-from node.p2p import INFER
-from node.wire import (
+from protocols import INFER
+from protocols.infer import receipt_payload
+from protocols.wire import (
     WIRE_VERSION,
     decode_tensors,
     encode_frame,
     encode_tensors,
     encode_varint,
-    receipt_payload,
     tensors_digest,
 )
 
