@@ -322,7 +322,7 @@ def query_baseline(node: Node, poller: Poller, client: Client, queries: int) -> 
 
 def cold_query(node: Node, deployment: Path) -> tuple[float, Any]:
     started = time.perf_counter()
-    with Client([node.addr], deployment, verify="none") as client:
+    with Client([node.addr], deployment, verify="none", ledger=False) as client:
         result = client.embed([SENTENCE])
     return time.perf_counter() - started, result
 
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = poller.stop()
             rest["node_cpu_ms_per_probe"] = round((cpu_s(node.pid) - cpu_before) * 1e3
                                                   / rest["probes"], 2)  # with idle work
-            client = Client([node.addr], deploy, verify="none")
+            client = Client([node.addr], deploy, verify="none", ledger=False)
             base = query_baseline(node, poller, client, args.queries)
             expected = client.embed([SENTENCE]).embeddings
             colds = [cold_query(node, deploy)[0] for _ in range(COLD_QUERIES)]

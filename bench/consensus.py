@@ -96,7 +96,8 @@ def latency(net: Testnet, queries: int) -> dict[str, Any]:
     options = {"none": {"verify": "none"},
                "full": {"verify": "full", "replicas": REPLICAS},
                "spot": {"verify": "spot", "spot_rate": SPOT_RATE}}
-    clients = {m: Client([net.bootstrap], net.deployment, seed=11, **o)
+    # ledger=False: the cost of checks alone (receipts, on by default, are timed elsewhere)
+    clients = {m: Client([net.bootstrap], net.deployment, seed=11, ledger=False, **o)
                for m, o in options.items()}
     times: dict[str, list[float]] = {m: [] for m in options}
     hops_ms: dict[str, list[float]] = {m: [] for m in options}  # answering nodes' hop latency
@@ -177,7 +178,7 @@ def detect_full(net: Testnet, plaintext: Pipeline, mode: str, queries: int) -> d
     honest_losers = 0
     max_diff = 0.0
     with Client([net.bootstrap], net.deployment, verify="full", replicas=REPLICAS,
-                seed=7) as client:
+                seed=7, ledger=False) as client:
         for query in range(queries):
             texts = texts_for(mode, query)
             try:
@@ -209,8 +210,9 @@ def detect_spot(net: Testnet, seeds: int) -> dict[str, Any]:
     runs = []
     for seed in range(seeds):
         first, unchecked = None, 0
+        # ledger=False: spot checks alone, not steered by the network's rankings
         with Client([net.bootstrap], net.deployment, verify="spot",
-                    spot_rate=SPOT_DETECT_RATE, seed=seed) as client:
+                    spot_rate=SPOT_DETECT_RATE, seed=seed, ledger=False) as client:
             for query in range(1, SPOT_MAX_QUERIES + 1):
                 result = client.embed(texts_for(f"spot{seed}", query))
                 if any(h.verdict and liar.peer_id in h.verdict["losers"] for h in result.hops):

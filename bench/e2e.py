@@ -5,7 +5,8 @@ Prints one JSON object: p50/p95 latency of both at batch 1 x 16 tokens and batch
 (interleaved runs on the same inputs, 50 ms apart), their ratios (target: p50 ratio <= 1.5 at
 8 x 128), throughput with 8 concurrent clients, where the time of an encrypted query goes
 (client head and tail, node compute, serialization and digests, Noise encryption, the rest of
-the transport), and the max abs difference between the two answers. Progress goes to stderr.
+the transport), the max abs difference between the two answers, and what the default receipt
+logging adds to ``embed`` (``receipts_b1``). Progress goes to stderr.
 
     .venv/bin/python bench/e2e.py [--reps 30] [--seconds 10] [--dir DIR] [--quick]
 """
@@ -176,6 +177,33 @@ async def latency_case(client: AsyncClient, session: ort.InferenceSession, feeds
             "ratio_p95": round(n["p95"] / p["p95"], 3), "max_abs_diff": diff}
 
 
+async def receipts_case(net: Testnet, reps: int) -> dict[str, Any]:
+    """What logging a query's receipt and score report (the default since issue 13) adds to
+    ``embed``: interleaved runs of a client with ``ledger=False`` and one with the default, on
+    the same texts; node 0 keeps the ledger, the other nodes witness (quorum 1)."""
+    assert net.deployment is not None
+    off_ms, on_ms = [], []
+    logged = 0
+    async with AsyncClient([net.bootstrap], net.deployment, verify="none",
+                           ledger=False) as off, \
+            AsyncClient([net.bootstrap], net.deployment, verify="none") as on:
+        for rep in range(reps + 2):
+            texts = [f"receipt run {rep}: a man is eating food."]
+            order = (off, on) if rep % 2 == 0 else (on, off)
+            for client in order:
+                start = time.perf_counter()
+                result = await client.embed(texts)
+                elapsed = (time.perf_counter() - start) * 1e3
+                if rep >= 2:
+                    (on_ms if client is on else off_ms).append(elapsed)
+                    logged += client is on and result.receipt is not None
+                await trio.sleep(PAUSE_S)
+    a, b = pct(off_ms), pct(on_ms)
+    return {"no_ledger_ms": a, "default_receipts_ms": b, "receipts_logged": logged,
+            "added_p50_ms": round(b["p50"] - a["p50"], 3),
+            "ratio_p50": round(b["p50"] / a["p50"], 3)}
+
+
 async def throughput(bootstrap: str, deployment: Path, session: ort.InferenceSession,
                      feeds: dict, seconds: float) -> dict[str, Any]:
     async def plain_worker(deadline: float, done: list[int]) -> None:
@@ -198,7 +226,8 @@ async def throughput(bootstrap: str, deployment: Path, session: ort.InferenceSes
 
     async with AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(
-            AsyncClient([bootstrap], deployment, verify="none"))  # transport cost, one node a hop
+            # transport cost, one node a hop, no receipts
+            AsyncClient([bootstrap], deployment, verify="none", ledger=False))
                    for _ in range(CONCURRENCY)]
         done = [0]
         start = time.perf_counter()
@@ -216,7 +245,8 @@ async def run(net: Testnet, reps: int, seconds: float) -> dict[str, Any]:
                                    sess_options=session_options(),
                                    providers=["CPUExecutionProvider"])
     out: dict[str, Any] = {"cases": {}}
-    async with AsyncClient([net.bootstrap], net.deployment, verify="none") as client:
+    async with AsyncClient([net.bootstrap], net.deployment, verify="none",
+                           ledger=False) as client:
         for name, (batch, seq) in CASES.items():
             feeds = inputs(batch, seq, seed=batch * 1000 + seq)
             log(f"latency {name}: {reps} interleaved runs of each")
@@ -241,6 +271,8 @@ async def run(net: Testnet, reps: int, seconds: float) -> dict[str, Any]:
         breakdown["total_ms"] - breakdown["client_head_tail_ms"] - breakdown["node_compute_ms"]
         - breakdown["serialize_digest_ms"] - breakdown["noise_crypto_ms"], 3)
     out["breakdown_b8x128_p50"] = breakdown
+    log(f"receipts: {reps} interleaved embeds without and with the default receipt logging")
+    out["receipts_b1"] = await receipts_case(net, reps)
     log(f"throughput: {CONCURRENCY} concurrent clients, batch 1 x 16, {seconds:g} s each")
     out["throughput_b1x16"] = await throughput(net.bootstrap, net.deployment, session,
                                                inputs(1, 16, seed=116), seconds)

@@ -94,7 +94,7 @@ def load_public_context(data: bytes) -> ts.Context:
                                        f"{MAX_CONTEXT_BYTES}")
     try:
         ctx = ts.context_from(data)
-    except Exception as exc:
+    except Exception as exc:  # TenSEAL raises several types for bytes that do not parse
         raise CkksError("bad_context", f"not a TenSEAL context: {exc}") from None
     if ctx.is_private():
         raise CkksError("bad_context", "the context contains a secret key: a client must "
@@ -123,7 +123,7 @@ def evaluate_mlp(ctx: ts.Context, ciphertexts: Sequence[bytes],
                                       f"{len(ciphertexts) if isinstance(ciphertexts, list) else 0}")
     try:
         xs = [ts.ckks_vector_from(ctx, c) for c in ciphertexts]
-    except Exception as exc:
+    except Exception as exc:  # TenSEAL raises several types for bytes that do not parse
         raise CkksError("bad_ciphertext", f"a ciphertext does not match the context: {exc}") \
             from None
     sizes = {x.size() for x in xs}

@@ -84,7 +84,7 @@ class Byzantine:
                     break
         try:
             result = await run(shard, again)
-        except Exception:
+        except Exception:  # test mode: any failure just means another way to lie
             result = {}
         if set(result) == set(outputs) and any(
                 result[n].shape == outputs[n].shape and not np.array_equal(result[n], outputs[n])

@@ -157,7 +157,7 @@ class Discovery:
             except CardRejected as exc:
                 self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
                 continue
-            except Exception:
+            except Exception:  # a bug in the checks must not stop receiving cards
                 log.exception("internal error while checking a card")
                 continue
             self.accept(info)
@@ -299,7 +299,7 @@ def _connected_at(host: IHost, peer: ID, multiaddrs: list[str]) -> bool:
     try:
         conns = host.get_network().get_connections(peer)
         remotes = {conn.muxed_conn.get_remote_address() for conn in conns}  # type: ignore
-    except Exception:
+    except Exception:  # py-libp2p internals of a closing connection: nothing learned
         return False
     return any(r is not None and (str(r[0]), str(r[1])) in wanted for r in remotes)
 
@@ -307,5 +307,5 @@ def _connected_at(host: IHost, peer: ID, multiaddrs: list[str]) -> bool:
 def _origin(msg: rpc_pb2.Message) -> str:
     try:
         return ID(msg.from_id).to_base58()
-    except Exception:
+    except Exception:  # a malformed sender id: only log lines need it
         return "?"

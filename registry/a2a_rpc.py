@@ -326,7 +326,7 @@ async def _one(req: Any, infer: InferFn, a2a_version: str | None) -> dict[str, A
                 "result": await _call(method, params, infer, a2a_version)}
     except RpcError as err:
         return _reply(rid, err)
-    except Exception:
+    except Exception:  # a bug: answered as a JSON-RPC internal error, the server keeps serving
         log.exception("A2A request %r failed", rid)
         return _reply(rid, RpcError(INTERNAL_ERROR, "internal error",
                                     _veilnet("internal", "internal error")))
