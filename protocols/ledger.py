@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 
 from errors import IntegrityError
-from ledger.entries import Entry, EntryError, parse_entry
+from ledger.entries import MAX_ENTRY_BYTES, Entry, EntryError, parse_entry
 from protocols.transport import ensure_connected, request
-from protocols.wire import WireError, envelope
+from protocols.wire import WireError, envelope, scan_items
 
 LEDGER = TProtocol("/veilnet/ledger/1")
 OPS = ("append", "checkpoint", "proof", "consistency", "rankings")
-MAX_ENTRY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,23 @@ class LedgerRequest:
     size: int | None = None
     old: int | None = None
     new: int | None = None
+
+    def to_message(self, request_id: str) -> dict[str, Any]:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        return {**envelope(request_id), **fields}
+
+
+def entry_from_peer(data: bytes) -> Entry:
+    """A signed veilnet entry a peer sent (appended, or a ranking snapshot): at most
+    ``MAX_ENTRY_BYTES``, and its CBOR item headers walked (``scan_items``: at most 65536 items,
+    16 levels, no tags) before cbor2 builds anything, as for a frame. Raises EntryError."""
+    if not data or len(data) > MAX_ENTRY_BYTES:
+        raise EntryError(f"an entry has 1 to {MAX_ENTRY_BYTES} bytes, not {len(data)}")
+    try:
+        scan_items(data)
+    except WireError as exc:
+        raise EntryError(exc.message) from None
+    return parse_entry(data)
 
 
 def opt_uint(message: Mapping[str, Any], key: str) -> int | None:
@@ -67,7 +83,7 @@ def parse_request(message: Mapping[str, Any]) -> LedgerRequest:
         if not isinstance(entry, bytes):
             raise WireError("bad_request", "'entry' must be bytes")
         try:
-            parse_entry(entry)
+            entry_from_peer(entry)
         except EntryError as exc:
             raise WireError("bad_request", f"not a veilnet ledger entry: {exc}") from None
         return LedgerRequest(op, entry=entry)
@@ -89,18 +105,17 @@ def parse_request(message: Mapping[str, Any]) -> LedgerRequest:
                                    "consistency, rankings")
 
 
-async def call(host: IHost, peer_id: str, addrs: Sequence[str], op: str, timeout: float,
-               **fields: Any) -> dict[str, Any]:
+async def call(host: IHost, peer_id: str, addrs: Sequence[str], message: LedgerRequest,
+               timeout: float) -> dict[str, Any]:
     """One ledger request to ``peer_id`` (dialled at ``addrs`` unless already connected)."""
     peer = await ensure_connected(host, peer_id, addrs, timeout)
-    return await request(host, peer, LEDGER, {**envelope(secrets.token_hex(8)), "op": op,
-                                              **fields}, timeout)
+    return await request(host, peer, LEDGER, message.to_message(secrets.token_hex(8)), timeout)
 
 
 async def append(host: IHost, peer_id: str, addrs: Sequence[str], entry: bytes,
                  timeout: float) -> tuple[int, bytes]:
     """Append ``entry``; its (index, leaf hash) once the ledger node committed it."""
-    added = await call(host, peer_id, addrs, "append", timeout, entry=entry)
+    added = await call(host, peer_id, addrs, LedgerRequest("append", entry=entry), timeout)
     index, leaf = added.get("index"), added.get("leaf_hash")
     if not isinstance(index, int) or not isinstance(leaf, bytes):
         raise WireError("bad_response", f"{peer_id}: malformed append answer")
@@ -111,7 +126,8 @@ async def fetch_proof(host: IHost, peer_id: str, addrs: Sequence[str], index: in
                       timeout: float) -> str | None:
     """The C2SP tlog-proof of entry ``index`` (unverified: the caller checks it), or None when
     the answer holds none."""
-    proof = (await call(host, peer_id, addrs, "proof", timeout, index=index)).get("proof")
+    answer = await call(host, peer_id, addrs, LedgerRequest("proof", index=index), timeout)
+    proof = answer.get("proof")
     return proof if isinstance(proof, str) else None
 
 
@@ -121,11 +137,11 @@ async def fetch_ranking(host: IHost, peer_id: str, addrs: Sequence[str], did: st
     to be signed by that node: (its bytes, the parsed entry). Raises WireError (no entry,
     ``not_found`` from the node), IntegrityError (signed by another key) or the transport's
     errors."""
-    data = (await call(host, peer_id, addrs, "rankings", timeout)).get("entry")
+    data = (await call(host, peer_id, addrs, LedgerRequest("rankings"), timeout)).get("entry")
     if not isinstance(data, bytes):
         raise WireError("bad_response", f"{peer_id}: no ranking entry in the answer")
     try:
-        entry = parse_entry(data)
+        entry = entry_from_peer(data)
     except EntryError as exc:
         raise WireError("bad_response", f"{peer_id}: bad ranking entry: {exc}") from None
     if entry.type != "ranking/1" or entry.author != did:
@@ -133,5 +149,5 @@ async def fetch_ranking(host: IHost, peer_id: str, addrs: Sequence[str], did: st
     return data, entry
 
 
-__all__ = ["LEDGER", "MAX_ENTRY_BYTES", "OPS", "LedgerRequest", "append", "call", "fetch_proof",
-           "fetch_ranking", "opt_uint", "parse_request"]
+__all__ = ["LEDGER", "MAX_ENTRY_BYTES", "OPS", "LedgerRequest", "append", "call",
+           "entry_from_peer", "fetch_proof", "fetch_ranking", "opt_uint", "parse_request"]

@@ -35,6 +35,10 @@ class Offer:
     old: int
     proof: list[bytes]
 
+    def to_message(self, request_id: str) -> dict[str, Any]:
+        return {**envelope(request_id), "note": self.note, "old": self.old,
+                "proof": list(self.proof)}
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -74,9 +78,13 @@ async def offer(host: IHost, peer_id: str, addrs: Sequence[str], checkpoint: Off
     """Offer ``checkpoint`` to the witness ``peer_id``; its answer (a malformed answer is a
     refusal with reason None)."""
     pid = await ensure_connected(host, peer_id, addrs, dial_timeout)
-    answer = await request(host, pid, WITNESS, {
-        **envelope(secrets.token_hex(8)), "note": checkpoint.note, "old": checkpoint.old,
-        "proof": checkpoint.proof}, timeout)
+    answer = await request(host, pid, WITNESS, checkpoint.to_message(secrets.token_hex(8)),
+                           timeout)
+    return parse_answer(answer)
+
+
+def parse_answer(answer: Mapping[str, Any]) -> Answer:
+    """A witness's answer; a malformed one is a refusal with reason None."""
     line, refusal = answer.get("cosignature"), answer.get("refused")
     if isinstance(line, str):
         return Answer(cosignature=line)
@@ -90,4 +98,4 @@ async def offer(host: IHost, peer_id: str, addrs: Sequence[str], checkpoint: Off
 
 
 __all__ = ["MAX_NOTE_CHARS", "MAX_PROOF_HASHES", "REFUSALS", "WITNESS", "Answer", "Offer",
-           "cosigned", "offer", "parse_offer", "refused"]
+           "cosigned", "offer", "parse_answer", "parse_offer", "refused"]
