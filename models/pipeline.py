@@ -44,7 +44,7 @@ class Pipeline:
         self._node_runner = node_runner
         self.tokenizer: TextTokenizer | None = None
         tok = self.manifest.extra.get("tokenizer")
-        if tok:
+        if tok and "max_length" in tok:  # a sentence encoder's (a decoder's is not a batch one)
             assert self.manifest.path is not None
             self.tokenizer = TextTokenizer(self.manifest.path.parent / tok["path"],
                                            int(tok["max_length"]))

