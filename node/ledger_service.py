@@ -57,6 +57,7 @@ class LedgerService:
         self._work = trio.Event()
         self._push = trio.Event()
         self._witness_sizes: dict[str, int] = {}  # witness peer -> size it last cosigned
+        self._offering: set[str] = set()  # witnesses answering an offer right now
         self.host: IHost | None = None
         self.on_commit: Callable[[], None] | None = None  # called after each committed batch
         self.rankings_entry: Callable[[], bytes | None] | None = None  # newest ranking/1 entry
@@ -124,26 +125,42 @@ class LedgerService:
                     done.set()
 
     async def _push_loop(self) -> None:
-        while True:
-            await self._push.wait()
-            self._push = trio.Event()
-            await self.push_checkpoint()
+        async with trio.open_nursery() as offers:
+            while True:
+                await self._push.wait()
+                self._push = trio.Event()
+                await self.push_checkpoint(offers)
 
     def witnesses(self) -> list[tuple[str, list[str]]]:
         """(PeerID, multiaddrs) of nodes whose cards name a witness key, this node excluded."""
         return [(info.peer_id, info.multiaddrs) for info in self.discovery.index.infos()
                 if info.witness_key and info.peer_id != self.peer_id][:MAX_WITNESSES]
 
-    async def push_checkpoint(self) -> int:
-        """Offer the latest checkpoint to every known witness; returns how many cosigned."""
+    async def push_checkpoint(self, offers: trio.Nursery) -> int:
+        """Offer the latest checkpoint to every known witness not still answering an earlier
+        offer, each in its own task in ``offers``; returns how many offers it started.
+
+        A slow or stalled witness (up to ``WITNESS_TIMEOUT``) delays only its own cosignature:
+        the next commit is offered at once to the others, so receipts, which wait for a quorum,
+        are not held up behind it. When its offer ends and the log has grown meanwhile, the
+        newest checkpoint is offered again."""
         assert self.ledger is not None and self.host is not None
         ledger = self.ledger
         # the note and its size in one call: an append may commit between two calls
         size, note = await self.on_log(lambda: (ledger.size, ledger.checkpoint(cosigned=False)))
-        cosigned = 0
+        started = 0
+        for peer_id, addrs in self.witnesses():
+            if peer_id in self._offering:
+                continue
+            self._offering.add(peer_id)
+            offers.start_soon(self._offer, peer_id, addrs, size, note)
+            started += 1
+        return started
 
-        async def offer(peer_id: str, addrs: list[str]) -> None:
-            nonlocal cosigned
+    async def _offer(self, peer_id: str, addrs: list[str], size: int, note: str) -> None:
+        assert self.ledger is not None and self.host is not None
+        ledger = self.ledger
+        try:
             old = min(self._witness_sizes.get(peer_id, 0), size)
             for _ in range(2):  # a "conflict" names the witness's size: one retry from there
                 proof = await self.on_log(ledger.consistency, old, size)
@@ -159,7 +176,8 @@ class LedgerService:
                     await self.on_log(ledger.store.add_cosignature, size, peer_id,
                                       answer.cosignature)
                     self._witness_sizes[peer_id] = size
-                    cosigned += 1
+                    self.metrics.ledger_cosignatures.set(
+                        sum(s == ledger.size for s in self._witness_sizes.values()))
                     return
                 if answer.reason == "conflict" and answer.size is not None:
                     old = answer.size
@@ -167,12 +185,10 @@ class LedgerService:
                 log.warning("witness %s refused checkpoint %d: %s %s", peer_id, size,
                             answer.reason, answer.message)
                 return
-
-        async with trio.open_nursery() as nursery:
-            for peer_id, addrs in self.witnesses():
-                nursery.start_soon(offer, peer_id, addrs)
-        self.metrics.ledger_cosignatures.set(cosigned)
-        return cosigned
+        finally:
+            self._offering.discard(peer_id)
+            if ledger.size > size:  # the log grew while this witness was busy
+                self._push.set()
 
     async def handle_ledger(self, stream: INetStream, message: dict[str, Any]) -> None:
         """``/veilnet/ledger/1``: append, checkpoint, proof, consistency, rankings."""

@@ -369,3 +369,35 @@ def test_cli_counts_failed_nodes_not_replicas(net: Any) -> None:
         assert (int(counted.group(1)) if counted else 0) == len(listed), block
         assert "after" not in head, head
         assert re.search(r"verdict: [23] of 3 agree", block), block
+
+
+def test_a_stalled_witness_does_not_hold_up_receipts(net: Any, plaintext: Pipeline) -> None:
+    """One witness SIGSTOPped: it never answers its offer (the ledger gives up after 10 s),
+    but the other witnesses cosign each new checkpoint at once, so receipts (quorum 1, logged
+    by default) keep coming back within a few seconds instead of waiting behind it."""
+    from client import AsyncClient
+    from client.health import PeerHealth
+
+    liar(net, "zeros")
+    _, (victim, _) = first_shard_replicas(net)
+
+    async def main() -> list[tuple[Any, float]]:
+        async with AsyncClient([net.bootstrap], net.deployment, verify="full",
+                               replicas=3) as client:
+            client.router.health = PeerHealth(base=120.0)  # the frozen replica stays skipped
+            await client.embed(texts_for(200))  # warm
+            out = []
+            with frozen(net, victim):
+                for q in range(4):
+                    started = time.monotonic()
+                    result = await client.embed(texts_for(201 + q))
+                    out.append((result, time.monotonic() - started))
+            return out
+
+    runs = trio.run(main)
+    for q, (result, elapsed) in enumerate(runs):
+        assert result.receipt is not None, (q, result.receipt_error)
+        result.receipt.verify()
+        assert np.abs(result.embeddings - plaintext.embed(texts_for(201 + q))).max() <= 1e-4
+        if q:  # the first query also waits for the hedge delay on the frozen replica
+            assert elapsed < 6.0, f"query {q} took {elapsed:.1f} s with a stalled witness"
