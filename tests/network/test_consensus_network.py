@@ -193,7 +193,7 @@ def test_frozen_replica_is_hedged_then_skipped(net: Any, plaintext: Pipeline) ->
     frozen_peer = net.nodes[victim].peer_id
 
     async def main() -> list[tuple[Any, float]]:
-        # ledger=False: this times the hops; receipts would wait for the frozen witness
+        # ledger=False: this times the hops alone (receipts: the stalled-witness test below)
         async with AsyncClient([net.bootstrap], net.deployment, verify="full",
                                replicas=3, ledger=False) as client:
             client.router.health = PeerHealth(base=120.0)  # no probe in this test, however slow
