@@ -182,31 +182,38 @@ def first_shard_replicas(net: Any) -> tuple[str, list[int]]:
     return shard, others
 
 
-def test_frozen_replica_is_hedged_then_skipped(net: Any, plaintext: Pipeline) -> None:
-    """A warm client, one replica SIGSTOPped: the first query ends after the hedge delay
-    (default hop timeout 30 s: it used to wait for it), the next ones skip the frozen node."""
+def timed_queries_with_a_frozen_node(net: Any, victim: int, first: int, queries: int,
+                                     ledger: bool) -> list[tuple[Any, float]]:
+    """A warm full-mode client (failed nodes backed off for 120 s, so never probed again in a
+    test): ``queries`` embeds of ``texts_for(first + 1 ..)`` while node ``victim`` is
+    SIGSTOPped, each with its wall time."""
     from client import AsyncClient
     from client.health import PeerHealth
 
-    liar(net, "zeros")
-    shard, (victim, _) = first_shard_replicas(net)
-    frozen_peer = net.nodes[victim].peer_id
-
     async def main() -> list[tuple[Any, float]]:
-        # ledger=False: this times the hops alone (receipts: the stalled-witness test below)
         async with AsyncClient([net.bootstrap], net.deployment, verify="full",
-                               replicas=3, ledger=False) as client:
-            client.router.health = PeerHealth(base=120.0)  # no probe in this test, however slow
-            await client.embed(texts_for(100))  # warm: connections open, latencies known
+                               replicas=3, ledger=ledger) as client:
+            client.router.health = PeerHealth(base=120.0)
+            await client.embed(texts_for(first))  # warm: connections open, latencies known
             out = []
             with frozen(net, victim):
-                for q in range(3):
+                for q in range(queries):
                     started = time.monotonic()
-                    result = await client.embed(texts_for(101 + q))
+                    result = await client.embed(texts_for(first + 1 + q))
                     out.append((result, time.monotonic() - started))
             return out
 
-    runs = trio.run(main)
+    return trio.run(main)
+
+
+def test_frozen_replica_is_hedged_then_skipped(net: Any, plaintext: Pipeline) -> None:
+    """A warm client, one replica SIGSTOPped: the first query ends after the hedge delay
+    (default hop timeout 30 s: it used to wait for it), the next ones skip the frozen node."""
+    liar(net, "zeros")
+    shard, (victim, _) = first_shard_replicas(net)
+    frozen_peer = net.nodes[victim].peer_id
+    # ledger=False: this times the hops alone (receipts: the stalled-witness test below)
+    runs = timed_queries_with_a_frozen_node(net, victim, 100, 3, ledger=False)
     for q, (result, elapsed) in enumerate(runs):
         assert elapsed < 12.0, f"query {q} took {elapsed:.1f} s with one replica frozen"
         assert np.abs(result.embeddings - plaintext.embed(texts_for(101 + q))).max() <= 1e-4
@@ -375,26 +382,9 @@ def test_a_stalled_witness_does_not_hold_up_receipts(net: Any, plaintext: Pipeli
     """One witness SIGSTOPped: it never answers its offer (the ledger gives up after 10 s),
     but the other witnesses cosign each new checkpoint at once, so receipts (quorum 1, logged
     by default) keep coming back within a few seconds instead of waiting behind it."""
-    from client import AsyncClient
-    from client.health import PeerHealth
-
     liar(net, "zeros")
     _, (victim, _) = first_shard_replicas(net)
-
-    async def main() -> list[tuple[Any, float]]:
-        async with AsyncClient([net.bootstrap], net.deployment, verify="full",
-                               replicas=3) as client:
-            client.router.health = PeerHealth(base=120.0)  # the frozen replica stays skipped
-            await client.embed(texts_for(200))  # warm
-            out = []
-            with frozen(net, victim):
-                for q in range(4):
-                    started = time.monotonic()
-                    result = await client.embed(texts_for(201 + q))
-                    out.append((result, time.monotonic() - started))
-            return out
-
-    runs = trio.run(main)
+    runs = timed_queries_with_a_frozen_node(net, victim, 200, 4, ledger=True)
     for q, (result, elapsed) in enumerate(runs):
         assert result.receipt is not None, (q, result.receipt_error)
         result.receipt.verify()
