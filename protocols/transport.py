@@ -134,6 +134,27 @@ async def connect(host: IHost, info: PeerInfo, timeout: float) -> None:
         await host.connect(info)
 
 
+def has_live_connection(host: IHost, peer: ID) -> bool:
+    """Whether ``host`` has an open connection to ``peer``.
+
+    py-libp2p 0.8 can keep a closed connection in its table: ``host.connect()`` then believes
+    the peer connected and every new stream fails with "No valid connections available"
+    (seen in the test suite: a client's connection to a ledger node died during a burst of
+    proof requests, and the next query could not reach that node at all). Such stale entries
+    are dropped here, so the caller dials again."""
+    network = host.get_network()
+    try:
+        conns = list(network.get_connections(peer))
+    except Exception:  # py-libp2p internals: fall back to its own notion of connected
+        return peer in host.get_connected_peers()
+    if any(c is not None and not getattr(c, "is_closed", False) for c in conns):
+        return True
+    table = getattr(network, "connections", None)
+    if conns and isinstance(table, dict):
+        table.pop(peer, None)
+    return False
+
+
 class PeerUnreachable(UnavailableError, ConnectionError):
     """No address of a peer could be dialled; the message names each address and why."""
 
@@ -142,7 +163,7 @@ async def ensure_connected(host: IHost, peer_id: str, addrs: Sequence[str],
                            timeout: float) -> ID:
     """Connect to ``peer_id`` at one of ``addrs`` unless a connection is already open."""
     pid = ID.from_base58(peer_id)
-    if pid in host.get_connected_peers():
+    if has_live_connection(host, pid):
         return pid
     errors = []
     for text in addrs:
