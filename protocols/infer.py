@@ -117,6 +117,9 @@ def parse_request(message: Mapping[str, Any], request_id: str) -> InferRequest |
     if not isinstance(shard, str) or not is_valid_cid(shard):
         raise WireError("bad_request", "'shard' must be a shard CID")
     encryption = message.get("encryption", "ee")
+    if encryption not in ENCRYPTIONS:
+        raise WireError("bad_request", f"'encryption' {encryption!r}: \"ee\" (default) or "
+                                       "\"ckks\"")
     if encryption == "ckks":
         context, ciphertexts = message.get("context"), message.get("ciphertexts")
         if not isinstance(ciphertexts, list) or not 1 <= len(ciphertexts) <= MAX_CIPHERTEXTS \
@@ -127,9 +130,6 @@ def parse_request(message: Mapping[str, Any], request_id: str) -> InferRequest |
             raise WireError("bad_request", "'context' must be the serialized public TenSEAL "
                                            "context")
         return CkksRequest(request_id, shard, context, ciphertexts)
-    if encryption != "ee":
-        raise WireError("bad_request", f"'encryption' {encryption!r}: \"ee\" (default) or "
-                                       "\"ckks\"")
     want = message.get("want", "outputs")
     if want not in WANTS:
         raise WireError("bad_request", "'want' must be \"outputs\" or \"fingerprint\"")
@@ -250,12 +250,10 @@ def check_ckks_reply(response: Mapping[str, Any], request: CkksRequest,
     """Check a node's response to a CKKS request: the output ciphertexts and the checked
     reply (digests and signature); raises WireError."""
     input_digest = ciphertexts_digest(request.context, request.ciphertexts)
-    if response.get("id") != request.id or response.get("shard") != request.shard:
-        raise WireError("bad_response", "the response is for another request or shard")
+    _check_echo(response, request.id, request.shard, input_digest)
     outputs = response.get("ciphertexts")
     if not isinstance(outputs, list) or not all(isinstance(c, bytes) for c in outputs):
         raise WireError("bad_response", "'ciphertexts' must be a list of bytes")
-    _check_echo(response, request.id, request.shard, input_digest)
     output_digest = ciphertexts_digest(request.context, outputs)
     if response.get("output_digest") != output_digest:
         raise WireError("bad_response", "the output digest does not match the ciphertexts")

@@ -126,7 +126,10 @@ async def connect(host: IHost, info: PeerInfo, timeout: float) -> None:
     """Dial ``info``. py-libp2p blocks a peer for a while after one failed dial (its "negative
     cache"); an explicit connect is a new attempt, often at a new address (a restarted node),
     so it lifts that block first. Measured: without this, a node that once dialled a stale
-    address from a card could not reach its bootstrap node for minutes."""
+    address from a card could not reach its bootstrap node for minutes. A closed connection
+    left in py-libp2p's table would make ``host.connect`` a no-op: it is dropped first
+    (``has_live_connection``)."""
+    has_live_connection(host, info.peer_id)
     unblock = getattr(host.get_network(), "unblock_peer", None)
     if unblock is not None:
         unblock(info.peer_id)
