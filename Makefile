@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/consensus.py
 	$(PY) bench/privacy_modes.py
 	$(PY) bench/attacks.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

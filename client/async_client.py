@@ -25,9 +25,10 @@ Every network step has a timeout, so a call ends in a result or a QueryError, ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,23 @@ import multiaddr
 import numpy as np
 import trio
 from libp2p.abc import IHost
+from tokenizers import Tokenizer
 
 from client.caller import InferCaller
 from client.deployment import load_pipeline
+from client.generation import Generation, Prompt, Settings, TokenDelta, load_tokenizer
 from client.health import quiet_libp2p
 from client.ledgers import Ledgers
 from client.receipts import LedgerReceipt, ReceiptError, ReceiptPending
 from client.replicated import VerifyPolicy, run_hop
-from client.results import EmbedResult, HopRecord, QueryError
+from client.results import EmbedResult, GenerateResult, HopRecord, QueryError
 from client.router import Router
+from client.session_hop import SessionCaller, SessionHop
 from consensus.fingerprint import Tolerance
 from crypto.identity import Identity
 from errors import InputError
 from models import Manifest, ManifestError, Pipeline, ShardSpec
+from models.decoding import DecoderLayout
 from models.pipeline import Tensors
 from protocols.cards import lookup_cards
 from protocols.infer import non_finite
@@ -104,6 +109,7 @@ class AsyncClient:
         self._host: IHost | None = None
         self._caller: InferCaller | None = None
         self._ckks: Any = None  # CkksSession (TenSEAL context with the secret key), on first use
+        self._tokenizer: Tokenizer | None = None  # a decoder's, on first generation
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -215,9 +221,9 @@ class AsyncClient:
             raise ManifestError(f"{self.deployment}: the deployment names no tokenizer")
         outputs, hops = await self.run(pipeline.tokenizer(list(texts)))
         embeddings = outputs[pipeline.manifest.outputs[0].name]
-        return EmbedResult(embeddings, hops, **await self._log(hops))
+        return EmbedResult(embeddings, hops, **await self._log(lambda: self.log_receipt(hops)))
 
-    async def _log(self, hops: Sequence[HopRecord]) -> dict[str, Any]:
+    async def _log(self, log_it: Callable[[], Awaitable[LedgerReceipt]]) -> dict[str, Any]:
         """The receipt fields of a result: the query's receipt and score report, logged when
         receipts are on and a ledger node is known. (Sequential on purpose: appended at once,
         the score report's commit starts a witness round that the receipt's checkpoint then
@@ -225,7 +231,7 @@ class AsyncClient:
         if not self.ledger:
             return {}
         try:
-            receipt = await self.log_receipt(hops)
+            receipt = await log_it()
         except ReceiptPending as exc:  # logged; only the witnesses were late
             log.warning("receipt %s", exc)
             await self.publish_scores()
@@ -244,6 +250,15 @@ class AsyncClient:
         pipeline, host, _ = self._open()
         await self._find_ledgers()
         return await self.ledgers.log_receipt(host, pipeline.manifest.cid, hops)
+
+    async def log_generation(self, result: GenerateResult) -> LedgerReceipt:
+        """Log a signed generate-receipt/1 entry of a generation (docs/ledger.md); raises like
+        ``log_receipt``."""
+        pipeline, host, _ = self._open()
+        await self._find_ledgers()
+        return await self.ledgers.log_generation(host, pipeline.manifest.cid, result.hops,
+                                                 len(result.prompt_token_ids),
+                                                 len(result.token_ids))
 
     async def publish_scores(self) -> int | None:
         """Append this client's signed score report (its reputation view of the nodes it used)
@@ -298,9 +313,103 @@ class AsyncClient:
         except trio.TooSlowError:
             raise QueryError(f"the query took longer than {self.timeout:g} s") from None
 
+    # -- generation -----------------------------------------------------------------------------
+
+    def stream(self, prompt: str | None = None, *,
+               messages: Sequence[Mapping[str, str]] | None = None, max_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | str = ()) -> GenerationStream:
+        """A generation through the network, token by token (decoder deployments):
+        ``async with client.stream("Hello") as s: async for t in s: print(t.text)``, then
+        ``s.result``. Give a ``prompt`` or chat ``messages`` ({role, content}; the model's
+        chat template is applied). Sampling happens here: ``temperature`` 0 is greedy,
+        ``top_p`` nucleus sampling, ``seed`` repeatable draws; ``stop`` strings end the text
+        where they begin. ``timeout`` bounds the prompt and each token."""
+        settings = Settings(max_tokens, temperature, top_p, seed, stop)
+        return GenerationStream(self, prompt, messages, settings)
+
+    async def generate(self, prompt: str | None = None, *,
+                       messages: Sequence[Mapping[str, str]] | None = None,
+                       max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                       seed: int | None = None, stop: Sequence[str] | str = (),
+                       ) -> GenerateResult:
+        """``stream`` run to the end: the text, token ids, hops with their verdicts, and the
+        generation's receipt (or why there is none)."""
+        async with self.stream(prompt, messages=messages, max_tokens=max_tokens,
+                               temperature=temperature, top_p=top_p, seed=seed,
+                               stop=stop) as generation:
+            async for _ in generation:
+                pass
+        assert generation.result is not None
+        return generation.result
+
+    async def _start_generation(self, prompt: str | None,
+                               messages: Sequence[Mapping[str, str]] | None,
+                               settings: Settings) -> Generation:
+        """A ``Generation`` ready to step (``GenerationStream`` drives it)."""
+        pipeline, host, caller = self._open()
+        layout = DecoderLayout.of(pipeline.manifest)
+        if self._tokenizer is None:
+            self._tokenizer = await trio.to_thread.run_sync(load_tokenizer, pipeline.manifest)
+        first = Prompt.of(self._tokenizer, pipeline.manifest, prompt, messages)
+        if not all(self.router.providers(s.cid) for s in layout.manifest.node_shards):
+            await self.refresh()
+        sessions = SessionCaller(host, caller.streams, self.connect_timeout)
+        hops = {s.index: SessionHop(sessions, self.router, self.policy, s, layout)
+                for s in layout.manifest.node_shards}
+        return Generation(layout, self._tokenizer, first, settings, hops, self._run_local,
+                          self.timeout)
+
     async def _run_local(self, shard: ShardSpec, feeds: Tensors) -> Tensors:
         pipeline, _, _ = self._open()
         return await trio.to_thread.run_sync(pipeline.run_local, shard, feeds)
 
 
-__all__ = ["AsyncClient"]
+class GenerationStream:
+    """One generation as an async iterator of ``TokenDelta``, inside ``async with`` (which
+    closes the sessions on the nodes, also when the caller stops early); ``result`` once the
+    iteration ends."""
+
+    def __init__(self, client: AsyncClient, prompt: str | None,
+                 messages: Sequence[Mapping[str, str]] | None, settings: Settings) -> None:
+        self._client, self._prompt, self._messages = client, prompt, messages
+        self.settings = settings
+        self._generation: Generation | None = None
+        self.result: GenerateResult | None = None
+
+    async def __aenter__(self) -> GenerationStream:
+        self._generation = await self._client._start_generation(self._prompt, self._messages,
+                                                               self.settings)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._generation is not None:
+            await self._generation.aclose()
+
+    def holders(self) -> dict[int, list[str]]:
+        """PeerIDs holding this generation's sessions now, per node shard index."""
+        return self._generation.holders() if self._generation is not None else {}
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        token = await self.next()
+        if token is None:
+            raise StopAsyncIteration
+        return token
+
+    async def next(self) -> TokenDelta | None:
+        """The next token, or None at the end (then ``result`` is set)."""
+        generation = self._generation
+        if generation is None:
+            raise RuntimeError("use the stream inside 'async with'")
+        token = await generation.next()
+        if token is None and self.result is None:
+            result = generation.result()
+            logged = await self._client._log(lambda: self._client.log_generation(result))
+            self.result = dataclasses.replace(result, **logged)
+        return token
+
+
+__all__ = ["AsyncClient", "GenerationStream"]

@@ -12,10 +12,10 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
-from consensus.verdict import VERIFY_MODES
+from client.cli_generate import register as register_generate
+from client.cli_options import add_network_options, client_options
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
@@ -28,10 +28,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     # the SDK's warnings (unverified hops, receipts) are printed below, once, in our words
     logging.getLogger("veilnet.client").setLevel(logging.ERROR)
     try:
-        with Client(args.bootstrap, args.deployment, timeout=args.timeout,
-                    hop_timeout=args.hop_timeout, ledger=args.ledger,
-                    witness_quorum=args.quorum, verify=args.verify, replicas=args.replicas,
-                    spot_rate=args.spot_rate, allow_unverified=args.allow_unverified) as client:
+        with Client(args.bootstrap, args.deployment, **client_options(args)) as client:
             result = client.embed(args.texts)
     except QueryError as exc:  # no answer (exit 1); bad input is veilnet's exit 2 (node/cli.py)
         print(f"veilnet: error: {exc}", file=sys.stderr)
@@ -140,34 +137,10 @@ def register(sub: Any) -> None:
                     "by queries, it is kept for `veilnet model verify` and audits. Never copy "
                     "client/ to a node.")
     query.add_argument("texts", nargs="+", metavar="TEXT")
-    query.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
-                       help="a node's multiaddr ending in /p2p/<PeerID> (repeatable)")
-    query.add_argument("--deployment", required=True, type=Path, metavar="DEPLOY",
-                       help="encrypted deployment directory; its client/ holds the secret "
-                            "client shards")
     query.add_argument("--json", action="store_true",
                        help='print one JSON object {"embeddings": [...], "hops": [...]}')
-    query.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                       help="limit for the whole query (default 120)")
-    query.add_argument("--hop-timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="limit for one node's answer before trying another (default 30)")
-    query.add_argument("--verify", choices=VERIFY_MODES, default="full",
-                       help="consensus checks: full (each hop on --replicas nodes, majority "
-                            "wins), spot (a second node checks with probability --spot-rate), "
-                            "none (default full; docs/consensus.md)")
-    query.add_argument("--replicas", type=int, default=3, metavar="R",
-                       help="nodes per hop in full mode (default 3, at least 2)")
-    query.add_argument("--allow-unverified", action="store_true",
-                       help="in full mode, when fewer than two nodes answer a hop, return the "
-                            "single answer marked unverified (a warning on stderr) instead of "
-                            "failing")
-    query.add_argument("--spot-rate", type=float, default=0.1, metavar="P",
-                       help="probability of a check per hop in spot mode (default 0.1)")
-    query.add_argument("--ledger", action=argparse.BooleanOptionalAction, default=True,
-                       help="log a signed receipt of the query and this client's score report "
-                            "at a ledger node, when the network has one, and print the receipt "
-                            "with its tlog-proof (default; --no-ledger turns it off)")
-    query.add_argument("--quorum", type=int, default=1, metavar="N",
-                       help="witness cosignatures the receipt's checkpoint needs (default 1)")
+    add_network_options(query, "query")
     query.set_defaults(func=_cmd_query)
+
+    register_generate(sub)
 

@@ -20,6 +20,7 @@ from client.receipts import (
     LedgerReceipt,
     ReceiptError,
     ReceiptPending,
+    generation_entry,
     log_entry,
     receipt_entry,
     score_report_entry,
@@ -75,9 +76,19 @@ class Ledgers:
         """Sign an infer-receipt/1 entry for a query's hops, log it at a ledger node and return
         it with a tlog-proof cosigned by ``witness_quorum`` witnesses; raises ReceiptError,
         or ReceiptPending when the entry was logged but the cosignatures were late."""
+        return await self.log(host, receipt_entry(self.identity, deployment, hops))
+
+    async def log_generation(self, host: IHost, deployment: str, hops: Sequence[Any],
+                             prompt_tokens: int, tokens: int) -> LedgerReceipt:
+        """``log_receipt`` for a generation: one generate-receipt/1 entry (each hop's step
+        chain and last signed step)."""
+        return await self.log(host, generation_entry(self.identity, deployment, hops,
+                                                     prompt_tokens, tokens))
+
+    async def log(self, host: IHost, entry: bytes) -> LedgerReceipt:
+        """Log a signed ``entry`` at a ledger node and return it with its cosigned proof."""
         if not self.nodes:
             raise ReceiptError("no ledger node is known (none of the cards names a ledger key)")
-        entry = receipt_entry(self.identity, deployment, hops)
         errors = []
         for ledger in self.nodes.values():
             witnesses = [k for p, k in sorted(self.witness_keys.items()) if p != ledger.peer_id]

@@ -2,9 +2,10 @@
 
 After a query the client signs an ``infer-receipt/1`` entry (docs/ledger.md) naming the
 deployment, and for each hop the shard, the node, the request id, both digests and the node's
-signature; it submits the entry to a ledger node over ``/veilnet/ledger/1`` and waits until the
-entry's checkpoint carries the log's signature and ``quorum`` witness cosignatures. The result,
-a ``LedgerReceipt``, verifies offline with the log's verifier key and the witnesses' keys.
+signature (after a generation, one ``generate-receipt/1`` entry with each hop's step chain);
+it submits the entry to a ledger node over ``/veilnet/ledger/1`` and waits until the entry's
+checkpoint carries the log's signature and ``quorum`` witness cosignatures. The result, a
+``LedgerReceipt``, verifies offline with the log's verifier key and the witnesses' keys.
 
 Two failures differ: the entry was never logged (``ReceiptError``), or it was logged at an
 index and only the witness cosignatures were late (``ReceiptPending``, carrying a
@@ -109,6 +110,27 @@ def receipt_entry(identity: Identity, deployment: str, hops: Sequence[Any],
                   "output_digest": bytes.fromhex(h.output_digest),
                   "signature": bytes.fromhex(h.signature),
                   **({"verdict": h.verdict} if h.verdict else {})} for h in hops],
+    })
+
+
+def generation_entry(identity: Identity, deployment: str, hops: Sequence[Any],
+                     prompt_tokens: int, tokens: int) -> bytes:
+    """The signed ``generate-receipt/1`` entry of a generation whose node hops are ``hops``
+    (``SessionHopRecord``): per hop the nodes that held its session, the step count, the chain
+    digest over every accepted step and the last step as the node signed it (docs/ledger.md).
+    The entry's size does not grow with the number of tokens."""
+    verdict = "accepted" if all(h.verified for h in hops) else "unverified"
+    return make_entry(identity, "generate-receipt/1", {
+        "generation": secrets.token_hex(16), "deployment": deployment, "verdict": verdict,
+        "prompt_tokens": prompt_tokens, "tokens": tokens,
+        "hops": [{"index": h.shard_index, "shard": h.shard_cid, "node": h.node_did,
+                  "nodes": list(h.node_dids), "steps": h.steps, "replays": h.replays,
+                  "chain": bytes.fromhex(h.chain),
+                  "last": {"id": h.request_id, "session": h.session,
+                           "position": h.position_before,
+                           "input_digest": bytes.fromhex(h.input_digest),
+                           "output_digest": bytes.fromhex(h.output_digest),
+                           "signature": bytes.fromhex(h.signature)}} for h in hops],
     })
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,4 +71,74 @@ class EmbedResult:
         return all(h.verified for h in self.hops)
 
 
-__all__ = ["EmbedResult", "HopRecord", "QueryError"]
+@dataclass(frozen=True)
+class SessionHopRecord:
+    """How one node shard was served over a whole generation (client/session_hop.py): the
+    nodes whose sessions answered, the steps, replays after failures, and the verdicts.
+    ``chain`` is SHA-256 over ``veilnet-session-chain/1`` followed by the accepted answers'
+    input and output digests in step order, so one value stands for every step;
+    ``signature`` is the last accepted step's, by ``peer_id``."""
+
+    shard_index: int
+    shard_cid: str
+    node_did: str  # the node whose answers were used last
+    peer_id: str
+    nodes: tuple[str, ...]  # every PeerID that held a session for this hop
+    node_dids: tuple[str, ...]  # their did:keys, in the same order
+    steps: int  # calls: the prefill and one per generated token
+    replays: int  # sessions re-opened on another node with the hop's inputs so far
+    checks: int  # sessions opened with the hop's inputs so far to check or settle a step
+    latency_ms: float  # summed over the steps
+    request_id: str
+    input_digest: str
+    output_digest: str
+    signature: str
+    chain: str
+    session: str = ""  # the last accepted step's session and cache length before it: with the
+    position_before: int = 0  # digests and signature, what the node signed (protocols.session)
+    failures: tuple[str, ...] = ()
+    verdicts: tuple[dict[str, Any], ...] = ()  # decided verdicts with losers (full/spot)
+    verified: bool = False  # every step won a verdict among two or more nodes
+    unverified_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        for key in ("nodes", "node_dids", "failures", "verdicts"):
+            doc[key] = list(doc[key])
+        return doc
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: list[int]  # generated (an end-of-sequence token included when it ended there)
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (end of sequence or a stop string), "length", "cancelled"
+    hops: list[SessionHopRecord]
+    time_to_first_token_s: float | None = None
+    decode_ms: list[float] = field(default_factory=list)  # per generated token after the first
+    receipt: LedgerReceipt | None = None
+    receipt_error: str | None = None
+    receipt_pending: PendingReceipt | None = None
+
+    @property
+    def verified(self) -> bool:
+        return all(h.verified for h in self.hops)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "text": self.text, "token_ids": self.token_ids,
+            "prompt_token_ids": self.prompt_token_ids, "finish_reason": self.finish_reason,
+            "hops": [h.to_json() for h in self.hops], "verified": self.verified,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "decode_ms_p50": float(np.median(self.decode_ms)) if self.decode_ms else None}
+        if self.receipt is not None:
+            doc["receipt"] = self.receipt.to_json()
+        if self.receipt_error:
+            doc["receipt_error"] = self.receipt_error
+        if self.receipt_pending is not None:
+            doc["receipt_pending"] = self.receipt_pending.to_json()
+        return doc
+
+
+__all__ = ["EmbedResult", "GenerateResult", "HopRecord", "QueryError", "SessionHopRecord"]

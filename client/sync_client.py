@@ -7,17 +7,19 @@ call ``close()``) so the libp2p host is shut down.
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import trio
 
-from client.async_client import AsyncClient
+from client.async_client import AsyncClient, GenerationStream
+from client.generation import TokenDelta
 from client.receipts import LedgerReceipt
-from client.results import EmbedResult, HopRecord
+from client.results import EmbedResult, GenerateResult, HopRecord
 from crypto.identity import Identity
 from models import Manifest
 from protocols.peers import PeerRecord
@@ -91,11 +93,32 @@ class Client:
         """``AsyncClient.run_ckks``: the node shard on CKKS ciphertexts."""
         return self._call(self.async_client.run_ckks, inputs)
 
+    def generate(self, prompt: str | None = None, *,
+                 messages: Sequence[Mapping[str, str]] | None = None, max_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | str = ()) -> GenerateResult:
+        """``AsyncClient.generate``."""
+        return self._call(functools.partial(
+            self.async_client.generate, prompt, messages=messages, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, stop=stop))
+
+    def stream(self, prompt: str | None = None, *,
+               messages: Sequence[Mapping[str, str]] | None = None, max_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | str = ()) -> SyncGenerationStream:
+        """``AsyncClient.stream``, blocking: ``with client.stream("Hi") as s: for t in s:``."""
+        return SyncGenerationStream(self, self.async_client.stream(
+            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, stop=stop))
+
     def refresh(self) -> list[PeerRecord]:
         return self._call(self.async_client.refresh)
 
     def log_receipt(self, hops: Sequence[HopRecord]) -> LedgerReceipt:
         return self._call(self.async_client.log_receipt, hops)
+
+    def log_generation(self, result: GenerateResult) -> LedgerReceipt:
+        return self._call(self.async_client.log_generation, result)
 
     def publish_scores(self) -> int | None:
         return self._call(self.async_client.publish_scores)
@@ -115,4 +138,37 @@ class Client:
         self.close()
 
 
-__all__ = ["Client"]
+class SyncGenerationStream:
+    """A generation as an iterator of ``TokenDelta``; ``result`` once it ends. Use it in a
+    ``with`` block so the node sessions are closed also when you stop early."""
+
+    def __init__(self, client: Client, stream: GenerationStream) -> None:
+        self._client, self._stream = client, stream
+        self._entered = False
+
+    @property
+    def result(self) -> GenerateResult | None:
+        return self._stream.result
+
+    def holders(self) -> dict[int, list[str]]:
+        """PeerIDs holding this generation's sessions now, per node shard index."""
+        return self._stream.holders()
+
+    def __enter__(self) -> SyncGenerationStream:
+        self._client._call(self._stream.__aenter__)
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._entered:
+            self._entered = False
+            self._client._call(self._stream.__aexit__, None, None, None)
+
+    def __iter__(self) -> Iterator[TokenDelta]:
+        if not self._entered:
+            raise RuntimeError("use the stream inside 'with'")
+        while (token := self._client._call(self._stream.next)) is not None:
+            yield token
+
+
+__all__ = ["Client", "SyncGenerationStream"]

@@ -18,16 +18,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from crypto.csprng import SecureRandom
 from errors import InputError
 
+K = TypeVar("K")
 KEY_FORMAT = "veilnet-ee-key/1"
 # Singular values of the random mixing matrices are drawn log-uniformly from this range, so the
 # condition number stays <= 4 and float32 round-off after mixing stays near 1e-6.
@@ -208,23 +209,34 @@ class EEKey:
 
     def save(self, path: Path) -> None:
         """Write the key file, created with mode 0600 (it must not exist yet)."""
-        data = json.dumps(self.to_json(), indent=1).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        save_key_file(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> EEKey:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise KeyFormatError(f"{path}: cannot read key file: {exc}") from exc
-        try:
-            return cls.from_json(doc)
-        except KeyFormatError as exc:
-            raise KeyFormatError(f"{path}: {exc}") from exc
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise KeyFormatError(f"{path}: malformed key file: {exc}") from exc
+        return load_key_file(path, cls.from_json)
+
+
+def save_key_file(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write a key document as JSON to a new file created with mode 0600 (never replaced)."""
+    data = json.dumps(doc, indent=1).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def load_key_file(path: Path, parse: Callable[[Any], K]) -> K:
+    """Read a JSON key file and ``parse`` it; every failure is a KeyFormatError naming the
+    file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KeyFormatError(f"{path}: cannot read key file: {exc}") from exc
+    try:
+        return parse(doc)
+    except KeyFormatError as exc:
+        raise KeyFormatError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise KeyFormatError(f"{path}: malformed key file: {exc}") from exc
 
 
 def _checked_perm(values: list[int], sid: str) -> np.ndarray:

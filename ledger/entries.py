@@ -17,6 +17,14 @@ Types (``body`` fields):
                        "hops": [{"index": int, "shard": CID, "node": did, "id": str,
                                  "input_digest": bytes, "output_digest": bytes,
                                  "signature": bytes}]}
+    generate-receipt/1 {"generation": str, "deployment": CID,
+                       "verdict": "accepted" | "unverified", "prompt_tokens": int,
+                       "tokens": int,
+                       "hops": [{"index": int, "shard": CID, "node": did, "nodes": [did],
+                                 "steps": int, "replays": int, "chain": bytes,
+                                 "last": {"id": str, "session": str, "position": int,
+                                          "input_digest": bytes, "output_digest": bytes,
+                                          "signature": bytes}}]}
     score-report/1    {"scores": {node did: {"score", "agreement", "latency_ms",
                        "availability", "observations"}}}   (a client's own view of nodes)
     ranking/1         {"rows": [{"did": did, "score": float, ...}], "reporters": int}
@@ -35,8 +43,8 @@ from crypto.identity import Identity, IdentityError, public_from_did, verify
 from errors import InputError
 
 ENTRY_DOMAIN = "veilnet-entry/1"
-TYPES = frozenset({"infer-receipt/1", "score-report/1", "ranking/1", "node-join/1",
-                   "node-leave/1"})
+TYPES = frozenset({"infer-receipt/1", "generate-receipt/1", "score-report/1", "ranking/1",
+                   "node-join/1", "node-leave/1"})
 MAX_ENTRY_BYTES = 1 << 20
 
 

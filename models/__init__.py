@@ -1,9 +1,10 @@
 """Models as content-addressed ONNX shards: import (MiniLM, user ONNX, llama GGUF decoders such as
-SmolLM2), split, manifests, equivariant encryption of node shards, and running shards with
-onnxruntime."""
+SmolLM2), split, manifests, equivariant encryption of node shards (``ee-encoder/1``,
+``ee-decoder/1``), and running shards with onnxruntime."""
 
 from models.bert_graph import BertConfig, build_bert_sentence_encoder
 from models.cid import cid_of_bytes, cid_of_digest, cid_of_file, is_valid_cid
+from models.ee_decoder_key import DecoderKey
 from models.ee_layouts import Flat, HeadPerm, Heads, Layout, Plain
 from models.ee_plan import EEPlan, EncryptionError, plan_encryption
 from models.encrypt import SCHEME, encrypt_model_dir
@@ -18,7 +19,7 @@ from models.importer import (
 )
 from models.llama_graph import LlamaConfig, build_llama_decoder
 from models.llama_import import import_gguf, import_smollm2
-from models.manifest import Manifest, ManifestError, ShardSpec, TensorSpec
+from models.manifest import ENCRYPTIONS, Manifest, ManifestError, ShardSpec, TensorSpec
 from models.minilm import ModelSourceError, build_minilm, locate
 from models.pipeline import AsyncRunner, NodeRunner, Pipeline
 from models.runtime import ShardInputError, ShardSession
@@ -26,9 +27,11 @@ from models.split import SplitError, split_model
 from models.tokenizer import TextTokenizer
 
 __all__ = [
+    "ENCRYPTIONS",
     "SCHEME",
     "AsyncRunner",
     "BertConfig",
+    "DecoderKey",
     "EEPlan",
     "EncryptionError",
     "Flat",

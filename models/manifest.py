@@ -16,10 +16,13 @@ from errors import InputError
 from models.cid import cid_of_bytes, cid_of_file, is_valid_cid
 
 FORMAT = "veilnet-manifest/1"
-ROLES = ("client-head", "node", "client-tail")
+# "client": a shard the client runs between two node shards (ee-decoder/1 re-bases the residual
+# stream there); only "node" shards are sent to nodes.
+ROLES = ("client-head", "node", "client", "client-tail")
 # A deployment's encryption scheme (docs/manifest.md): the one list of scheme names.
 EE_ENCODER = "ee-encoder/1"  # equivariant encryption of encoder shards (models/encrypt.py)
-ENCRYPTIONS = ("none", EE_ENCODER)
+EE_DECODER = "ee-decoder/1"  # equivariant encryption of llama decoders (models/ee_decoder.py)
+ENCRYPTIONS = ("none", EE_ENCODER, EE_DECODER)
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 Dim = int | str | None
@@ -190,13 +193,18 @@ class Manifest:
     def validate(self, where: str = "manifest") -> None:
         """Check the U-shape and that every shard input is available when the shard runs."""
         roles = [s.role for s in self.shards]
-        if len(roles) < 3 or roles[0] != "client-head" or roles[-1] != "client-tail":
+        if roles and "client" in (roles[0], roles[-1]):
+            raise ManifestError(f"{where}: a 'client' shard runs between node shards; it cannot "
+                                f"be the first or last shard (got {roles})")
+        if len(roles) < 3 or roles[0] != "client-head" or roles[-1] != "client-tail" \
+                or "node" not in roles:
             raise ManifestError(
-                f"{where}: shards must be client-head, one or more node shards, client-tail; "
-                f"got {roles}"
+                f"{where}: shards must be client-head, one or more node shards (with 'client' "
+                f"shards between them), client-tail; got {roles}"
             )
-        if any(r != "node" for r in roles[1:-1]):
-            raise ManifestError(f"{where}: only 'node' shards may stand between head and tail")
+        if any(r not in ("node", "client") for r in roles[1:-1]):
+            raise ManifestError(f"{where}: only 'node' and 'client' shards may stand between "
+                                "head and tail")
         available = {t.name for t in self.inputs}
         for i, shard in enumerate(self.shards):
             if shard.index != i:

@@ -1,4 +1,5 @@
-"""Run a sharded model end to end: client head, node shards, client tail.
+"""Run a sharded model end to end: client head, node shards (with the client's own ``client``
+shards between them, if any), client tail.
 
 The walk over the shards (in manifest order, each shard fed by name from the model inputs and
 the outputs of earlier shards) is written once, in ``Pipeline._steps``; ``run`` drives it with
@@ -22,7 +23,8 @@ from models.tokenizer import TextTokenizer
 Tensors = dict[str, np.ndarray]
 NodeRunner = Callable[[ShardSpec, Tensors], Tensors]
 AsyncRunner = Callable[[ShardSpec, Tensors], Awaitable[Tensors]]
-CLIENT_ROLES = ("client-head", "client-tail")
+# shards the client runs itself; "client" shards stand between node shards (ee-decoder/1)
+CLIENT_ROLES = ("client-head", "client", "client-tail")
 
 
 class Pipeline:

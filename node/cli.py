@@ -70,9 +70,10 @@ def _cmd_encrypt(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from models import Manifest
+    from models.manifest import ROLES
 
     manifest = Manifest.load(args.dir)
-    roles = ("node",) if args.node_only else ("client-head", "node", "client-tail")
+    roles = ("node",) if args.node_only else ROLES
     problems = manifest.verify_files(roles)
     for p in problems:
         print(f"FAIL {p}")
@@ -88,7 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     manifest = Manifest.load(Path(args.dir))
     if (manifest.extra.get("config") or {}).get("family") == "llama-decoder":
         raise UsageError(f"{args.dir}: {manifest.name} is a text decoder; `model run` embeds "
-                         "texts with encoder models (generation is not built yet)")
+                         "texts with encoder models (generate text through the network with "
+                         "`veilnet generate`)")
     pipeline = Pipeline(manifest, threads=args.threads)
     embeddings = pipeline.embed(args.texts)
     if args.json:

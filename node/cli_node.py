@@ -21,6 +21,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "request_timeout": args.request_timeout,
         "idle_timeout": args.idle_timeout,
         "announce_interval": args.announce_interval, "domain": args.domain,
+        "max_sessions": args.max_sessions, "max_context": args.max_context,
+        "session_expiry": args.session_expiry,
         "ledger": True if args.ledger else None,
         "byzantine_test_mode": args.byzantine_test_mode,
         "log_level": args.log_level,
@@ -76,7 +78,10 @@ def register(sub: Any) -> None:
     st = nsub.add_parser(
         "start", help="start the node daemon (runs until SIGINT/SIGTERM)",
         description="Start a node: a libp2p peer (TCP, Noise, yamux) serving the shards in its "
-                    "data directory over /veilnet/infer/1, plus an HTTP API (/healthz, "
+                    "data directory over /veilnet/infer/1 (and, for decoder shards, "
+                    "/veilnet/session/1: sessions that keep a generation's KV cache on the "
+                    "node, bounded by --max-sessions, --max-context and --session-expiry), "
+                    "plus an HTTP API (/healthz, "
                     "/metrics, /v1/node, /v1/peers). On first start it creates "
                     "D/identity.key (Ed25519, mode 0600) and D/api-token (mode 0600): the "
                     "operator's token, which POST /v1/shards/fetch needs as 'Authorization: "
@@ -110,6 +115,16 @@ def register(sub: Any) -> None:
     st.add_argument("--announce-interval", type=float, metavar="SECONDS",
                     help="seconds between hellos to the bootstrap nodes and between card "
                          "announcements; a card stays valid 3 intervals (default 10)")
+    st.add_argument("--max-sessions", type=int, metavar="N",
+                    help="generation sessions (/veilnet/session/1, each holding a KV cache) "
+                         "kept at once; more are refused with 'busy' (default 16)")
+    st.add_argument("--max-context", type=int, metavar="TOKENS",
+                    help="tokens of KV cache one session may hold, counted over its batch; "
+                         "a call past it is refused with 'limit'. Never more positions than "
+                         "the model's context_length (default 2048)")
+    st.add_argument("--session-expiry", type=float, metavar="SECONDS",
+                    help="a session idle this long is dropped and its cache freed (default "
+                         "300)")
     st.add_argument("--domain", metavar="HOST[:PORT]",
                     help="a domain whose https://HOST/agents/<PeerID>/did.json serves this "
                          "node's documents: adds a did:wba DID (default: did:key only)")

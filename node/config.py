@@ -13,6 +13,10 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     request_timeout = 60   # seconds to receive and answer one request
     idle_timeout = 30      # seconds an idle infer stream stays open for the next request
     announce_interval = 10 # seconds between hellos and card announcements (cards live 3x this)
+    max_sessions = 16      # /veilnet/session/1 sessions (KV caches) held at once
+    max_context = 2048     # tokens of KV cache per session, over its batch (and never more
+                           # positions than the model's context_length)
+    session_expiry = 300   # seconds a session may stay idle before it is dropped
     domain = "node1.example.org"  # optional: publish a did:wba DID for this domain too
     ledger = false         # keep a transparency log in D/ledger (every node is a witness)
     log_level = "info"
@@ -26,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from errors import InputError
+from node.sessions import (
+    DEFAULT_IDLE_EXPIRY,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_SESSIONS,
+    SessionLimits,
+)
 from protocols.wire import DEFAULT_FRAME_LIMIT
 
 DEFAULT_SHARD_SIZE_LIMIT = 1 << 30  # shards of manifests that declare no size (older ones)
@@ -48,6 +58,9 @@ class NodeConfig:
     request_timeout: float = 60.0
     idle_timeout: float = 30.0
     announce_interval: float = 10.0
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_context: int = DEFAULT_MAX_CONTEXT
+    session_expiry: float = DEFAULT_IDLE_EXPIRY
     domain: str | None = None
     ledger: bool = False
     byzantine_test_mode: str | None = None
@@ -57,6 +70,9 @@ class NodeConfig:
     def card_ttl(self) -> float:
         """How long a published card stays valid: three announce intervals, at least 30 s."""
         return max(30.0, 3 * self.announce_interval)
+
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(self.max_sessions, self.max_context, self.session_expiry)
 
     def http_host_port(self) -> tuple[str, int]:
         host, sep, port = self.http.rpartition(":")
@@ -70,14 +86,16 @@ class NodeConfig:
         if not self.listen:
             raise ConfigError("listen: at least one multiaddr is needed")
         self.http_host_port()
-        for name in ("capacity", "frame_limit", "shard_size_limit"):
+        for name in ("capacity", "frame_limit", "shard_size_limit", "max_sessions",
+                     "max_context"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.threads < 0:
             raise ConfigError("threads must be 0 (onnxruntime's default) or more")
-        if min(self.request_timeout, self.idle_timeout, self.announce_interval) <= 0:
-            raise ConfigError("request_timeout, idle_timeout and announce_interval must be "
-                              "positive")
+        if min(self.request_timeout, self.idle_timeout, self.announce_interval,
+               self.session_expiry) <= 0:
+            raise ConfigError("request_timeout, idle_timeout, announce_interval and "
+                              "session_expiry must be positive")
         from registry.card import MAX_TTL_S
 
         if self.card_ttl > MAX_TTL_S:  # peers would reject the node's own cards
@@ -105,7 +123,8 @@ _TYPES: dict[str, Any] = {
     "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
     "capacity": (int,), "threads": (int,), "frame_limit": (int,), "shard_size_limit": (int,),
     "request_timeout": (int, float), "idle_timeout": (int, float),
-    "announce_interval": (int, float), "domain": (str,), "ledger": (bool,),
+    "announce_interval": (int, float), "max_sessions": (int,), "max_context": (int,),
+    "session_expiry": (int, float), "domain": (str,), "ledger": (bool,),
     "byzantine_test_mode": (str,),
     "log_level": (str,),
 }

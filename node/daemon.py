@@ -95,7 +95,7 @@ async def run_node(config: NodeConfig) -> None:
                           request_timeout=config.request_timeout,
                           idle_timeout=config.idle_timeout,
                           peer_ttl=max(45.0, 4 * config.announce_interval),
-                          card_ttl=config.card_ttl)
+                          card_ttl=config.card_ttl, sessions=config.session_limits())
     index = CardIndex(data_dir / CARDS_FILE)
     service.discovery = Discovery(identity.peer_id, index, service.metrics, service.build_card,
                                   config.announce_interval)
@@ -111,6 +111,7 @@ async def run_node(config: NodeConfig) -> None:
                                Identity.generate()) if config.ledger else None)
     if config.byzantine_test_mode:
         service.byzantine = Byzantine(config.byzantine_test_mode)
+        service.sessions.byzantine = service.byzantine
         log.warning("BYZANTINE TEST MODE %r: this node returns wrong answers on purpose",
                     config.byzantine_test_mode)
     service.ledger = LedgerService(identity.peer_id, witness, service.metrics, service.discovery,
@@ -154,6 +155,7 @@ async def run_node(config: NodeConfig) -> None:
                             raise
                 await nursery.start(service.discovery.run, host)
                 await nursery.start(service.ledger.run)
+                nursery.start_soon(service.sessions.expire_loop)
                 service.rankings.host = host
                 nursery.start_soon(service.rankings.run)
                 if config.bootstrap:

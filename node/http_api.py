@@ -93,13 +93,16 @@ def create_app(service: NodeService, domain: str | None = None,
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
         return {"status": "ok", "peer_id": service.identity.peer_id,
-                "uptime_s": round(time.time() - service.started, 3)}
+                "uptime_s": round(time.time() - service.started, 3),
+                "sessions": len(service.sessions.table)}
 
     @app.get("/metrics")
     async def metrics() -> Response:
         service.metrics.shards_served.set(len(service.store.shards()))
         service.metrics.shards_loaded.set(len(service.executor.loaded()))
         service.metrics.peers.set(len(service.peers.records()))
+        service.metrics.sessions_open.set(len(service.sessions.table))
+        service.metrics.session_cache_bytes.set(service.sessions.table.cache_bytes())
         if service.discovery is not None:
             service.metrics.cards_indexed.set(service.discovery.index.count())
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -115,6 +118,7 @@ def create_app(service: NodeService, domain: str | None = None,
             "shards": [{"cid": cid, "model": s.model, "deployment": s.deployment,
                         "index": s.spec.index, "loaded": cid in loaded}
                        for cid, s in sorted(service.store.shards().items())],
+            "sessions": service.sessions.status(),
         }
 
     @app.get("/v1/peers")

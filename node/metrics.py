@@ -31,6 +31,17 @@ class NodeMetrics:
                                       "their CID when loaded (then no longer served)",
                                       registry=self.registry)
 
+        self.sessions_open = Gauge("veilnet_sessions_open", "Sessions (/veilnet/session/1) "
+                                   "holding a KV cache on this node", registry=self.registry)
+        self.session_cache_bytes = Gauge("veilnet_session_cache_bytes", "Bytes of KV cache the "
+                                         "open sessions hold", registry=self.registry)
+        self.session_steps = Counter("veilnet_session_steps", "Session calls that ran the "
+                                     "shard, by op (open: the prefill, step)", ["op"],
+                                     registry=self.registry)
+        self.sessions_ended = Counter("veilnet_sessions_ended", "Sessions ended, by reason "
+                                      "(closed, expired, failed: the prefill did not complete)",
+                                      ["reason"], registry=self.registry)
+
         self.cards_received = Counter("veilnet_cards_received",
                                       "Agent cards received and indexed, by outcome "
                                       "(new, updated, stale)", ["outcome"],

@@ -2,10 +2,10 @@
 
 It owns the request plumbing (``_serve``: stream and in-flight byte limits, timeouts, error
 frames), serves ``/veilnet/infer/1``, ``/veilnet/shard/1`` and ``/veilnet/peers/1`` itself and
-hands ``/veilnet/cards/1`` to ``Discovery`` and ``/veilnet/ledger/1`` and
-``/veilnet/witness/1`` to ``LedgerService``. It also fetches deployments from peers and says
-hello to bootstrap nodes. Nothing a peer sends can stop the node: every failure becomes an error
-frame, a log line and a counter in /metrics.
+hands ``/veilnet/session/1`` to ``SessionService``, ``/veilnet/cards/1`` to ``Discovery`` and
+``/veilnet/ledger/1`` and ``/veilnet/witness/1`` to ``LedgerService``. It also fetches
+deployments from peers and says hello to bootstrap nodes. Nothing a peer sends can stop the
+node: every failure becomes an error frame, a log line and a counter in /metrics.
 """
 
 from __future__ import annotations
@@ -30,12 +30,15 @@ from node.ledger_service import LedgerService
 from node.metrics import NodeMetrics
 from node.peers import PeerTable
 from node.rankings_service import RankingService
+from node.session_service import SessionService
+from node.sessions import SessionLimits
 from node.store import ShardStore, StoreError
 from protocols import shard as shard_proto
 from protocols.cards import CARDS
 from protocols.infer import INFER, CkksRequest, answer, parse_request
 from protocols.ledger import LEDGER
 from protocols.peers import PEERS, PeerRecord, exchange_peers, hello_answer, parse_hello
+from protocols.session import SESSION
 from protocols.shard import SHARD, send_file
 from protocols.transport import (
     PEER_ERRORS,
@@ -77,12 +80,14 @@ Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 class NodeService:
     def __init__(self, identity: Identity, store: ShardStore, executor: ShardExecutor,
                  *, frame_limit: int, request_timeout: float, peer_ttl: float = 45.0,
-                 idle_timeout: float = 30.0, card_ttl: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, card_ttl: float = 30.0,
+                 sessions: SessionLimits | None = None) -> None:
         self.identity = identity
         self.store = store
         self.executor = executor
         self.metrics = NodeMetrics()
         self.peers = PeerTable(peer_ttl)
+        self.sessions = SessionService(identity, executor, self.metrics, sessions)
         self.frame_limit = frame_limit
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout  # a reused infer stream is closed after this long idle
@@ -112,6 +117,7 @@ class NodeService:
         host.set_stream_handler(INFER, self.handle_infer)
         host.set_stream_handler(SHARD, self.handle_shard)
         host.set_stream_handler(PEERS, self.handle_peers)
+        host.set_stream_handler(SESSION, self.handle_session)
         if self.discovery is not None:
             host.set_stream_handler(CARDS, self.handle_cards)
         if self.ledger is not None:
@@ -250,6 +256,11 @@ class NodeService:
             outputs = await self.byzantine.corrupt(request.shard, request.inputs, outputs,
                                                    sorted(self.store.shards()), self.executor.run)
         return answer(self.identity, request, outputs)
+
+    # -- /veilnet/session/1 (node/session_service.py) ---------------------------------------------
+
+    async def handle_session(self, stream: INetStream) -> None:
+        await self._serve(stream, str(SESSION), self.sessions.handle, persistent=True)
 
     # -- /veilnet/shard/1 -----------------------------------------------------------------------
 

@@ -53,6 +53,14 @@ SCHEME_TEXT = {
         "from a node that does not hold the model's plaintext weights; for a model whose "
         "weights are public (such as all-MiniLM-L6-v2) " + THREAT_MODEL + " measures that such "
         "a node recovers the key and reads the input tokens."),
+    "ee-decoder/1": (
+        "Shards encrypted with ee-decoder/1 (equivariant encryption of a decoder): activations "
+        "and the KV cache this node keeps are transformed with the client's secret key. That "
+        "hides them only in part (the node still sees token counts, attention patterns, "
+        "per-token RMS norms and FFN gate values up to a permutation); for a model whose "
+        "weights are public (such as SmolLM2) " + THREAT_MODEL + " measures that a node "
+        "recovers the key in seconds and that the first node reads the prompt tokens from "
+        "norms even without the key."),
     "none": (
         "Plaintext shards (encryption none): the node sees the activations a client sends, "
         "unless the client uses CKKS mode (request encryption \"ckks\", for low-depth "

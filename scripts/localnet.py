@@ -1,5 +1,5 @@
 """Local veilnet testnets as a library: start N node processes on 127.0.0.1 serving an encrypted
-MiniLM deployment, wait until they are up, stop them without leaving orphans.
+MiniLM (or SmolLM2) deployment, wait until they are up, stop them without leaving orphans.
 
 Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet import Testnet``)::
 
@@ -19,10 +19,12 @@ Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet im
         net.log_tail(2)               # last lines of its node.log
 
 ``Testnet(dir, nodes=3, replicas=1, node_shards=None, *, deployment=None, model=None, node_args=(),
-ledger_nodes=(0,), timeout=60.0, log=<stderr>)``: ``deployment``/``model`` reuse existing
-directories instead of T/deploy and T/model; ``node_shards`` (default 3) only matters when MiniLM
-has to be imported; ``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads
-1``, ``--capacity 2``); the nodes in ``ledger_nodes`` also keep a ledger (``--ledger``; every node
+ledger_nodes=(0,), byzantine=0, byzantine_mode="noise", kind="minilm", timeout=60.0,
+log=<stderr>)``: ``deployment``/``model`` reuse existing directories instead of T/deploy and
+T/model; ``kind="smollm2"`` imports and encrypts SmolLM2-135M-Instruct instead of MiniLM (into
+T/smollm2/); ``node_shards`` (default 3) only matters when a model has to be imported;
+``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads 1``, ``--capacity
+2``); the nodes in ``ledger_nodes`` also keep a ledger (``--ledger``; every node
 is a witness); ``timeout`` bounds the start-up. ``start()``/``stop()`` can be called instead of
 ``with``; ``stop()`` is idempotent. Any failure while starting stops every process started so far
 and raises ``TestnetError`` naming the node and quoting the tail of its log.
@@ -131,27 +133,38 @@ def place_shards(shard_cids: Sequence[str], nodes: int, replicas: int) -> dict[s
             for i, cid in enumerate(shard_cids)}
 
 
-def prepare_model(root: Path, node_shards: int | None, log: Callable[[str], None],
-                  ) -> tuple[Path, Path]:
-    """T/model and T/deploy, importing and encrypting MiniLM if T/deploy is not there yet."""
-    from models import Manifest, encrypt_model_dir, import_minilm
+MODELS = ("minilm", "smollm2")  # what a testnet imports and encrypts by itself
 
-    model, deploy = root / "model", root / "deploy"
+
+def prepare_model(root: Path, node_shards: int | None, log: Callable[[str], None],
+                  kind: str = "minilm") -> tuple[Path, Path]:
+    """T/model and T/deploy (for SmolLM2: T/smollm2/model and T/smollm2/deploy), importing
+    and encrypting the model if the deployment is not there yet."""
+    from models import Manifest, encrypt_model_dir, import_minilm, import_smollm2
+
+    if kind not in MODELS:
+        raise TestnetError(f"unknown model {kind!r}: use one of {', '.join(MODELS)}")
+    base = root / "smollm2" if kind == "smollm2" else root
+    model, deploy = base / "model", base / "deploy"
     if (deploy / "manifest.json").is_file():
         have = len(Manifest.load(deploy).node_shards)
         if node_shards is not None and have != node_shards:
             raise TestnetError(f"{deploy} has {have} node shards, not {node_shards}: use another "
-                               f"--dir, or delete {root} to re-import")
+                               f"--dir, or delete {base} to re-import")
         return model, deploy
     if not (model / "manifest.json").is_file():
         if model.exists():
             shutil.rmtree(model)  # an import that did not finish
         k = node_shards or DEFAULT_NODE_SHARDS
-        log(f"importing all-MiniLM-L6-v2 into {model} ({k} node shards)")
-        import_minilm(model, node_shards=k, progress=log)
+        if kind == "smollm2":
+            log(f"importing SmolLM2-135M-Instruct into {model} ({k} node shards)")
+            import_smollm2(model, node_shards=k, progress=log)
+        else:
+            log(f"importing all-MiniLM-L6-v2 into {model} ({k} node shards)")
+            import_minilm(model, node_shards=k, progress=log)
     elif node_shards is not None and len(Manifest.load(model).node_shards) != node_shards:
         raise TestnetError(f"{model} does not have {node_shards} node shards: use another --dir, "
-                           f"or delete {root} to re-import")
+                           f"or delete {base} to re-import")
     if deploy.exists():
         shutil.rmtree(deploy)
     log(f"encrypting the node shards into {deploy} (fresh key)")
@@ -168,7 +181,7 @@ class Testnet:
                  node_shards: int | None = None, *, deployment: Path | str | None = None,
                  model: Path | str | None = None, node_args: Iterable[str] = (),
                  ledger_nodes: Iterable[int] = (0,), byzantine: int = 0,
-                 byzantine_mode: str = "noise",
+                 byzantine_mode: str = "noise", kind: str = "minilm",
                  timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
         if nodes < 1:
             raise TestnetError("a testnet needs at least one node")
@@ -186,6 +199,7 @@ class Testnet:
             raise TestnetError(f"--byzantine {byzantine}: between 0 and {nodes - 1} (node 0, "
                                "the bootstrap node, stays honest)")
         self.byzantine, self.byzantine_mode = byzantine, byzantine_mode
+        self.kind = kind  # the model imported when no deployment is given
         self.timeout = timeout
         self.log = log
         self.nodes: list[NodeInfo] = []
@@ -378,7 +392,8 @@ class Testnet:
         from node.store import ShardStore
 
         if self.deployment is None:
-            self.model, self.deployment = prepare_model(self.root, self.node_shards, self.log)
+            self.model, self.deployment = prepare_model(self.root, self.node_shards, self.log,
+                                                        self.kind)
         manifest = Manifest.load(self.deployment)
         shards = manifest.node_shards
         if self.node_shards is not None and len(shards) != self.node_shards:

@@ -1,4 +1,5 @@
-"""A local veilnet testnet: N node processes on 127.0.0.1 serving an encrypted MiniLM deployment.
+"""A local veilnet testnet: N node processes on 127.0.0.1 serving an encrypted MiniLM deployment
+(or, with ``--model smollm2``, the encrypted SmolLM2-135M-Instruct decoder for generation).
 
 Command line (``python scripts/testnet.py --help``)::
 
@@ -17,6 +18,7 @@ Layout of T::
 
     T/model/              plaintext MiniLM shards (for the plaintext comparison only)
     T/deploy/             encrypted deployment; T/deploy/client/ (key) stays with the client
+    T/smollm2/model/, T/smollm2/deploy/   the same for ``--model smollm2``
     T/nodes/node<i>/      node data dir: identity.key (kept across runs), shards/, node.json,
                           node.log (the node's stdout and stderr)
     T/testnet.json        written when the network is up, removed when it stops:
@@ -39,9 +41,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_generate import demo_generate
 from localnet import (
     DEFAULT_DIR,
     DEFAULT_NODE_SHARDS,
+    MODELS,
     STATE_FILE,
     Testnet,
     TestnetError,
@@ -80,8 +84,17 @@ def _install_stop_handlers() -> Callable[[], None]:
 
 
 def _net_from_args(args: argparse.Namespace) -> Testnet:
-    if args.model and not args.deployment:
-        raise TestnetError("--model goes with --deployment")
+    kind, model = "minilm", None
+    if args.model in MODELS:
+        kind = args.model
+        if args.deployment:
+            raise TestnetError(f"--model {kind} imports the model itself; with --deployment "
+                               "give --model the plaintext model directory")
+    elif args.model:
+        if not args.deployment:
+            raise TestnetError(f"--model {args.model}: a directory goes with --deployment; to "
+                               f"import a model give one of {', '.join(MODELS)}")
+        model = Path(args.model)
     node_args: list[str] = []
     if args.threads is not None:
         node_args += ["--threads", str(args.threads)]
@@ -89,9 +102,9 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
         node_args += ["--capacity", str(args.capacity)]
     replicas = args.replicas if args.replicas is not None else min(3, args.nodes)
     return Testnet(args.dir, args.nodes, replicas, args.node_shards,
-                   deployment=args.deployment, model=args.model, node_args=node_args,
+                   deployment=args.deployment, model=model, node_args=node_args,
                    timeout=args.timeout, byzantine=args.byzantine,
-                   byzantine_mode=args.byzantine_mode)
+                   byzantine_mode=args.byzantine_mode, kind=kind)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -103,8 +116,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print()
         # full verification needs two nodes per hop: with one, say plainly that it is off
         verify = " --verify none" if net.replicas < 2 else ""
-        print("  try:  .venv/bin/veilnet query --bootstrap " + net.bootstrap
-              + f" --deployment {net.deployment}{verify} \"A man is eating food.\"")
+        if net.kind == "smollm2":
+            print("  try:  .venv/bin/veilnet generate --chat --bootstrap " + net.bootstrap
+                  + f" --deployment {net.deployment}{verify} \"What is the capital of "
+                  "France?\"")
+        else:
+            print("  try:  .venv/bin/veilnet query --bootstrap " + net.bootstrap
+                  + f" --deployment {net.deployment}{verify} \"A man is eating food.\"")
         print(f"  stop: Ctrl-C, or kill {os.getpid()}", flush=True)
         while True:
             for node in net.reap():  # nodes that died while the testnet runs
@@ -201,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stderr_log("error: the demo compares with the plaintext model: give --model too")
         return 2
     net = _net_from_args(args)
-    worst = 0.0
+    worst, same_tokens = 0.0, False
     try:
         net.start()
         print(net.summary())
@@ -236,15 +254,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             worst = max(worst, _demo_query(net, DEMO_SENTENCES, reference,
                                            f"Query 2: with node {victim} down",
                                            detail=False, quorum=1))
+        net.stop()
+        same_tokens = True if args.no_generate else demo_generate(net.root, args.timeout)
     except _Stop as stop:
         net.log(f"{stop}: stopping")
         return 130
     finally:
         cleaning()
         net.stop()
-    ok = worst <= TOLERANCE
-    print(f"\nmax |network - plaintext| over all queries: {worst:.2e} "
-          f"({'ok' if ok else 'FAIL'}: tolerance {TOLERANCE:g}); all nodes stopped")
+    ok = worst <= TOLERANCE and same_tokens
+    print(f"\nmax |network - plaintext| over all queries: {worst:.2e} (tolerance "
+          f"{TOLERANCE:g}); generated tokens equal the plaintext model's: "
+          f"{'yes' if same_tokens else 'NO'}; {'ok' if ok else 'FAIL'}; all nodes stopped")
     return 0 if ok else 1
 
 
@@ -344,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--deployment", type=Path, metavar="DEPLOY",
                        help="use this encrypted deployment instead of T/deploy (nothing is "
                             "imported)")
-        p.add_argument("--model", type=Path, metavar="DIR",
-                       help="the plaintext model DEPLOY was encrypted from (with --deployment)")
+        p.add_argument("--model", metavar="NAME|DIR",
+                       help="minilm (default) or smollm2: the model imported and encrypted "
+                            "into T; or, with --deployment, the plaintext model directory "
+                            "DEPLOY was encrypted from")
         p.add_argument("--threads", type=int, metavar="NUM",
                        help="onnxruntime threads per shard run on each node (node --threads)")
         p.add_argument("--capacity", type=int, metavar="C",
@@ -374,9 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a testnet (as 'up'), embed a few sentences through it with the "
                     "client SDK, print each answer beside the plaintext model's and the node "
                     "that served each hop, crash one node and query again, then stop every "
-                    f"node. Exits 1 if any embedding differs from the plaintext one by more "
-                    f"than {TOLERANCE:g}.")
+                    "node; then start a 3-node testnet serving encrypted SmolLM2 and stream a "
+                    "chat answer through it (imported into T/smollm2/ on the first run). Exits "
+                    f"1 if any embedding differs from the plaintext one by more than "
+                    f"{TOLERANCE:g} or a generated token differs from the plaintext model's.")
     common(demo, nodes=5, byzantine=1)
+    demo.add_argument("--no-generate", action="store_true",
+                      help="skip the text-generation part (SmolLM2 on a 3-node testnet)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

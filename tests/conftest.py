@@ -112,6 +112,19 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+SMOLLM2_SEED = 20261202  # the deployment's key, fixed so a failure can be reproduced
+
+
+@pytest.fixture(scope="session")
+def smollm2_deployment(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ee-decoder/1 deployment of ``smollm2_dir`` (seeded key), made once per session."""
+    from models import encrypt_model_dir
+
+    out = tmp_path_factory.mktemp("smollm2-deploy") / "deploy"
+    encrypt_model_dir(smollm2_dir, out, seed=SMOLLM2_SEED)
+    return out
+
+
 @pytest.fixture(scope="session")
 def minilm_model() -> onnx.ModelProto:
     """The unsplit plaintext model, built straight from the weights."""

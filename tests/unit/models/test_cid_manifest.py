@@ -254,6 +254,18 @@ def _mutations() -> list[tuple[str, Any, str]]:
     def tail_not_last(d: dict[str, Any]) -> None:
         d["shards"][-1]["role"], d["shards"][-2]["role"] = "node", "client-tail"
 
+    def client_first(d: dict[str, Any]) -> None:
+        d["shards"][0]["role"] = "client"
+
+    def client_last(d: dict[str, Any]) -> None:
+        d["shards"][-1]["role"] = "client"
+
+    def no_node_shard(d: dict[str, Any]) -> None:
+        d["shards"][1]["role"] = d["shards"][2]["role"] = "client"
+
+    def head_in_the_middle(d: dict[str, Any]) -> None:
+        d["shards"][2]["role"] = "client-head"
+
     def unproduced_input(d: dict[str, Any]) -> None:
         d["shards"][1]["inputs"][0]["name"] = "ghost_tensor"
 
@@ -291,6 +303,11 @@ def _mutations() -> list[tuple[str, Any, str]]:
         ("unknown-role", unknown_role, r"shards\[1\].*unknown role 'worker'"),
         ("head-not-first", head_not_first, r"client-head.*client-tail"),
         ("tail-not-last", tail_not_last, r"client-head.*client-tail"),
+        ("client-first", client_first, r"'client' shard .* cannot be the first or last"),
+        ("client-last", client_last, r"'client' shard .* cannot be the first or last"),
+        ("no-node-shard", no_node_shard, r"one or more node shards.*'client', 'client'"),
+        ("head-in-the-middle", head_in_the_middle,
+         r"only 'node' and 'client' shards may stand between head and tail"),
         ("unproduced-input", unproduced_input, r"shard 1 input 'ghost_tensor'"),
         ("input-from-later-shard", input_from_later_shard, r"shard 1 input 'hidden_6'"),
         ("dotdot-path", dotdot_path, r"'\.\./escape\.onnx'.*inside"),
@@ -311,6 +328,17 @@ def test_from_json_rejects(minilm_manifest: Manifest, mutate: Any, pattern: str)
     mutate(doc)
     with pytest.raises(ManifestError, match=pattern):
         Manifest.from_json(doc)
+
+
+def test_client_role_shards_between_node_shards_are_accepted(minilm_manifest: Manifest) -> None:
+    """ee-decoder/1 re-bases the stream on the client between node shards: role 'client'."""
+    doc = _doc(minilm_manifest)
+    doc["shards"][2]["role"] = "client"
+    doc["encryption"] = "ee-decoder/1"
+    manifest = Manifest.from_json(doc)
+    assert [s.role for s in manifest.shards] == ["client-head", "node", "client", "client-tail"]
+    assert [s.index for s in manifest.node_shards] == [1]
+    assert Manifest.from_json(json.loads(manifest.dumps())).to_json() == manifest.to_json()
 
 
 def test_load_rejects_non_json(tmp_path: Path) -> None:
