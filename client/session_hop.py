@@ -48,7 +48,7 @@ from protocols.session import (
     StepRequest,
     check_reply,
 )
-from protocols.transport import PEER_ERRORS, ensure_connected
+from protocols.transport import PEER_ERRORS, RemoteError, ensure_connected
 from protocols.wire import digest_entry, digest_of
 
 log = logging.getLogger("veilnet.client")
@@ -112,6 +112,7 @@ class SessionHop:
         self.members: list[_Member] = []
         self.used: dict[str, PeerRecord] = {}  # every node that held a session, in order
         self.excluded: set[str] = set()  # failed or lost during this generation
+        self.expired: set[str] = set()  # lost our session once (replayed there if needed)
         self.failures: list[str] = []
         self.verdicts: list[dict[str, Any]] = []
         self.unverified: str | None = None
@@ -201,6 +202,12 @@ class SessionHop:
                         member = _Member(record, reply.session)
                         self.members.append(member)
                         self.used.setdefault(record.peer_id, record)
+            except RemoteError as exc:
+                # the node expired or lost the session (idle expiry, a restart): it is not at
+                # fault, so the session is replayed and it may take it again
+                expired = exc.code == "unknown_session" and member is not None
+                self._drop(record, describe(exc, self.policy.hop_timeout), expired=expired)
+                return
             except (*PEER_ERRORS, QueryError) as exc:
                 self._drop(record, describe(exc, self.policy.hop_timeout))
                 return
@@ -225,13 +232,17 @@ class SessionHop:
         outputs = {n: np.ascontiguousarray(v[:, -last:]) for n, v in reply.outputs.items()}
         return replace(reply, outputs=outputs, fingerprint=fingerprint(outputs))
 
-    def _drop(self, node: PeerRecord, reason: str, *, lost: bool = False) -> None:
+    def _drop(self, node: PeerRecord, reason: str, *, lost: bool = False,
+              expired: bool = False) -> None:
         self.members = [m for m in self.members if m.node.peer_id != node.peer_id]
-        self.excluded.add(node.peer_id)
         line = f"{node.peer_id}: {reason}"
         self.failures.append(line)
-        if not lost:
-            self.router.failed(node.peer_id, reason)
+        if expired and node.peer_id not in self.expired:
+            self.expired.add(node.peer_id)  # once: a second loss counts as a failure
+        else:
+            self.excluded.add(node.peer_id)
+            if not lost:
+                self.router.failed(node.peer_id, reason)
         log.warning("hop %d: dropped %s", self.shard.index, line)
 
     async def _decide(self, answers: dict[str, tuple[_Member, SessionReply]],

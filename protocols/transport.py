@@ -133,6 +133,13 @@ async def connect(host: IHost, info: PeerInfo, timeout: float) -> None:
     unblock = getattr(host.get_network(), "unblock_peer", None)
     if unblock is not None:
         unblock(info.peer_id)
+    # py-libp2p dials at most one address per transport (the first TCP address in its
+    # peerstore), so an address learnt earlier (a card from a node's previous run) would be
+    # dialled instead of this one: forget the peer's addresses, host.connect adds these.
+    # Measured: a testnet restarted in the same directory could not form, every node dialling
+    # its bootstrap node's address of the previous run.
+    with contextlib.suppress(Exception):
+        host.get_peerstore().clear_addrs(info.peer_id)
     with trio.fail_after(timeout):
         await host.connect(info)
 

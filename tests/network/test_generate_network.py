@@ -236,3 +236,30 @@ def test_one_receipt_per_generation_is_logged_and_checks(net: Testnet,
                                   signed.replace(last["output_digest"], bytes(32)))
     # one entry per generation whatever its length: 20 more tokens add no bytes
     assert abs(sizes[1] - sizes[0]) < 16, sizes
+
+
+def test_an_expired_session_is_replayed_and_the_tokens_stay_the_same(
+        smollm2_deployment: Path, smollm2_dir: Path, reference: LocalDecoder,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    import time
+
+    kind, text = PROMPTS[7]
+    want = expected(reference, kind, text, 12)
+    # one node per shard, sessions idle for more than 1 s expire
+    with Testnet(tmp_path_factory.mktemp("gen-expiry"), nodes=3, replicas=1,
+                 deployment=smollm2_deployment, model=smollm2_dir,
+                 node_args=["--threads", "1", "--session-expiry", "1"], timeout=120) as short, \
+            Client([short.bootstrap], short.deployment, verify="none", ledger=False) as client:
+        with client.stream(**args_of(kind, text), max_tokens=12) as stream:
+            got = []
+            for token in stream:
+                got.append(token.token_id)
+                if len(got) == 5:
+                    time.sleep(2.5)  # the client dawdles: every node drops its session
+        result = stream.result
+    assert result is not None
+    assert got == want == result.token_ids
+    for hop in result.hops:
+        assert hop.replays == 1, hop  # re-opened once, on the same node (the only one)
+        assert len(hop.nodes) == 1
+        assert any("unknown_session" in f for f in hop.failures), hop.failures

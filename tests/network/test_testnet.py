@@ -306,3 +306,22 @@ def test_plain_queries_log_scores_and_rank_the_liar_last(start_testnet: Callable
     assert rows[-1]["did"] == liars[0], rows
     assert all(r["score"] > rows[-1]["score"] for r in rows[:-1]), rows
     assert rows[0]["reporters"] >= 2, rows  # several clients' score reports, aggregated
+
+
+def test_a_testnet_restarted_in_the_same_directory_forms_again(
+        tmp_path: Path, deployment_dir: Path, minilm_dir: Path) -> None:
+    """The nodes keep their identities and their card index across runs, so each new node
+    first knows its peers at their previous addresses (as `make demo` restarts the testnet
+    directory for its generation part). py-libp2p dials only the first TCP address it knows
+    of a peer: the bootstrap node's new address must be the one dialled."""
+    from localnet import Testnet
+
+    from client import Client
+
+    for run in range(2):
+        with Testnet(tmp_path / "t", nodes=2, replicas=1, deployment=deployment_dir,
+                     model=minilm_dir, timeout=30) as net, \
+                Client([net.bootstrap], deployment_dir, verify="none", ledger=False) as client:
+            result = client.embed(TEXTS[:1])
+            assert result.embeddings.shape[0] == 1, run
+            assert {h.peer_id for h in result.hops} <= {n.peer_id for n in net.nodes}
