@@ -10,7 +10,9 @@ Everything in one run, variants interleaved (one generation of each per round):
   testnet (every node shard on 2 nodes, node ``--threads T``), ``verify="none"`` and
   ``verify="full"`` (2 replicas per step);
 - ``plain_unsplit_nospin`` and ``encrypted_split_spin``: the in-process variants with
-  onnxruntime's thread spinning the other way round, for the thread-settings decision.
+  onnxruntime's thread spinning the other way round; with ``--shared-pool`` every in-process
+  session shares one onnxruntime pool (``models.runtime.use_shared_pool``, as nodes do) instead
+  of a pool each (the SDK's default). Both feed the thread decision in docs/benchmarks.md.
 
 For each: time to first token (prefill + first token), decode ms/token p50/p95, tokens/s, each
 ratio to the baseline of the same run; the tokens of every variant are compared with the
@@ -48,7 +50,7 @@ from models import Manifest, encrypt_model_dir, import_smollm2  # noqa: E402
 from models.decoding import LocalDecoder  # noqa: E402
 from models.gguf_model import read_gguf, smollm2_path  # noqa: E402
 from models.llama_graph import build_llama_decoder  # noqa: E402
-from models.runtime import session_options  # noqa: E402
+from models.runtime import session_options, use_shared_pool  # noqa: E402
 
 TARGET_DECODE_RATIO = 1.6  # network encrypted decode p50 / in-process plaintext unsplit p50
 TARGET_TTFT_RATIO = 3.0  # network time to first token / in-process plaintext prefill
@@ -172,11 +174,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--node-threads", type=int, nargs="+", default=[1, 2], metavar="T",
-                    help="onnxruntime threads per node run (node --threads); one testnet per "
-                         "value, the first is the one the targets are read from (default 1 2)")
+    ap.add_argument("--node-threads", type=int, nargs="+", default=[0, 1], metavar="T",
+                    help="node --threads (0: the node's default, onnxruntime's choice, a "
+                         "thread per core); one testnet per value, the first is the one the "
+                         "targets are read from (default 0 1)")
+    ap.add_argument("--shared-pool", action="store_true",
+                    help="in-process sessions share one onnxruntime pool (as a node's do)")
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
+    if args.shared_pool:
+        use_shared_pool()
     root = args.dir or Path(tempfile.mkdtemp(prefix="veilnet-bench-gen-"))
     model, deploy = root / "model", root / "deploy"
     if not (model / "manifest.json").exists():
@@ -200,7 +207,7 @@ def main() -> int:
         model_ = Unsplit(proto, gguf.config, None, spin)
         local[name] = functools.partial(model_.generate, prompt.ids, n)
     for name, spin in (("encrypted_split", False), ("encrypted_split_spin", True)):
-        decoder = LocalDecoder(deploy, threads=None, spin=spin)
+        decoder = LocalDecoder(deploy, spin=spin)
         local[name] = functools.partial(split_generate, decoder, prompt.ids, n)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in local}
     memory: dict[str, Any] = {}
@@ -228,7 +235,7 @@ def main() -> int:
     doc: dict[str, Any] = {
         "benchmark": "generate", "model": manifest.name, "prompt_tokens": len(prompt.ids),
         "generated_tokens": n, "rounds": args.rounds, "node_threads": args.node_threads,
-        "cores": os.cpu_count(), "baseline": "plain_unsplit",
+        "cores": os.cpu_count(), "baseline": "plain_unsplit", "shared_pool": args.shared_pool,
         "plain_unsplit": base,
         **{k: summary(v, base, reference) for k, v in runs.items() if k != "plain_unsplit"},
         "memory": memory,

@@ -130,7 +130,7 @@ class LocalDecoder:
     that network generation is checked against, and the in-process baseline of bench/."""
 
     def __init__(self, manifest: Manifest | Path, threads: int | None = None,
-                 spin: bool = True) -> None:
+                 spin: bool | None = None) -> None:
         self.pipeline = Pipeline(manifest, threads=threads, spin=spin)
         self.layout = DecoderLayout.of(self.pipeline.manifest)
         self.reset()

@@ -31,7 +31,7 @@ class Pipeline:
     """A plaintext model directory or an encrypted deployment, ready to run."""
 
     def __init__(self, manifest: Manifest | Path, node_runner: NodeRunner | None = None,
-                 threads: int | None = None, spin: bool = True, *,
+                 threads: int | None = None, spin: bool | None = None, *,
                  remote_nodes: bool = False) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
         self.remote_nodes = remote_nodes or node_runner is not None
@@ -39,9 +39,15 @@ class Pipeline:
         problems = self.manifest.verify_files(roles)
         if problems:
             raise ManifestError("; ".join(problems))
+        loaded = [s for s in self.manifest.shards if s.role in roles]
+        if spin is None:
+            # onnxruntime's idle workers spin after each run: that helps one session called in
+            # a loop and hurts several run one after another, each session's spinning threads
+            # taking the cores the next one needs (bench/generate.py: the split SmolLM2 decodes
+            # at 19.7 ms/token without spinning, 21.6 with, p95 21.5 against 58.5)
+            spin = len(loaded) == 1
         self._sessions = {
-            s.index: ShardSession(self.manifest.shard_path(s), s, threads, spin)
-            for s in self.manifest.shards if s.role in roles
+            s.index: ShardSession(self.manifest.shard_path(s), s, threads, spin) for s in loaded
         }
         self._node_runner = node_runner
         self.tokenizer: TextTokenizer | None = None
