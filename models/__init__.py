@@ -22,6 +22,7 @@ from models.llama_import import import_gguf, import_smollm2
 from models.manifest import ENCRYPTIONS, Manifest, ManifestError, ShardSpec, TensorSpec
 from models.minilm import ModelSourceError, build_minilm, locate
 from models.pipeline import AsyncRunner, NodeRunner, Pipeline
+from models.received import ReceivedFormatError, RecordedInput, RecordedView, read_views
 from models.runtime import ShardInputError, ShardSession
 from models.split import SplitError, split_model
 from models.tokenizer import TextTokenizer
@@ -49,6 +50,9 @@ __all__ = [
     "OutputDirError",
     "Pipeline",
     "Plain",
+    "ReceivedFormatError",
+    "RecordedInput",
+    "RecordedView",
     "ShardInputError",
     "ShardSession",
     "ShardSpec",
@@ -72,5 +76,6 @@ __all__ = [
     "minilm_cuts",
     "plan_encryption",
     "read_gguf",
+    "read_views",
     "split_model",
 ]

@@ -175,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None, help="onnxruntime threads per shard")
     run.set_defaults(func=_cmd_run)
 
+    from node.cli_audit import register as register_audit
     from node.cli_ledger import register as register_ledger
     from node.cli_node import register as register_node
 
     register_node(sub)
     register_ledger(sub)
+    register_audit(sub)
     # Commands from other packages (the client's `query`) register through the
     # "veilnet.commands" entry-point group, so the daemon package never imports the client.
     for entry in sorted(entry_points(group="veilnet.commands"), key=lambda e: e.name):

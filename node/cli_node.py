@@ -25,6 +25,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "session_expiry": args.session_expiry,
         "ledger": True if args.ledger else None,
         "byzantine_test_mode": args.byzantine_test_mode,
+        "record_received": args.record_received, "record_max_mb": args.record_max_mb,
         "log_level": args.log_level,
     })
     return start(config)
@@ -136,6 +137,15 @@ def register(sub: Any) -> None:
                     help="FOR TESTS ONLY: return wrong (but signed) answers of this kind, to "
                          "exercise the clients' consensus checks ("
                          + ", ".join(BYZANTINE_MODES) + "). Off by default.")
+    st.add_argument("--record-received", type=Path, metavar="DIR",
+                    help="an audit flag: writes every tensor clients send to this node, which "
+                         "is exactly what the node can see; off by default. One .npy file per "
+                         "input in DIR/<request id>/ and a line per request in "
+                         "DIR/index.jsonl (docs/protocol.md); DIR is made mode 0700, files "
+                         "0600. Logged at WARNING on every start")
+    st.add_argument("--record-max-mb", type=int, metavar="MB",
+                    help="with --record-received: stop recording (loudly; the node keeps "
+                         "serving) when DIR would grow past this (default 1024)")
     st.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     st.set_defaults(func=_cmd_start)
 

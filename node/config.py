@@ -19,6 +19,8 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     session_expiry = 300   # seconds a session may stay idle before it is dropped
     domain = "node1.example.org"  # optional: publish a did:wba DID for this domain too
     ledger = false         # keep a transparency log in D/ledger (every node is a witness)
+    record_received = "audit/"  # AUDIT ONLY, off by default: write every tensor clients send
+    record_max_mb = 1024   # stop recording when the directory would grow past this
     log_level = "info"
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import InputError
+from node.recorder import DEFAULT_MAX_MB
 from node.sessions import (
     DEFAULT_IDLE_EXPIRY,
     DEFAULT_MAX_CONTEXT,
@@ -64,6 +67,8 @@ class NodeConfig:
     domain: str | None = None
     ledger: bool = False
     byzantine_test_mode: str | None = None
+    record_received: Path | None = None  # an audit flag: what clients send, written to disk
+    record_max_mb: int = DEFAULT_MAX_MB
     log_level: str = "info"
 
     @property
@@ -87,7 +92,7 @@ class NodeConfig:
             raise ConfigError("listen: at least one multiaddr is needed")
         self.http_host_port()
         for name in ("capacity", "frame_limit", "shard_size_limit", "max_sessions",
-                     "max_context"):
+                     "max_context", "record_max_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.threads < 0:
@@ -125,7 +130,7 @@ _TYPES: dict[str, Any] = {
     "request_timeout": (int, float), "idle_timeout": (int, float),
     "announce_interval": (int, float), "max_sessions": (int,), "max_context": (int,),
     "session_expiry": (int, float), "domain": (str,), "ledger": (bool,),
-    "byzantine_test_mode": (str,),
+    "byzantine_test_mode": (str,), "record_received": (str,), "record_max_mb": (int,),
     "log_level": (str,),
 }
 
@@ -152,12 +157,15 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
                 raise ConfigError(f"{path}: {key} must be a list of strings")
             values[key] = [value] if key in ("listen", "bootstrap") and isinstance(value,
                                                                                    str) else value
-        if "data_dir" in values:  # relative to the config file
-            values["data_dir"] = (Path(path).parent / values["data_dir"]).resolve()
+        for key in ("data_dir", "record_received"):  # relative to the config file
+            if key in values:
+                values[key] = (Path(path).parent / values[key]).resolve()
     values.update({k: v for k, v in overrides.items() if v is not None and v != []})
     known = {f.name for f in fields(NodeConfig)}
     config = NodeConfig(**{k: v for k, v in values.items() if k in known})
     if config.data_dir is not None:
         config.data_dir = Path(config.data_dir)
+    if config.record_received is not None:
+        config.record_received = Path(config.record_received)
     config.check()
     return config

@@ -35,6 +35,7 @@ from node.executor import ShardExecutor
 from node.http_api import create_app
 from node.ledger_service import LedgerService
 from node.rankings_service import RankingService
+from node.recorder import ReceivedRecorder
 from node.service import NodeService
 from node.store import ShardStore
 from protocols.transport import make_host, parse_multiaddr, quiet_libraries
@@ -114,6 +115,12 @@ async def run_node(config: NodeConfig) -> None:
         service.sessions.byzantine = service.byzantine
         log.warning("BYZANTINE TEST MODE %r: this node returns wrong answers on purpose",
                     config.byzantine_test_mode)
+    if config.record_received is not None:
+        log.warning("RECORDING RECEIVED TENSORS (--record-received, an audit flag): every "
+                    "input clients send to this node is written to %s (at most %d MB)",
+                    config.record_received, config.record_max_mb)
+        service.set_recorder(ReceivedRecorder(config.record_received,
+                                              config.record_max_mb << 20))
     service.ledger = LedgerService(identity.peer_id, witness, service.metrics, service.discovery,
                                    ledger)
     service.rankings = RankingService(identity, service.ledger, service.discovery,
@@ -166,6 +173,8 @@ async def run_node(config: NodeConfig) -> None:
                     "multiaddrs": service.addrs(), "http": service.http_url,
                     "shards": sorted(store.shards()), "identity_created": created,
                     "byzantine": config.byzantine_test_mode,
+                    "record_received": str(config.record_received)
+                    if config.record_received is not None else None,
                 }
                 _write_ready(ready_file, info)
                 _print_banner(info, data_dir)
@@ -207,6 +216,8 @@ def _print_banner(info: dict[str, object], data_dir: Path) -> None:
         f"  shards:    {len(info['shards'])}",  # type: ignore[arg-type]
         *([f"  BYZANTINE TEST MODE: {info['byzantine']} (wrong answers on purpose)"]
           if info.get("byzantine") else []),
+        *([f"  RECORDING RECEIVED TENSORS to {info['record_received']} (--record-received)"]
+          if info.get("record_received") else []),
         "  stop with Ctrl-C (SIGINT) or SIGTERM",
     ]
     print("\n".join(lines), flush=True)

@@ -30,12 +30,13 @@ from node.ledger_service import LedgerService
 from node.metrics import NodeMetrics
 from node.peers import PeerTable
 from node.rankings_service import RankingService
+from node.recorder import ReceivedRecorder
 from node.session_service import SessionService
 from node.sessions import SessionLimits
 from node.store import ShardStore, StoreError
 from protocols import shard as shard_proto
 from protocols.cards import CARDS
-from protocols.infer import INFER, CkksRequest, answer, parse_request
+from protocols.infer import INFER, CkksRequest, InferRequest, answer, parse_request
 from protocols.ledger import LEDGER
 from protocols.peers import PEERS, PeerRecord, exchange_peers, hello_answer, parse_hello
 from protocols.session import SESSION
@@ -96,6 +97,7 @@ class NodeService:
         self.ledger: LedgerService | None = None  # likewise
         self.byzantine: Byzantine | None = None  # --byzantine-test-mode only
         self.rankings: RankingService | None = None  # set by the daemon
+        self.recorder: ReceivedRecorder | None = None  # --record-received only (set_recorder)
         self.host: IHost | None = None
         self.http_url: str | None = None
         self.started = time.time()
@@ -124,6 +126,11 @@ class NodeService:
             self.ledger.host = host
             host.set_stream_handler(LEDGER, self.handle_ledger)
             host.set_stream_handler(WITNESS, self.handle_witness)
+
+    def set_recorder(self, recorder: ReceivedRecorder | None) -> None:
+        """Record what clients send over /veilnet/infer/1 and /veilnet/session/1."""
+        self.recorder = recorder
+        self.sessions.recorder = recorder
 
     def served_shards(self) -> list[ServedShard]:
         """The shards this node serves, each with its deployment manifest's ``encryption``
@@ -238,13 +245,21 @@ class NodeService:
 
     async def _infer(self, stream: INetStream, message: dict[str, Any]) -> None:
         started = time.perf_counter()
-        await write_frame(stream, await self.infer(message))
+        await write_frame(stream, await self.infer(message, _peer_of(stream)))
         self.metrics.latency.observe(time.perf_counter() - started)
 
-    async def infer(self, message: dict[str, Any]) -> dict[str, Any]:
-        """The signed response to an infer request (already checked for ``v`` and ``id``);
-        raises WireError. Used by /veilnet/infer/1 and the A2A endpoint."""
+    async def infer(self, message: dict[str, Any], peer: str | None = None) -> dict[str, Any]:
+        """The signed response to an infer request (already checked for ``v`` and ``id``) from
+        ``peer`` (None: not known, as over A2A); raises WireError. Used by /veilnet/infer/1
+        and the A2A endpoint."""
         request = parse_request(message, message["id"])
+        if self.recorder is not None:  # --record-received: exactly what the client sent
+            ckks = request if isinstance(request, CkksRequest) else None
+            await self.recorder.record(
+                protocol=str(INFER), op="infer", request_id=request.id, shard=request.shard,
+                peer=peer, inputs=request.inputs if isinstance(request, InferRequest) else {},
+                context=ckks.context if ckks else None,
+                ciphertexts=ckks.ciphertexts if ckks else None)
         if isinstance(request, CkksRequest):
             from node.ckks_infer import infer_ckks  # loads TenSEAL: only when a node needs it
 

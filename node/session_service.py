@@ -24,8 +24,10 @@ from crypto.identity import Identity
 from node.byzantine import Byzantine
 from node.executor import ShardExecutor
 from node.metrics import NodeMetrics
+from node.recorder import ReceivedRecorder
 from node.sessions import Session, SessionLimits, SessionTable
 from protocols.session import (
+    SESSION,
     CloseRequest,
     KVCacheError,
     OpenRequest,
@@ -53,6 +55,7 @@ class SessionService:
         self.metrics = metrics
         self.table = SessionTable(limits, clock, on_end=self._ended)
         self.byzantine: Byzantine | None = None  # --byzantine-test-mode: lie in answers too
+        self.recorder: ReceivedRecorder | None = None  # --record-received: what clients send
         # per (shard CID, deployment CID): the shard split by its manifest's kv_cache, and the
         # model's context length (None when the manifest gives none)
         self._io: dict[tuple[str, str], tuple[SessionIO, int | None]] = {}
@@ -83,6 +86,7 @@ class SessionService:
         self.table.check_room(batch, 0, tokens, context_length)
         session = self.table.open(peer, request.shard, io, batch, context_length)
         try:
+            await self._record(peer, "open", request.id, session, request.inputs)
             outputs, cache = await self._run(session, request.inputs, io.empty_cache(batch),
                                              tokens)
         except BaseException:
@@ -105,6 +109,7 @@ class SessionService:
                 raise WireError("bad_inputs", f"batch {batch}; this session was opened with "
                                               f"batch {session.batch}")
             self.table.check_room(batch, before, tokens, session.context_length)
+            await self._record(peer, "step", request.id, session, request.inputs)
             outputs, cache = await self._run(session, request.inputs, session.cache, tokens)
             self.table.commit(session, cache, before + tokens)
         finally:
@@ -112,6 +117,13 @@ class SessionService:
         self.metrics.session_steps.labels("step").inc()
         return answer(self.identity, request, shard=session.shard, session=session.id,
                       position_before=before, position=before + tokens, outputs=outputs)
+
+    async def _record(self, peer: str, op: str, request_id: str, session: Session,
+                      inputs: Mapping[str, np.ndarray]) -> None:
+        if self.recorder is not None:
+            await self.recorder.record(protocol=str(SESSION), op=op, request_id=request_id,
+                                       shard=session.shard, peer=peer, inputs=inputs,
+                                       session=session.id)
 
     async def _run(self, session: Session, inputs: Mapping[str, np.ndarray],
                    past: Mapping[str, np.ndarray], tokens: int,

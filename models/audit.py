@@ -1,0 +1,426 @@
+"""``veilnet audit``: measure what a node serving a deployment can read (docs/threat-model.md,
+"Auditing a deployment").
+
+The deployment owner holds DEPLOY (with ``client/key.json``) and the public plaintext model it
+was encrypted from. Each attack is run as a node would run it: on the node's encrypted shards,
+on what the client sends the first node for held-out text, and on the public weights (exact, or
+perturbed as a fine-tune would perturb them). The true key and token ids are used only to score.
+
+Rows (``AuditRow``): ``success`` is the measured rate, ``baseline`` what a best constant guess
+gets (the most common token of the sample; for a permutation, a random guess's expected 1/n).
+The held-out text is the stdlib's help texts (``pydoc_data.topics``), nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from tokenizers import Tokenizer
+
+from crypto.ee_key import EEKey
+from errors import InputError
+from models import audit_attacks as aa
+from models import ee_decoder_attack as dec
+from models.ee_attack import recover_key
+from models.ee_decoder import weight_name
+from models.ee_decoder_key import DecoderDims, DecoderKey
+from models.ee_plan import plan_encryption
+from models.importer import Progress, no_progress
+from models.manifest import EE_DECODER, EE_ENCODER, Manifest
+from models.runtime import ShardSession
+from models.tokenizer import TextTokenizer
+
+NOISE_LEVELS = (0.1, 0.5, 1.0)  # dense Gaussian noise, relative to each tensor's RMS
+LOW_RANK = 8  # rank of the LoRA-like delta
+LOW_RANK_SIZE = 0.1  # its Frobenius norm relative to the weight's
+MAX_TOKENS = 64  # held-out sentences are truncated to this many tokens
+KNOWN_MODELS = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
+
+
+class AuditError(InputError):
+    """A deployment the audit cannot run on (no key, plaintext, unknown model)."""
+
+
+@dataclass
+class AuditRow:
+    attack: str
+    target: str
+    success: float
+    baseline: float
+    detail: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def verdict(self) -> str:
+        pct = f"{100 * self.success:.1f}%"
+        base = f"{100 * self.baseline:.1f}%"
+        if self.target == "input tokens":
+            who = "without the key" if self.attack.startswith("keyless") else \
+                "with the public weights"
+            return f"a node {who} reads {pct} of input tokens (best constant guess {base})"
+        if self.target == "sequence length":
+            return (f"a node reads the exact token count of {pct} of texts "
+                    f"(best constant guess {base})")
+        return f"a node with the public weights recovers {pct} of the {self.target} " \
+               f"(random guess {base})"
+
+
+@dataclass
+class AuditReport:
+    deployment: str
+    scheme: str
+    rows: list[AuditRow] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deployment": self.deployment, "scheme": self.scheme,
+                "rows": [asdict(r) for r in self.rows]}
+
+    def row(self, attack: str, target: str) -> AuditRow:
+        return next(r for r in self.rows if r.attack == attack and r.target == target)
+
+    def table(self) -> str:
+        lines = [f"deployment {self.deployment} ({self.scheme})", "",
+                 f"{'attack':34} {'target':22} {'success':>8} {'baseline':>9} {'seconds':>8}"]
+        for r in self.rows:
+            lines.append(f"{r.attack:34} {r.target:22} {r.success:8.4f} {r.baseline:9.4f} "
+                         f"{r.seconds:8.2f}")
+        lines.append("")
+        lines += [f"- {r.attack}: {r.verdict()}" for r in self.rows]
+        return "\n".join(lines)
+
+
+# --- held-out text --------------------------------------------------------------------------------
+
+def heldout_sentences(n: int = 200, seed: int = 15) -> list[str]:
+    """A deterministic sample of ``n`` sentences of the Python help texts shipped with Python
+    (``pydoc_data.topics``): prose, some code, never downloaded."""
+    from pydoc_data.topics import topics
+
+    found = set()
+    for text in topics.values():
+        for part in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if 30 <= len(part) <= 300 and sum(c.isalpha() for c in part) > len(part) / 2:
+                found.add(part)
+    pool = sorted(found)
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def most_common_rate(tokens: np.ndarray) -> float:
+    """The best constant guess: the frequency of the most common value."""
+    return Counter(tokens.tolist()).most_common(1)[0][1] / tokens.size if tokens.size else 0.0
+
+
+def _special_ids(tokenizer_path: Path) -> set[int]:
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    return {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def _load_key(deploy: Manifest) -> Path:
+    assert deploy.path is not None
+    if deploy.encryption == "none":
+        raise AuditError(f"{deploy.path}: nothing to attack: nodes see plaintext "
+                         "(encryption: none)")
+    if deploy.encryption not in (EE_ENCODER, EE_DECODER):
+        raise AuditError(f"{deploy.path}: no audit for encryption {deploy.encryption!r} "
+                         f"(only {EE_ENCODER} and {EE_DECODER})")
+    key = deploy.path.parent / "client" / "key.json"
+    if not key.is_file():
+        raise AuditError(f"{key} not found: the audit scores the attacks against the real key, "
+                         "so run it where the deployment owner keeps DEPLOY/client/")
+    return key
+
+
+@contextmanager
+def _plain_model(deploy: Manifest, model_dir: Path | None,
+                 progress: Progress) -> Iterator[Manifest]:
+    """The plaintext model the deployment was encrypted from: ``model_dir``, or re-imported from
+    its package when the manifest names MiniLM or SmolLM2."""
+    with tempfile.TemporaryDirectory(prefix="veilnet-audit-") as tmp:
+        if model_dir is None:
+            out, shards = Path(tmp) / "model", len(deploy.node_shards)
+            progress(f"re-importing {deploy.name} from its package")
+            if deploy.name == KNOWN_MODELS[0]:
+                from models import import_minilm
+
+                import_minilm(out, shards)
+            elif deploy.name == KNOWN_MODELS[1]:
+                from models.llama_import import import_smollm2
+
+                import_smollm2(out, shards)
+            else:
+                raise AuditError(f"{deploy.name}: pass the plaintext model with --model (only "
+                                 f"{' and '.join(KNOWN_MODELS)} are re-imported)")
+            model_dir = out
+        plain = Manifest.load(Path(model_dir))
+        if plain.encryption != "none":
+            raise AuditError(f"{plain.path}: --model must be the plaintext model, not a "
+                             "deployment")
+        if deploy.extra.get("parent") not in (None, plain.cid):
+            raise AuditError(f"{plain.path} is not the model {deploy.path} was encrypted from "
+                             f"(its parent is {deploy.extra.get('parent')}, this is {plain.cid})")
+        yield plain
+
+
+def _client_file(deploy: Manifest, name: str) -> Path:
+    assert deploy.path is not None  # loaded from a file
+    return deploy.path.parent / str(deploy.extra[name]["path"])
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t).astype(np.float64)
+            for t in onnx.load(str(path)).graph.initializer}
+
+
+def audit_deployment(deploy_dir: Path, model_dir: Path | None = None, sample: int = 200,
+                     seed: int = 15, noise: Sequence[float] = NOISE_LEVELS,
+                     progress: Progress = no_progress) -> AuditReport:
+    """Run every attack on the deployment in ``deploy_dir`` and score it."""
+    if sample < 1:
+        raise AuditError(f"--sample must be at least 1, not {sample}")
+    deploy = Manifest.load(Path(deploy_dir))
+    key_path = _load_key(deploy)
+    texts = heldout_sentences(sample, seed)
+    with _plain_model(deploy, model_dir, progress) as plain:
+        report = AuditReport(deploy.cid, deploy.encryption)
+        run = _audit_encoder if deploy.encryption == EE_ENCODER else _audit_decoder
+        run(report, deploy, plain, key_path, texts, noise, np.random.default_rng(seed), progress)
+    return report
+
+
+def _timed(report: AuditReport, progress: Progress, attack: str, target: str,
+           fn: Callable[[], tuple[float, float, dict[str, Any]]]) -> None:
+    progress(f"{attack}: {target}")
+    start = time.perf_counter()
+    success, baseline, detail = fn()
+    report.rows.append(AuditRow(attack, target, float(success), float(baseline), detail,
+                                round(time.perf_counter() - start, 3)))
+
+
+def _perturbations(noise: Sequence[float]) -> list[tuple[str, float | None]]:
+    return [(f"robust matching, dense d={d:g}", d) for d in noise] + \
+        [(f"robust matching, rank-{LOW_RANK} delta", None)]
+
+
+# --- ee-encoder/1 ---------------------------------------------------------------------------------
+
+def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_path: Path,
+                   texts: list[str], noise: Sequence[float], rng: np.random.Generator,
+                   progress: Progress) -> None:
+    key = EEKey.load(key_path)
+    plain_models = {s.index: onnx.load(str(plain.shard_path(s))) for s in plain.node_shards}
+    enc_models = {s.index: onnx.load(str(deploy.shard_path(s))) for s in deploy.node_shards}
+    plan = plan_encryption(sorted(plain_models.items()))  # from the public graph alone
+    pw = {i: _initializers(plain.shard_path(plain.shards[i])) for i in plain_models}
+    ew = {i: _initializers(deploy.shard_path(deploy.shards[i])) for i in enc_models}
+    emb = aa.EncoderEmbeddings.from_head(onnx.load(str(plain.shard_path(plain.head))))
+
+    # what the first node receives for the held-out text (the owner's client head runs it)
+    tok_path = _client_file(deploy, "tokenizer")
+    feeds = TextTokenizer(tok_path, MAX_TOKENS)(texts)
+    head = ShardSession(deploy.shard_path(deploy.head), deploy.head, spin=False)
+    sent = head.run({t.name: feeds[t.name] for t in deploy.head.inputs})
+    received, bias = sent["hidden_0"], sent["attention_bias"]
+    visible = bias[:, 0, 0, :] >= 0  # what the node knows is not padding
+    ids = feeds["input_ids"]
+    counted = (feeds["attention_mask"] == 1) & ~np.isin(ids, list(_special_ids(tok_path)))
+    truth = ids[counted]
+    base_tok = most_common_rate(truth)
+
+    def token_rate(read: np.ndarray) -> float:
+        return float(np.mean(read[counted] == truth))
+
+    hidden_true = key.perm("hidden").perm
+    perm_sizes = dict(plan.perm_sizes)
+    n_entries = sum(perm_sizes.values()) + sum(h for h, _ in plan.attention_dims.values())
+    # a random guess of each permutation gets one entry right on average
+    chance = (len(perm_sizes) + len(plan.attention_dims)) / n_entries
+    recovered: dict[str, np.ndarray] = {}
+
+    def exact_key() -> tuple[float, float, dict[str, Any]]:
+        got = recover_key(plan, plain_models, enc_models, key)  # key used only to score
+        assert got.recovered_hidden_perm is not None
+        recovered["hidden"] = got.recovered_hidden_perm
+        s = got.summary()
+        parts = [(got.hidden_perm, perm_sizes["hidden"])]
+        parts += [(v, perm_sizes[k]) for k, v in got.ffn_perms.items()]
+        parts += [(v, plan.attention_dims[k][0]) for k, v in got.head_perms.items()]
+        frac = sum(v * n for v, n in parts) / n_entries
+        return frac, chance, {**s, "permutation_entries": n_entries}
+
+    _timed(report, progress, "exact weight matching", "key", exact_key)
+
+    def exact_tokens() -> tuple[float, float, dict[str, Any]]:
+        perm = recovered["hidden"]
+        if np.any(perm < 0):
+            return 0.0, base_tok, {"tokens": int(truth.size), "note": "no hidden permutation"}
+        read = aa.read_encoder_tokens(aa.apply_perm(received, perm), visible, emb, sort=False)
+        return token_rate(read), base_tok, {"tokens": int(truth.size), "texts": len(texts)}
+
+    _timed(report, progress, "exact weight matching", "input tokens", exact_tokens)
+
+    linear = {i: [n for n, op in plan.weight_ops[i].items() if op.op == "matmul"] for i in pw}
+    every = {i: list(plan.weight_ops[i]) for i in pw}
+    for label, size in _perturbations(noise):
+        if size is None:
+            p_w = {i: aa.perturb_low_rank(pw[i], linear[i], LOW_RANK, LOW_RANK_SIZE, rng)
+                   for i in pw}
+            p_emb = emb  # LoRA leaves the embeddings and LayerNorms bit-identical
+        else:
+            p_w = {i: aa.perturb_dense(pw[i], every[i], size, rng) for i in pw}
+            p_emb = emb.replaced(aa.perturb_dense(emb.weights(), aa.EncoderEmbeddings.NAMES,
+                                                  size, rng))
+        got: dict[str, aa.RobustKey] = {}
+
+        def robust_key(p_w: dict[int, dict[str, np.ndarray]] = p_w, size: float | None = size,
+                       got: dict[str, aa.RobustKey] = got,
+                       ) -> tuple[float, float, dict[str, Any]]:
+            got["key"] = k = aa.robust_recover(plan, p_w, ew)
+            ffn = {s: float(np.mean(v == key.perm(s).perm)) for s, v in k.ffn.items()}
+            heads = {s: float(np.mean(v == key.attention(s).head_perm))
+                     for s, v in k.heads.items()}
+            return float(np.mean(k.hidden == hidden_true)), 1 / len(hidden_true), {
+                "ffn_perms_mean": float(np.mean(list(ffn.values()))),
+                "head_perms_mean": float(np.mean(list(heads.values()))),
+                "perturbation": _describe(size)}
+
+        def robust_tokens(p_emb: aa.EncoderEmbeddings = p_emb, size: float | None = size,
+                          got: dict[str, aa.RobustKey] = got,
+                          ) -> tuple[float, float, dict[str, Any]]:
+            plain_guess = aa.apply_perm(received, got["key"].hidden)
+            read = aa.read_encoder_tokens(plain_guess, visible, p_emb, sort=False)
+            return token_rate(read), base_tok, {"tokens": int(truth.size),
+                                                "perturbation": _describe(size)}
+
+        _timed(report, progress, label, "hidden permutation", robust_key)
+        _timed(report, progress, label, "input tokens", robust_tokens)
+
+    def keyless() -> tuple[float, float, dict[str, Any]]:
+        read = aa.read_encoder_tokens(received, visible, emb, sort=True)
+        return token_rate(read), base_tok, {"tokens": int(truth.size),
+                                            "method": "sorted values vs sorted embeddings"}
+
+    _timed(report, progress, "keyless sort", "input tokens", keyless)
+    first = deploy.node_shards[0]
+    lengths = feeds["attention_mask"].sum(axis=1)  # each text's token count
+    _timed(report, progress, "length and padding", "sequence length", lambda: (
+        float(np.mean(visible.sum(axis=1) == lengths)), most_common_rate(lengths),
+        {"first_node_inputs": [t.name for t in first.inputs],
+         "mask_sent": "attention_bias" in {t.name for t in first.inputs},
+         "padding_visible": True}))
+
+
+def _describe(size: float | None) -> str:
+    if size is None:
+        return f"rank-{LOW_RANK} delta of relative norm {LOW_RANK_SIZE:g} on the linear weights"
+    return f"dense Gaussian noise of relative size {size:g} on every weight"
+
+
+# --- ee-decoder/1 ---------------------------------------------------------------------------------
+
+def _audit_decoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_path: Path,
+                   texts: list[str], noise: Sequence[float], rng: np.random.Generator,
+                   progress: Progress) -> None:
+    key = DecoderKey.load(key_path)
+    dims = DecoderDims.from_config(deploy.extra["config"])
+    table = next(iter(_initializers(plain.shard_path(plain.head)).values()))
+    pw = {e.index: dec.blk_weights(_initializers(plain.shard_path(p)))
+          for p, e in zip(plain.node_shards, deploy.node_shards, strict=True)}
+    ew = {e.index: dec.blk_weights(_initializers(deploy.shard_path(e)))
+          for e in deploy.node_shards}
+    layers = {i: sorted({int(n.split(".")[1]) for n in w}) for i, w in pw.items()}
+    first = deploy.node_shards[0].index
+
+    tok_path = _client_file(deploy, "tokenizer")
+    tok, special = Tokenizer.from_file(str(tok_path)), _special_ids(tok_path)
+    head = ShardSession(deploy.shard_path(deploy.head), deploy.head, spin=False)
+    ids_list, rows = [], []
+    for text in texts:  # one text per request, as the client sends them (no padding)
+        row = np.array([tok.encode(text).ids[:MAX_TOKENS]], np.int64)
+        ids_list.append(row[0])
+        rows.append(head.run({"input_ids": row})["hidden_embed"][0])
+    ids, received = np.concatenate(ids_list), np.concatenate(rows)
+    counted = ~np.isin(ids, list(special))
+    truth = ids[counted]
+    base_tok = most_common_rate(truth)
+    parts = ("ffn_perm", "ffn_scale", "kv_perm", "q_perm", "rope_factor", "value_mix",
+             "rotation")
+    rotation: dict[str, np.ndarray] = {}
+
+    def exact_key() -> tuple[float, float, dict[str, Any]]:
+        scores = {}
+        for i in pw:
+            got = dec.recover_shard_key(pw[i], ew[i], layers[i], dims)
+            if i == first:
+                rotation["exact"] = got.rotation
+            scores[i] = dec.score_shard(got, key, i)  # the key only scores
+        frac = float(np.mean([s[p] for s in scores.values() for p in parts]))
+        return frac, 1 / dims.ffn, {
+            "shards": {str(i): {p: s[p] for p in (*parts, "rotation_rel_error")}
+                       for i, s in scores.items()}}
+
+    _timed(report, progress, "exact weight matching", "key", exact_key)
+
+    def read(rot: np.ndarray, tab: np.ndarray) -> float:
+        return float(np.mean(dec.nearest_tokens(received @ rot.T, tab)[counted] == truth))
+
+    _timed(report, progress, "exact weight matching", "input tokens", lambda: (
+        read(rotation["exact"], table), base_tok, {"tokens": int(truth.size)}))
+
+    names = list(pw[first])
+    for label, size in _perturbations(noise):
+        if size is None:
+            p_w = aa.perturb_low_rank(pw[first], names, LOW_RANK, LOW_RANK_SIZE, rng)
+            p_table = table
+        else:
+            p_w = aa.perturb_dense(pw[first], names, size, rng)
+            p_table = aa.perturb_dense({"t": table}, ["t"], size, rng)["t"]
+
+        def robust_key(p_w: dict[str, np.ndarray] = p_w, size: float | None = size,
+                       ) -> tuple[float, float, dict[str, Any]]:
+            start = time.perf_counter()
+            gate = (p_w[weight_name(layers[first][0], "ffn_norm")][:, None]
+                    * p_w[weight_name(layers[first][0], "ffn_gate")])
+            rot, _ = aa.robust_rotation(gate, ew[first][weight_name(layers[first][0], "ffn_gate")])
+            got = dec.RecoveredShard(rot, {i: dec.recover_layer(p_w, ew[first], i, rot, dims)
+                                           for i in layers[first]})
+            got.seconds = time.perf_counter() - start
+            rotation[str(size)] = got.rotation
+            s = dec.score_shard(got, key, first)
+            return s["ffn_perm"], 1 / dims.ffn, {
+                "shard": first, "rotation_rel_error": s["rotation_rel_error"],
+                "kv_perm": s["kv_perm"], "q_perm": s["q_perm"],
+                "perturbation": _describe(size)}
+
+        _timed(report, progress, label, "FFN permutation", robust_key)
+        _timed(report, progress, label, "input tokens", lambda p_table=p_table, size=size: (
+            read(rotation[str(size)], p_table), base_tok,
+            {"tokens": int(truth.size), "perturbation": _describe(size)}))
+
+    _timed(report, progress, "keyless norms", "input tokens", lambda: (
+        float(np.mean(dec.tokens_by_norm(received, table)[counted] == truth)), base_tok,
+        {"tokens": int(truth.size), "method": "row norm of hidden_embed"}))
+    lengths = np.array([len(r) for r in ids_list])
+    seen = np.array([r.shape[0] for r in rows])
+    node_inputs = [t.name for t in deploy.node_shards[0].inputs]
+    _timed(report, progress, "length and padding", "sequence length", lambda: (
+        float(np.mean(seen == lengths)), most_common_rate(lengths),
+        {"first_node_inputs": [*node_inputs[:3], "..."], "mask_sent": False,
+         "note": "no padding: one text per request, its length is the sequence axis; the "
+                 "KV cache's length gives the tokens per step"}))
+
+
+__all__ = ["AuditError", "AuditReport", "AuditRow", "audit_deployment", "heldout_sentences",
+           "most_common_rate"]
