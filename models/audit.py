@@ -61,6 +61,7 @@ class AuditRow:
     baseline: float
     detail: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    source: str = "simulated"  # "views": run on a --record-received directory (audit_views)
 
     def verdict(self) -> str:
         pct = f"{100 * self.success:.1f}%"
@@ -81,10 +82,12 @@ class AuditReport:
     deployment: str
     scheme: str
     rows: list[AuditRow] = field(default_factory=list)
+    views: dict[str, Any] | None = None  # --views: what was recorded, attacked or not
 
     def to_json(self) -> dict[str, Any]:
-        return {"deployment": self.deployment, "scheme": self.scheme,
-                "rows": [asdict(r) for r in self.rows]}
+        doc = {"deployment": self.deployment, "scheme": self.scheme,
+               "rows": [asdict(r) for r in self.rows]}
+        return doc if self.views is None else {**doc, "views": self.views}
 
     def row(self, attack: str, target: str) -> AuditRow:
         return next(r for r in self.rows if r.attack == attack and r.target == target)
@@ -97,6 +100,9 @@ class AuditReport:
                          f"{r.seconds:8.2f}")
         lines.append("")
         lines += [f"- {r.attack}: {r.verdict()}" for r in self.rows]
+        for shard in (self.views or {}).get("not_attacked_yet", []):
+            lines.append(f"- not attacked yet: {shard['views']} recorded views of shard "
+                         f"{shard['shard']}")
         return "\n".join(lines)
 
 

@@ -15,10 +15,15 @@ def _progress(message: str) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from models.audit import audit_deployment
+    if args.views is not None:
+        from models.audit_views import audit_views
 
-    report = audit_deployment(args.deploy, args.model, sample=args.sample, seed=args.seed,
-                              progress=_progress)
+        report = audit_views(args.deploy, args.views, args.model, progress=_progress)
+    else:
+        from models.audit import audit_deployment
+
+        report = audit_deployment(args.deploy, args.model, sample=args.sample, seed=args.seed,
+                                  progress=_progress)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -44,6 +49,11 @@ def register(sub: Any) -> None:
                        help="held-out sentences (Python's own help texts; default 200)")
     audit.add_argument("--seed", type=int, default=15,
                        help="seed of the sentence sample and the perturbations (default 15)")
+    audit.add_argument("--views", type=Path, default=None, metavar="DIR",
+                       help="attack exactly what a node recorded with `veilnet node start "
+                            "--record-received DIR` instead of simulated traffic (ee-encoder/1: "
+                            "the first node shard's views; scored against what the owner reads "
+                            "with client/key.json)")
     audit.add_argument("--json", action="store_true",
                        help='print one JSON object {"deployment", "scheme", "rows"}')
     audit.set_defaults(func=_cmd_audit)

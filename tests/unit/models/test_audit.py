@@ -96,7 +96,9 @@ def test_json_shape(encoder_report: AuditReport) -> None:
     assert doc["scheme"] == "ee-encoder/1" and doc["deployment"].startswith("bafk")
     assert len(doc["rows"]) == 8  # key, tokens, 2 x (perm, tokens), keyless, length
     for row in doc["rows"]:
-        assert set(row) == {"attack", "target", "success", "baseline", "detail", "seconds"}
+        assert set(row) == {"attack", "target", "success", "baseline", "detail", "seconds",
+                            "source"}
+        assert row["source"] == "simulated"
         assert 0.0 <= row["success"] <= 1.0 and 0.0 <= row["baseline"] <= 1.0
         assert isinstance(row["detail"], dict) and row["seconds"] >= 0
 
@@ -168,3 +170,84 @@ def test_decoder_audit(smollm2_deployment: Path, smollm2_dir: Path) -> None:
     assert report.row("keyless norms", "input tokens").success >= 0.99  # measured 1.0
     length = report.row("length and padding", "sequence length")
     assert length.success == 1.0 and length.detail["mask_sent"] is False
+
+
+# --- --views: the attacks on what a node recorded (models/audit_views.py) -------------------------
+
+VIEW_TEXTS = [["A man is eating food.", "The audit reads what the node received."],
+              ["Recorded tensors are attacked exactly as they were sent."]]
+
+
+def _write_view(root: Path, request_id: str, shard: str, inputs: dict[str, np.ndarray]) -> None:
+    """One request as node/recorder.py writes it: DIR/<id>/<name>.npy and an index line."""
+    (root / request_id).mkdir(parents=True)
+    entries = []
+    for name, array in inputs.items():
+        np.save(root / request_id / f"{name}.npy", array, allow_pickle=False)
+        entries.append({"name": name, "file": f"{request_id}/{name}.npy",
+                        "dtype": str(array.dtype), "shape": list(array.shape)})
+    line = {"format": "veilnet-received/1", "time": 1764698000.0, "protocol": "/veilnet/infer/1",
+            "op": "infer", "request_id": request_id, "shard": shard, "session": None,
+            "peer": "12D3KooWtest", "inputs": entries}
+    with (root / "index.jsonl").open("a") as f:
+        f.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+@pytest.fixture(scope="module")
+def views_dir(deployment_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models import Manifest, ShardSession
+    from models.tokenizer import TextTokenizer
+
+    deploy = Manifest.load(deployment_dir)
+    root = tmp_path_factory.mktemp("views") / "received"
+    root.mkdir(mode=0o700)
+    head = ShardSession(deploy.shard_path(deploy.head), deploy.head, spin=False)
+    first, second = deploy.node_shards[0], deploy.node_shards[1]
+    for n, texts in enumerate(VIEW_TEXTS):
+        feeds = TextTokenizer(deployment_dir / "client" / "tokenizer.json", MAX_TOKENS)(texts)
+        sent = head.run({t.name: feeds[t.name] for t in deploy.head.inputs})
+        _write_view(root, f"req-{n}", first.cid, {t.name: sent[t.name] for t in first.inputs})
+    rng = np.random.default_rng(0)
+    _write_view(root, "req-second", second.cid, {
+        t.name: rng.standard_normal((1, 4, 384)).astype(np.float32) for t in second.inputs})
+    _write_view(root, "req-foreign", "bafkforeign", {"x": np.zeros(3, np.float32)})
+    return root
+
+
+def test_views_are_attacked_against_the_owner_reading(deployment_dir: Path, minilm_dir: Path,
+                                                      views_dir: Path) -> None:
+    from models import Manifest
+    from models.audit_views import audit_views
+
+    report = audit_views(deployment_dir, views_dir, minilm_dir)
+    print(report.table())
+    assert {r.source for r in report.rows} == {"views"}
+    keyless = report.row("keyless sort", "input tokens")
+    exact = report.row("exact weight matching", "input tokens")
+    assert keyless.success >= 0.99 and exact.success >= 0.99  # measured 1.0
+    assert report.row("exact weight matching", "hidden permutation").success == 1.0
+    tok = Tokenizer.from_file(str(deployment_dir / "client" / "tokenizer.json"))
+    ids = [i for texts in VIEW_TEXTS for t in texts for i, s in
+           zip(tok.encode(t).ids, tok.encode(t).special_tokens_mask, strict=True) if not s]
+    assert exact.detail["tokens"] == len(ids) and exact.detail["requests"] == 2
+    assert exact.baseline == pytest.approx(Counter(ids).most_common(1)[0][1] / len(ids))
+    deploy = Manifest.load(deployment_dir)
+    assert report.views is not None
+    assert report.views["attacked"] == {"shard": deploy.node_shards[0].cid, "views": 2}
+    assert report.views["not_attacked_yet"] == [
+        {"shard": deploy.node_shards[1].cid, "views": 1, "ops": {"infer": 1}}]
+    assert report.views["other_shards"] == 1
+    doc = json.loads(json.dumps(report.to_json()))
+    assert all(r["source"] == "views" for r in doc["rows"])
+    assert "not attacked yet: 1 recorded views of shard" in report.table()
+
+
+def test_views_without_this_deployments_shards_are_refused(
+        deployment_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "rec"
+    _write_view(root, "r", "bafkelsewhere", {"x": np.zeros(3, np.float32)})
+    assert main(["audit", str(deployment_dir), "--views", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert str(root) in err and "shards found: bafkelsewhere" in err
+    assert main(["audit", str(deployment_dir), "--views", str(tmp_path / "none")]) == 2
+    assert "index.jsonl" in capsys.readouterr().err
