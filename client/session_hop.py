@@ -49,7 +49,7 @@ from protocols.session import (
     check_reply,
 )
 from protocols.transport import PEER_ERRORS, RemoteError, ensure_connected
-from protocols.wire import digest_entry, digest_of
+from protocols.wire import tensors_digest
 
 log = logging.getLogger("veilnet.client")
 
@@ -68,7 +68,7 @@ class SessionCaller:
                    feeds: Tensors) -> SessionReply:
         request = OpenRequest(secrets.token_hex(16), shard.cid, feeds)
         response = await self._send(node, request.to_message())
-        return check_reply(response, request, _digest(feeds), node.peer_id, shard,
+        return check_reply(response, request, tensors_digest(feeds), node.peer_id, shard,
                            layout.hop_outputs(shard))
 
     async def step(self, node: PeerRecord, shard: ShardSpec, layout: DecoderLayout,
@@ -76,7 +76,7 @@ class SessionCaller:
         """One step on ``session``, whose cache the node must hold at ``position`` tokens."""
         request = StepRequest(secrets.token_hex(16), session, feeds, position)
         response = await self._send(node, request.to_message())
-        return check_reply(response, request, _digest(feeds), node.peer_id, shard,
+        return check_reply(response, request, tensors_digest(feeds), node.peer_id, shard,
                            layout.hop_outputs(shard))
 
     async def close(self, node: PeerRecord, session: str) -> None:
@@ -87,10 +87,6 @@ class SessionCaller:
                 await self._send(node, request.to_message())
         except Exception as exc:  # closing is best effort
             log.debug("closing session on %s: %s", node.peer_id, exc)
-
-
-def _digest(feeds: Tensors) -> bytes:
-    return digest_of({n: digest_entry(n, v) for n, v in feeds.items()})
 
 
 @dataclass

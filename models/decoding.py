@@ -15,6 +15,7 @@ client SDK, whose node hops are sessions on nodes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,7 @@ class DecoderLayout:
     def config(self) -> dict:
         return dict(self.manifest.extra["config"])
 
-    def is_cache(self, name: str) -> bool:
-        return name in self.past_to_present or name in self.present_names
-
-    @property
+    @functools.cached_property
     def present_names(self) -> frozenset[str]:
         return frozenset(self.past_to_present.values())
 
@@ -109,13 +107,6 @@ class LocalHop:
         self.pairs = layout.cache_pairs(shard)
         self.cache: Tensors | None = None
 
-    @property
-    def position(self) -> int:
-        """Tokens in the cache."""
-        if not self.cache:
-            return 0
-        return int(next(iter(self.cache.values())).shape[2])
-
     def __call__(self, feeds: Tensors) -> Tensors:
         batch = int(next(iter(feeds.values())).shape[0])
         past = self.cache if self.cache is not None else self.layout.empty_past(self.shard, batch)
@@ -138,10 +129,6 @@ class LocalDecoder:
     def reset(self) -> None:
         self.hops = {s.index: LocalHop(self.pipeline, self.layout, s)
                      for s in self.layout.manifest.node_shards}
-
-    @property
-    def position(self) -> int:
-        return next(iter(self.hops.values())).position
 
     def forward(self, ids: Sequence[int]) -> np.ndarray:
         """Logits ``[vocab]`` after feeding ``ids`` (the prompt, then one token at a time)."""
