@@ -44,6 +44,7 @@ from client.deployment import load_pipeline
 from client.generation import Generation, Prompt, Settings, TokenDelta, load_tokenizer
 from client.health import quiet_libp2p
 from client.ledgers import Ledgers
+from client.masked_hop import MaskedRunner, QueryMasks
 from client.receipts import LedgerReceipt, ReceiptError, ReceiptPending
 from client.replicated import VerifyPolicy, run_hop
 from client.results import EmbedResult, GenerateResult, HopRecord, QueryError
@@ -54,6 +55,8 @@ from crypto.identity import Identity
 from errors import InputError
 from models import Manifest, ManifestError, Pipeline, ShardSpec
 from models.decoding import DecoderLayout
+from models.manifest import MASKED
+from models.masked import pad_to_bucket
 from models.pipeline import Tensors
 from protocols.cards import lookup_cards
 from protocols.infer import non_finite
@@ -110,6 +113,7 @@ class AsyncClient:
         self._caller: InferCaller | None = None
         self._ckks: Any = None  # CkksSession (TenSEAL context with the secret key), on first use
         self._tokenizer: Tokenizer | None = None  # a decoder's, on first generation
+        self._masked: MaskedRunner | None = None  # masked/1 deployments, on first query
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class AsyncClient:
             # cancel scope opened here.
             stack, self._stack = self._stack, None
             self._pipeline, self._host, self._caller = None, None, None
+            self._masked = None
             await stack.aclose()
 
     def _open(self) -> tuple[Pipeline, IHost, InferCaller]:
@@ -272,6 +277,22 @@ class AsyncClient:
         hops: list[HopRecord] = []
         # digest entries of tensors a node returned, reused when they feed the next hop
         known: dict[str, tuple[np.ndarray, DigestEntry]] = {}
+        masked = pipeline.manifest.encryption == MASKED
+        if masked:  # the length is hidden to a bucket: padding only the client knows of
+            inputs = pad_to_bucket(pipeline.manifest, dict(inputs))
+            if self._masked is None:
+                self._masked = MaskedRunner(pipeline.manifest, caller, self.router, self.policy)
+        masked_runner = self._masked if masked else None
+
+        masks: QueryMasks | None = None
+
+        async def masked_hop(shard: ShardSpec, feeds: Tensors) -> Tensors:
+            assert masked_runner is not None
+            if not self.router.providers(shard.cid):
+                await self.refresh()
+            outputs, records = await masked_runner.run(shard, feeds, masks)
+            hops.extend(records)
+            return outputs
 
         async def node_hop(shard: ShardSpec, feeds: Tensors) -> Tensors:
             entries = {n: known[n][1] if n in known and known[n][0] is v
@@ -286,7 +307,15 @@ class AsyncClient:
 
         try:
             with trio.fail_after(self.timeout):
-                final = await pipeline.run_async(inputs, node_hop, self._run_local)
+                if masked_runner is not None:
+                    rows = int(np.prod(next(iter(inputs.values())).shape))
+                    if not all(self.router.providers(s.cid)
+                               for s in pipeline.manifest.node_shards):
+                        await self.refresh()
+                    async with masked_runner.query(rows) as masks:
+                        final = await pipeline.run_async(inputs, masked_hop, self._run_local)
+                else:
+                    final = await pipeline.run_async(inputs, node_hop, self._run_local)
         except trio.TooSlowError:
             raise QueryError(f"the query took longer than {self.timeout:g} s") from None
         bad = non_finite(final)

@@ -21,7 +21,14 @@ from libp2p.abc import IHost
 from client.results import HopRecord
 from client.streams import StreamPool
 from models import ShardSpec
-from protocols.infer import CkksRequest, InferReply, InferRequest, check_ckks_reply, check_reply
+from protocols.infer import (
+    CkksRequest,
+    InferReply,
+    InferRequest,
+    MaskSeed,
+    check_ckks_reply,
+    check_reply,
+)
 from protocols.peers import PeerRecord
 from protocols.transport import ensure_connected
 
@@ -65,6 +72,15 @@ class InferCaller:
         ``input_digest``): the outputs, or with ``want="fingerprint"`` only their signed
         fingerprint. The caller bounds the time."""
         request = InferRequest(secrets.token_hex(16), shard.cid, feeds, want)
+        response, latency_ms = await self._exchange(node, request.to_message())
+        answer = check_reply(response, request, input_digest, node.peer_id, shard)
+        return Reply(node, HopRecord.of(shard, node, answer, latency_ms), answer)
+
+    async def call_seeded(self, node: PeerRecord, shard: ShardSpec,
+                          seeds: Mapping[str, MaskSeed], input_digest: bytes) -> Reply:
+        """``node``'s checked outputs for ``shard`` run on masks it draws from ``seeds``
+        (masked/1); ``input_digest`` is the digest of those masks, which the caller draws too."""
+        request = InferRequest(secrets.token_hex(16), shard.cid, {}, "outputs", seeds)
         response, latency_ms = await self._exchange(node, request.to_message())
         answer = check_reply(response, request, input_digest, node.peer_id, shard)
         return Reply(node, HopRecord.of(shard, node, answer, latency_ms), answer)

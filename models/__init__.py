@@ -1,6 +1,7 @@
 """Models as content-addressed ONNX shards: import (MiniLM, user ONNX, llama GGUF decoders such as
 SmolLM2), split, manifests, equivariant encryption of node shards (``ee-encoder/1``,
-``ee-decoder/1``), and running shards with onnxruntime."""
+``ee-decoder/1``), masked offload of an encoder's linear layers (``masked/1``), and running shards
+with onnxruntime."""
 
 from models.bert_graph import BertConfig, build_bert_sentence_encoder
 from models.cid import cid_of_bytes, cid_of_digest, cid_of_file, is_valid_cid
@@ -19,7 +20,17 @@ from models.importer import (
 )
 from models.llama_graph import LlamaConfig, build_llama_decoder
 from models.llama_import import import_gguf, import_smollm2
-from models.manifest import ENCRYPTIONS, Manifest, ManifestError, ShardSpec, TensorSpec
+from models.manifest import ENCRYPTIONS, MASKED, Manifest, ManifestError, ShardSpec, TensorSpec
+from models.masked import (
+    BITS_PER_TOKEN,
+    MaskedInputError,
+    MaskedPlan,
+    bucket_length,
+    encrypt_masked,
+    mask_sigma,
+    node_weight,
+    pad_to_bucket,
+)
 from models.minilm import ModelSourceError, build_minilm, locate
 from models.pipeline import AsyncRunner, NodeRunner, Pipeline
 from models.received import ReceivedFormatError, RecordedInput, RecordedView, read_views
@@ -28,7 +39,9 @@ from models.split import SplitError, split_model
 from models.tokenizer import TextTokenizer
 
 __all__ = [
+    "BITS_PER_TOKEN",
     "ENCRYPTIONS",
+    "MASKED",
     "SCHEME",
     "AsyncRunner",
     "BertConfig",
@@ -45,6 +58,8 @@ __all__ = [
     "LlamaConfig",
     "Manifest",
     "ManifestError",
+    "MaskedInputError",
+    "MaskedPlan",
     "ModelSourceError",
     "NodeRunner",
     "OutputDirError",
@@ -59,12 +74,14 @@ __all__ = [
     "SplitError",
     "TensorSpec",
     "TextTokenizer",
+    "bucket_length",
     "build_bert_sentence_encoder",
     "build_llama_decoder",
     "build_minilm",
     "cid_of_bytes",
     "cid_of_digest",
     "cid_of_file",
+    "encrypt_masked",
     "encrypt_model_dir",
     "import_gguf",
     "import_minilm",
@@ -73,7 +90,10 @@ __all__ = [
     "is_valid_cid",
     "load_onnx",
     "locate",
+    "mask_sigma",
     "minilm_cuts",
+    "node_weight",
+    "pad_to_bucket",
     "plan_encryption",
     "read_gguf",
     "read_views",

@@ -1,15 +1,18 @@
 """Write an encrypted deployment from a plaintext model directory: ``ee-encoder/1`` for encoder
 shards (models/ee_plan.py, models/ee_apply.py), ``ee-decoder/1`` for llama-style decoders
-(manifest ``config.family == "llama-decoder"``, models/ee_decoder.py).
+(manifest ``config.family == "llama-decoder"``, models/ee_decoder.py), and with
+``scheme="masked"`` the ``masked/1`` masked offload of a BERT encoder (models/masked.py).
 
 Layout of DEPLOY::
 
     manifest.json          what a node may receive (no key material)
-    shards/<cid>.onnx      EE-transformed node shards, what nodes run
+    shards/<cid>.onnx      node shards, what nodes run (EE-transformed; masked/1: bare MatMuls)
     client/                mode 0700, every file in it 0600: the client shards ARE the secret
-    client/<cid>.onnx      client head and tail (and, for decoders, the ``client`` shards that
-                           re-base the stream between node shards) with the key folded in
-    client/key.json        the EE key (veilnet-ee-key/1 or veilnet-ee-decoder-key/1)
+    client/<cid>.onnx      client head and tail (and the ``client`` shards between node shards:
+                           ee-decoder/1 re-bases the stream there, masked/1 runs every
+                           non-linear step there) with the key, if any, folded in
+    client/key.json        the EE key (veilnet-ee-key/1 or veilnet-ee-decoder-key/1); masked/1
+                           has no key and no key.json
     client/tokenizer.json  tokenizer, when the model has one (and chat_template.jinja)
 
 Queries read the client shards, not key.json (kept for ``veilnet model verify`` and audits); the
@@ -22,9 +25,9 @@ it is written, so a graph the scheme does not cover leaves nothing behind.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import onnx
 
@@ -40,6 +43,9 @@ from models.manifest import EE_DECODER, EE_ENCODER, Manifest, ManifestError, Sha
 SCHEME = EE_ENCODER  # the encoder scheme (ee-decoder/1 for family llama-decoder)
 DECODER_FAMILY = "llama-decoder"
 CLIENT_FILES = ("tokenizer", "chat_template")  # extra fields naming files that go to client/
+# encrypt_model_dir's schemes: "ee" (ee-encoder/1 or ee-decoder/1 by family), "masked" (masked/1)
+SCHEMES = {"ee": "equivariant encryption, ee-encoder/1 or ee-decoder/1 by the model's family",
+           "masked": "masked/1 offload of a bert-encoder's linear layers on noise-masked rows"}
 
 
 CONSENSUS_TOLERANCE = {"atol": 1e-3, "rtol": 1e-3}
@@ -52,23 +58,43 @@ class _Key(Protocol):
 
 
 def encrypt_model_dir(model_dir: Path, out_dir: Path, seed: int | None = None,
-                      progress: Progress = no_progress) -> Manifest:
-    """Encrypt the model in ``model_dir`` into a new deployment ``out_dir``; ``seed`` only for
-    tests (anyone who knows it knows the key)."""
+                      progress: Progress = no_progress, scheme: str = "ee") -> Manifest:
+    """Encrypt the model in ``model_dir`` into a new deployment ``out_dir`` with ``scheme``
+    (``SCHEMES``: "ee" or "masked"); ``seed`` only for tests (anyone who knows it knows the
+    key), and only for "ee" (masked/1 has no key: its masks are drawn per query)."""
+    if scheme not in SCHEMES:
+        choices = "; ".join(f"{name!r} ({what})" for name, what in SCHEMES.items())
+        raise EncryptionError(f"unknown encryption scheme {scheme!r}; choose one of: {choices}")
+    if scheme == "masked":
+        if seed is not None:
+            raise EncryptionError("--seed applies to the 'ee' scheme only: masked/1 has no key "
+                                  "(the client draws fresh masks for every query)")
+        from models.masked import encrypt_masked  # models.masked imports this module
+
+        return encrypt_masked(Path(model_dir), Path(out_dir), progress)
     check_output_dir(out_dir)
-    manifest = Manifest.load(Path(model_dir))
+    manifest = load_plaintext(Path(model_dir))
+    family = (manifest.extra.get("config") or {}).get("family")
+    if family == DECODER_FAMILY:
+        progress(f"encrypting {len(manifest.node_shards)} decoder node shards ({EE_DECODER})")
+        shards, key = encrypt_decoder(manifest, seed, progress)
+        return write_deployment(manifest, EE_DECODER, shards, key, Path(out_dir), progress)
+    shards, ee_key = _encrypt_encoder(manifest, seed, progress)
+    return write_deployment(manifest, SCHEME, shards, ee_key, Path(out_dir), progress)
+
+
+def load_plaintext(model: Manifest | Path) -> Manifest:
+    """A plaintext model directory's manifest (or the manifest given), with every shard file
+    checked against its CID."""
+    manifest = model if isinstance(model, Manifest) else Manifest.load(Path(model))
+    if manifest.path is None:
+        raise ManifestError(f"{manifest.name}: manifest has no location; load it from a file")
     if manifest.encryption != "none":
         raise ManifestError(f"{manifest.path}: already encrypted ({manifest.encryption})")
     problems = manifest.verify_files()
     if problems:
         raise ManifestError(f"{manifest.path}: " + "; ".join(problems))
-    family = (manifest.extra.get("config") or {}).get("family")
-    if family == DECODER_FAMILY:
-        progress(f"encrypting {len(manifest.node_shards)} decoder node shards ({EE_DECODER})")
-        shards, key = encrypt_decoder(manifest, seed, progress)
-        return _write(manifest, EE_DECODER, shards, key, Path(out_dir), progress)
-    shards, ee_key = _encrypt_encoder(manifest, seed, progress)
-    return _write(manifest, SCHEME, shards, ee_key, Path(out_dir), progress)
+    return manifest
 
 
 def _encrypt_encoder(manifest: Manifest, seed: int | None, progress: Progress,
@@ -107,10 +133,14 @@ def _encrypt_encoder(manifest: Manifest, seed: int | None, progress: Progress,
     return shards, key
 
 
-def _write(manifest: Manifest, scheme: str, shards: Sequence[PlannedShard], key: _Key,
-           out_dir: Path, progress: Progress) -> Manifest:
+def write_deployment(manifest: Manifest, scheme: str, shards: Sequence[PlannedShard],
+                     key: _Key | None, out_dir: Path, progress: Progress,
+                     more_extra: Callable[[Sequence[ShardSpec]], Mapping[str, Any]] | None = None,
+                     ) -> Manifest:
     """Stage DEPLOY (node shards in shards/, every other shard, the key and the client files
-    in client/ 0700 with files 0600), then move it into place."""
+    in client/ 0700 with files 0600), then move it into place. ``key`` None: a scheme without
+    a key (masked/1), no key.json. ``more_extra(shard specs)``: fields to add to the manifest
+    that depend on the shards' CIDs."""
     assert manifest.path is not None  # loaded from a file
     with staged_directory(out_dir) as tmp:
         (tmp / "shards").mkdir()
@@ -140,14 +170,22 @@ def _write(manifest: Manifest, scheme: str, shards: Sequence[PlannedShard], key:
                 target.chmod(0o600)
                 doc["path"] = f"client/{target.name}"
                 extra[field] = doc
+        if more_extra is not None:
+            extra.update(more_extra(specs))
         deployment = Manifest(manifest.name, scheme, manifest.inputs, manifest.outputs, specs,
                               extra)
         deployment.validate()
         deployment.write(tmp)
-        key.deployment = deployment.cid
-        key.save(tmp / "client" / "key.json")
+        if key is not None:
+            key.deployment = deployment.cid
+            key.save(tmp / "client" / "key.json")
     deployment.path = Path(out_dir) / "manifest.json"
-    progress(f"wrote {deployment.path} (deployment {deployment.cid}); the secret is "
-             f"{Path(out_dir) / 'client'}/ (client shards with the key folded in, and key.json; "
-             "mode 0600, never share it)")
+    client = Path(out_dir) / "client"
+    if key is not None:
+        progress(f"wrote {deployment.path} (deployment {deployment.cid}); the secret is "
+                 f"{client}/ (client shards with the key folded in, and key.json; mode 0600, "
+                 "never share it)")
+    else:
+        progress(f"wrote {deployment.path} (deployment {deployment.cid}); the client side is "
+                 f"{client}/ (client shards, mode 0600; keep it to yourself)")
     return deployment

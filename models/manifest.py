@@ -22,7 +22,8 @@ ROLES = ("client-head", "node", "client", "client-tail")
 # A deployment's encryption scheme (docs/manifest.md): the one list of scheme names.
 EE_ENCODER = "ee-encoder/1"  # equivariant encryption of encoder shards (models/encrypt.py)
 EE_DECODER = "ee-decoder/1"  # equivariant encryption of llama decoders (models/ee_decoder.py)
-ENCRYPTIONS = ("none", EE_ENCODER, EE_DECODER)
+MASKED = "masked/1"  # masked offload of linear layers to nodes (models/masked.py)
+ENCRYPTIONS = ("none", EE_ENCODER, EE_DECODER, MASKED)
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 Dim = int | str | None

@@ -9,11 +9,12 @@ computation (docs/protocol.md, "Files a node writes")::
      "inputs": [{"name": "hidden", "file": "<dir>/hidden.npy", "dtype": "float32",
                  "shape": [2, 16, 384]}]}
 
-``op`` is ``infer``, ``open`` or ``step``; ``session`` names the session of ``open`` and
-``step`` (null for ``infer``). Each input's ``file`` is relative to DIR: a ``.npy`` file
-(``numpy.save``, no pickles) for a tensor; for a CKKS request, ``context.bin`` (dtype
-``bytes``: the public TenSEAL context) and ``ciphertexts.bin`` (dtype ``ckks``: the
-serialized vectors one after another, their lengths in ``sizes``).
+``op`` is ``infer``, ``infer-mask-seed`` (masked/1: the masks the node drew from the seeds it
+received, which it holds as surely as if they had been sent), ``open`` or ``step``; ``session``
+names the session of ``open`` and ``step`` (null for ``infer``). Each input's ``file`` is
+relative to DIR: a ``.npy`` file (``numpy.save``, no pickles) for a tensor; for a CKKS request,
+``context.bin`` (dtype ``bytes``: the public TenSEAL context) and ``ciphertexts.bin`` (dtype
+``ckks``: the serialized vectors one after another, their lengths in ``sizes``).
 
 This module reads only; models/ may be imported by node/ and by the audit tools.
 """
@@ -31,7 +32,7 @@ from errors import InputError
 
 FORMAT = "veilnet-received/1"
 INDEX_FILE = "index.jsonl"
-OPS = ("infer", "open", "step")
+OPS = ("infer", "infer-mask-seed", "open", "step")
 
 
 class ReceivedFormatError(InputError):

@@ -60,10 +60,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_encrypt(args: argparse.Namespace) -> int:
     from models import encrypt_model_dir
 
-    deployment = encrypt_model_dir(args.dir, args.out, seed=args.seed, progress=_progress)
+    deployment = encrypt_model_dir(args.dir, args.out, seed=args.seed, progress=_progress,
+                                   scheme=args.scheme)
     assert deployment.path is not None
+    key = deployment.path.parent / "client" / "key.json"
     print(json.dumps({"manifest": str(deployment.path), "cid": deployment.cid,
-                      "key": str(deployment.path.parent / "client" / "key.json"),
+                      "encryption": deployment.encryption,
+                      "key": str(key) if key.exists() else None,
                       "node_shards": [s.cid for s in deployment.node_shards]}, indent=2))
     return 0
 
@@ -145,17 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(func=_cmd_import)
 
     enc = msub.add_parser(
-        "encrypt", help="write an equivariant-encrypted deployment",
-        description="Encrypt the node shards of the model in DIR with a fresh secret key "
-                    "(ee-encoder/1) and write DEPLOY: manifest.json and shards/ (what nodes "
-                    "may receive) and client/ (client shards with the key folded in, "
-                    "key.json with mode 0600; never sent to a node).")
+        "encrypt", help="write an encrypted deployment (equivariant or masked)",
+        description="Write DEPLOY from the model in DIR: manifest.json and shards/ (what nodes "
+                    "may receive) and client/ (mode 0700, files 0600; never sent to a node). "
+                    "--scheme ee (default) encrypts the node shards with a fresh secret key "
+                    "(ee-encoder/1, or ee-decoder/1 for llama decoders) folded into the client "
+                    "shards, with client/key.json; --scheme masked (masked/1, bert-encoder "
+                    "models) leaves nodes only float64 MatMuls on inputs the client masks with "
+                    "fresh noise, and has no key.")
     enc.add_argument("dir", type=Path, metavar="DIR", help="plaintext model directory")
     enc.add_argument("--out", required=True, type=Path, metavar="DEPLOY",
                      help="deployment directory (must not exist or be empty)")
+    enc.add_argument("--scheme", choices=("ee", "masked"), default="ee",
+                     help="ee: equivariant encryption, nodes run transformed shards, the "
+                          "client keeps the key (default). masked: nodes run only the linear "
+                          "layers on noise-masked inputs, the client runs the rest (masked/1)")
     enc.add_argument("--seed", type=int, default=None,
-                     help="derive the key from this seed instead of the OS CSPRNG (tests only: "
-                          "anyone who knows the seed knows the key)")
+                     help="ee only: derive the key from this seed instead of the OS CSPRNG "
+                          "(tests only: anyone who knows the seed knows the key)")
     enc.set_defaults(func=_cmd_encrypt)
 
     ver = msub.add_parser("verify", help="check that shard files hash to their CIDs",

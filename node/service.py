@@ -253,10 +253,15 @@ class NodeService:
         ``peer`` (None: not known, as over A2A); raises WireError. Used by /veilnet/infer/1
         and the A2A endpoint."""
         request = parse_request(message, message["id"])
+        seeded = isinstance(request, InferRequest) and bool(request.seeds)
+        if seeded:  # masked/1: draw the masks from their seeds (CPU work, off the event loop)
+            assert isinstance(request, InferRequest)
+            request = await trio.to_thread.run_sync(request.expanded)
         if self.recorder is not None:  # --record-received: exactly what the client sent
             ckks = request if isinstance(request, CkksRequest) else None
-            await self.recorder.record(
-                protocol=str(INFER), op="infer", request_id=request.id, shard=request.shard,
+            await self.recorder.record(  # a mask-seed request: the masks its seeds expand to
+                protocol=str(INFER), op="infer-mask-seed" if seeded else "infer",
+                request_id=request.id, shard=request.shard,
                 peer=peer, inputs=request.inputs if isinstance(request, InferRequest) else {},
                 context=ckks.context if ckks else None,
                 ciphertexts=ckks.ciphertexts if ckks else None)

@@ -18,6 +18,7 @@ A response is signed over the deterministic CBOR of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from libp2p.custom_types import TProtocol
 
 from consensus.fingerprint import check_fingerprint, fingerprint
 from crypto.identity import Identity, public_from_peer_id, verify
+from crypto.masks import SEED_BYTES, expand_mask
 from models import ShardSpec, is_valid_cid
 from protocols.wire import (
     DigestEntry,
@@ -46,8 +48,13 @@ INFER = TProtocol("/veilnet/infer/1")
 RECEIPT_DOMAIN = "veilnet-infer-receipt/1"
 FINGERPRINT_DOMAIN = "veilnet-fingerprint/1"
 WANTS = ("outputs", "fingerprint")  # what a request asks back: the tensors, or a fingerprint
-ENCRYPTIONS = ("ee", "ckks")  # how the inputs travel: tensors (EE or plain), CKKS ciphertexts
+# how the inputs travel: tensors (EE, masked or plain), CKKS ciphertexts, or seeds of masks the
+# node draws itself (masked/1: the node that computes r W never sees x + r)
+MASK_SEED = "mask-seed"
+ENCRYPTIONS = ("ee", "ckks", MASK_SEED)
 MAX_CIPHERTEXTS = 1024  # CKKS vectors in one request (one per input feature)
+MAX_SEEDED_VALUES = 16 * 1024 * 1024  # values one mask-seed request may expand to (128 MB)
+SEEDS_DOMAIN = "veilnet-mask-seeds/1"
 
 
 def receipt_payload(request_id: str, shard_cid: str, input_digest: bytes,
@@ -78,21 +85,92 @@ def ciphertexts_digest(context: bytes, ciphertexts: Sequence[bytes]) -> bytes:
 # -- requests -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class MaskSeed:
+    """An input the node draws itself: the ``veilnet-mask/1`` Gaussian of ``shape`` and scale
+    ``sigma`` from ``seed`` (crypto/masks.py)."""
+
+    seed: bytes
+    shape: tuple[int, ...]
+    sigma: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seed": self.seed, "shape": list(self.shape), "sigma": float(self.sigma)}
+
+    def expand(self) -> np.ndarray:
+        return expand_mask(self.seed, self.shape, self.sigma)
+
+
+@dataclass(frozen=True)
 class InferRequest:
     """Run ``shard`` on ``inputs``; answer with the outputs or (``want="fingerprint"``) only a
-    signed fingerprint of them."""
+    signed fingerprint of them. A ``mask-seed`` request carries ``seeds`` instead of inputs:
+    the node expands them (``expanded``) and runs the shard on the masks."""
 
     id: str
     shard: str
     inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
     want: str = "outputs"
+    seeds: Mapping[str, MaskSeed] = field(default_factory=dict)
 
     def to_message(self) -> dict[str, Any]:
-        message = {**envelope(self.id), "shard": self.shard,
-                   "inputs": encode_tensors(self.inputs)}
+        message: dict[str, Any] = {**envelope(self.id), "shard": self.shard}
+        if self.seeds:
+            message["encryption"] = MASK_SEED
+            message["seeds"] = {name: s.to_json() for name, s in self.seeds.items()}
+        else:
+            message["inputs"] = encode_tensors(self.inputs)
         if self.want != "outputs":
             message["want"] = self.want
         return message
+
+    def input_digest(self) -> bytes:
+        """What the response's receipt signs as the input: the tensors' digest, or for a
+        mask-seed request ``seeds_digest`` (the seeds fix the masks; hashing megabytes of
+        masks on both sides would only cost time)."""
+        return seeds_digest(self.seeds) if self.seeds else tensors_digest(self.inputs)
+
+    def expanded(self) -> InferRequest:
+        """This request with its seeds drawn into ``inputs`` (CPU work: call it in a worker
+        thread); the response's input digest is over those tensors."""
+        if not self.seeds:
+            return self
+        inputs = {name: s.expand() for name, s in self.seeds.items()}
+        return InferRequest(self.id, self.shard, inputs, self.want, self.seeds)
+
+
+def seeds_digest(seeds: Mapping[str, MaskSeed]) -> bytes:
+    """SHA-256 over dCBOR ``["veilnet-mask-seeds/1", [[name, seed, shape, sigma], ...]]`` by
+    name: the input digest of a mask-seed request."""
+    rows = [[name, s.seed, list(s.shape), float(s.sigma)] for name, s in sorted(seeds.items())]
+    return hashlib.sha256(cbor2.dumps([SEEDS_DOMAIN, rows], canonical=True)).digest()
+
+
+def _parse_seeds(doc: Any) -> dict[str, MaskSeed]:
+    if not isinstance(doc, dict) or not doc:
+        raise WireError("bad_request", "'seeds' must be a non-empty map of input name to "
+                                       "{seed, shape, sigma}")
+    seeds, total = {}, 0
+    for name, spec in doc.items():
+        where = f"seed for {name!r}" if isinstance(name, str) else "a seed"
+        if not isinstance(name, str) or not name or not isinstance(spec, dict):
+            raise WireError("bad_request", f"{where}: must map an input name to "
+                                           "{seed, shape, sigma}")
+        seed, shape, sigma = spec.get("seed"), spec.get("shape"), spec.get("sigma")
+        if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+            raise WireError("bad_request", f"{where}: 'seed' must be {SEED_BYTES} bytes")
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise WireError("bad_request", f"{where}: 'shape' must be a list of 1 to 8 "
+                                           "non-negative integers")
+        if isinstance(sigma, bool) or not isinstance(sigma, float | int) \
+                or not math.isfinite(sigma) or sigma <= 0:
+            raise WireError("bad_request", f"{where}: 'sigma' must be a positive finite number")
+        total += math.prod(shape)
+        if total > MAX_SEEDED_VALUES:
+            raise WireError("bad_request", f"the seeds expand to more than {MAX_SEEDED_VALUES} "
+                                           "values")
+        seeds[name] = MaskSeed(seed, tuple(shape), float(sigma))
+    return seeds
 
 
 @dataclass(frozen=True)
@@ -118,8 +196,8 @@ def parse_request(message: Mapping[str, Any], request_id: str) -> InferRequest |
         raise WireError("bad_request", "'shard' must be a shard CID")
     encryption = message.get("encryption", "ee")
     if encryption not in ENCRYPTIONS:
-        raise WireError("bad_request", f"'encryption' {encryption!r}: \"ee\" (default) or "
-                                       "\"ckks\"")
+        raise WireError("bad_request", f"'encryption' {encryption!r}: \"ee\" (default), "
+                                       f"\"ckks\" or \"{MASK_SEED}\"")
     if encryption == "ckks":
         context, ciphertexts = message.get("context"), message.get("ciphertexts")
         if not isinstance(ciphertexts, list) or not 1 <= len(ciphertexts) <= MAX_CIPHERTEXTS \
@@ -133,6 +211,10 @@ def parse_request(message: Mapping[str, Any], request_id: str) -> InferRequest |
     want = message.get("want", "outputs")
     if want not in WANTS:
         raise WireError("bad_request", "'want' must be \"outputs\" or \"fingerprint\"")
+    if encryption == MASK_SEED:
+        if "inputs" in message:
+            raise WireError("bad_request", "a mask-seed request carries 'seeds', not 'inputs'")
+        return InferRequest(request_id, shard, {}, want, _parse_seeds(message.get("seeds")))
     return InferRequest(request_id, shard, decode_tensors(message.get("inputs"), "'inputs'"),
                         want)
 
@@ -152,7 +234,7 @@ def answer(identity: Identity, request: InferRequest,
     """The signed response to ``request`` for the shard's ``outputs``."""
     output_digest = tensors_digest(outputs)
     response = {**envelope(request.id), "shard": request.shard,
-                **_signed(identity, request.id, request.shard, tensors_digest(request.inputs),
+                **_signed(identity, request.id, request.shard, request.input_digest(),
                           output_digest)}
     if request.want == "outputs":
         response["outputs"] = encode_tensors(outputs)
@@ -186,10 +268,19 @@ class InferReply:
     input_digest: bytes
     output_digest: bytes
     signature: bytes
-    fingerprint: dict[str, Any]  # of the outputs: received, or computed here from them
+    received_fingerprint: dict[str, Any] | None  # the node's, when it sent only a fingerprint
     outputs: dict[str, np.ndarray] | None = None  # None when only the fingerprint was asked for
     out_entries: dict[str, DigestEntry] | None = None  # digest entries of ``outputs``
     fingerprint_signature: bytes | None = None
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """The outputs' fingerprint: received, or computed from the outputs on first use (it
+        sorts every row: only verdicts among replicas need it, masked/1 and verify=none
+        never do)."""
+        if self.received_fingerprint is not None:
+            return self.received_fingerprint
+        return fingerprint(self.outputs or {})
 
 
 def _check_echo(response: Mapping[str, Any], request_id: str, shard: str,
@@ -225,7 +316,7 @@ def check_reply(response: Mapping[str, Any], request: InferRequest, input_digest
         signature = _check_signature(response, request.id, request.shard, input_digest,
                                      output_digest, public)
         return InferReply(request.id, request.shard, input_digest, output_digest, signature,
-                          fingerprint(outputs), outputs, out_entries)
+                          None, outputs, out_entries)
     output_digest = response.get("output_digest")
     fp_signature = response.get("fingerprint_signature")
     try:
@@ -318,12 +409,15 @@ __all__ = [
     "ENCRYPTIONS",
     "FINGERPRINT_DOMAIN",
     "INFER",
+    "MASK_SEED",
     "MAX_CIPHERTEXTS",
+    "MAX_SEEDED_VALUES",
     "RECEIPT_DOMAIN",
     "WANTS",
     "CkksRequest",
     "InferReply",
     "InferRequest",
+    "MaskSeed",
     "answer",
     "check_ckks_reply",
     "check_fingerprint_shape",
@@ -335,4 +429,5 @@ __all__ = [
     "non_finite",
     "parse_request",
     "receipt_payload",
+    "seeds_digest",
 ]

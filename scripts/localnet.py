@@ -134,21 +134,27 @@ def place_shards(shard_cids: Sequence[str], nodes: int, replicas: int) -> dict[s
 
 
 MODELS = ("minilm", "smollm2")  # what a testnet imports and encrypts by itself
+SCHEMES = ("ee", "masked")  # veilnet model encrypt --scheme
 
 
 def prepare_model(root: Path, node_shards: int | None, log: Callable[[str], None],
-                  kind: str = "minilm") -> tuple[Path, Path]:
-    """T/model and T/deploy (for SmolLM2: T/smollm2/model and T/smollm2/deploy), importing
-    and encrypting the model if the deployment is not there yet."""
+                  kind: str = "minilm", scheme: str = "ee") -> tuple[Path, Path]:
+    """T/model and T/deploy (for SmolLM2: T/smollm2/model and T/smollm2/deploy; with
+    ``scheme="masked"``: T/deploy-masked), importing and encrypting the model if the
+    deployment is not there yet."""
     from models import Manifest, encrypt_model_dir, import_minilm, import_smollm2
 
     if kind not in MODELS:
         raise TestnetError(f"unknown model {kind!r}: use one of {', '.join(MODELS)}")
+    if scheme not in SCHEMES:
+        raise TestnetError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+    if scheme == "masked" and kind != "minilm":
+        raise TestnetError("--scheme masked covers the MiniLM encoder only")
     base = root / "smollm2" if kind == "smollm2" else root
-    model, deploy = base / "model", base / "deploy"
+    model, deploy = base / "model", base / ("deploy-masked" if scheme == "masked" else "deploy")
     if (deploy / "manifest.json").is_file():
         have = len(Manifest.load(deploy).node_shards)
-        if node_shards is not None and have != node_shards:
+        if node_shards is not None and have != node_shards and scheme == "ee":
             raise TestnetError(f"{deploy} has {have} node shards, not {node_shards}: use another "
                                f"--dir, or delete {base} to re-import")
         return model, deploy
@@ -167,8 +173,8 @@ def prepare_model(root: Path, node_shards: int | None, log: Callable[[str], None
                            f"or delete {base} to re-import")
     if deploy.exists():
         shutil.rmtree(deploy)
-    log(f"encrypting the node shards into {deploy} (fresh key)")
-    encrypt_model_dir(model, deploy, progress=log)
+    log(f"encrypting the node shards into {deploy} ({scheme} scheme)")
+    encrypt_model_dir(model, deploy, progress=log, scheme=scheme)
     return model, deploy
 
 
@@ -181,7 +187,7 @@ class Testnet:
                  node_shards: int | None = None, *, deployment: Path | str | None = None,
                  model: Path | str | None = None, node_args: Iterable[str] = (),
                  ledger_nodes: Iterable[int] = (0,), byzantine: int = 0,
-                 byzantine_mode: str = "noise", kind: str = "minilm",
+                 byzantine_mode: str = "noise", kind: str = "minilm", scheme: str = "ee",
                  timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
         if nodes < 1:
             raise TestnetError("a testnet needs at least one node")
@@ -200,6 +206,7 @@ class Testnet:
                                "the bootstrap node, stays honest)")
         self.byzantine, self.byzantine_mode = byzantine, byzantine_mode
         self.kind = kind  # the model imported when no deployment is given
+        self.scheme = scheme  # how it is encrypted: "ee" or "masked" (masked/1)
         self.timeout = timeout
         self.log = log
         self.nodes: list[NodeInfo] = []
@@ -393,7 +400,7 @@ class Testnet:
 
         if self.deployment is None:
             self.model, self.deployment = prepare_model(self.root, self.node_shards, self.log,
-                                                        self.kind)
+                                                        self.kind, self.scheme)
         manifest = Manifest.load(self.deployment)
         shards = manifest.node_shards
         if self.node_shards is not None and len(shards) != self.node_shards:

@@ -1,5 +1,7 @@
 """A local veilnet testnet: N node processes on 127.0.0.1 serving an encrypted MiniLM deployment
-(or, with ``--model smollm2``, the encrypted SmolLM2-135M-Instruct decoder for generation).
+(or, with ``--model smollm2``, the encrypted SmolLM2-135M-Instruct decoder for generation; with
+``--scheme masked``, MiniLM as a ``masked/1`` deployment: nodes run only linear layers on
+noise-masked inputs, in pairs).
 
 Command line (``python scripts/testnet.py --help``)::
 
@@ -18,6 +20,7 @@ Layout of T::
 
     T/model/              plaintext MiniLM shards (for the plaintext comparison only)
     T/deploy/             encrypted deployment; T/deploy/client/ (key) stays with the client
+    T/deploy-masked/      the masked/1 deployment (``--scheme masked``)
     T/smollm2/model/, T/smollm2/deploy/   the same for ``--model smollm2``
     T/nodes/node<i>/      node data dir: identity.key (kept across runs), shards/, node.json,
                           node.log (the node's stdout and stderr)
@@ -46,6 +49,7 @@ from localnet import (
     DEFAULT_DIR,
     DEFAULT_NODE_SHARDS,
     MODELS,
+    SCHEMES,
     STATE_FILE,
     Testnet,
     TestnetError,
@@ -101,10 +105,14 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
     if args.capacity is not None:
         node_args += ["--capacity", str(args.capacity)]
     replicas = args.replicas if args.replicas is not None else min(3, args.nodes)
+    if args.scheme == "masked" and replicas < 2:
+        raise TestnetError("--scheme masked needs every node shard on at least 2 nodes (one "
+                           "computes on the masked input, another on the mask): --replicas 2 "
+                           "or more")
     return Testnet(args.dir, args.nodes, replicas, args.node_shards,
                    deployment=args.deployment, model=model, node_args=node_args,
                    timeout=args.timeout, byzantine=args.byzantine,
-                   byzantine_mode=args.byzantine_mode, kind=kind)
+                   byzantine_mode=args.byzantine_mode, kind=kind, scheme=args.scheme)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -369,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="minilm (default) or smollm2: the model imported and encrypted "
                             "into T; or, with --deployment, the plaintext model directory "
                             "DEPLOY was encrypted from")
+        p.add_argument("--scheme", choices=SCHEMES, default="ee",
+                       help="how MiniLM is encrypted: ee (equivariant encryption, default) or "
+                            "masked (masked/1: nodes compute linear layers on noise-masked "
+                            "inputs, the client everything else; into T/deploy-masked)")
         p.add_argument("--threads", type=int, metavar="NUM",
                        help="onnxruntime threads per shard run on each node (node --threads)")
         p.add_argument("--capacity", type=int, metavar="C",

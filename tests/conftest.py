@@ -87,6 +87,14 @@ def deployment_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def masked_deployment(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The masked/1 deployment of ``minilm_dir`` (no key: the client draws masks per query)."""
+    out = tmp_path_factory.mktemp("masked") / "deploy"
+    encrypt_model_dir(minilm_dir, out, scheme="masked")
+    return out
+
+
+@pytest.fixture(scope="session")
 def deployment_manifest(deployment_dir: Path) -> Manifest:
     return Manifest.load(deployment_dir)
 
