@@ -62,7 +62,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
         print(f"  shard {hop.shard_index} {hop.shard_cid[:16]}... on {hop.peer_id} "
               f"({hop.latency_ms:.1f} ms, signature verified"
               + (f"; {failed} other node(s) failed" if failed else "") + ")")
-        if hop.verdict:
+        if hop.verdict and hop.verdict.get("mode") == "masked":  # masked/1: one pair per call
+            v = hop.verdict
+            what = "x + r" if v["role"] == "masked-input" else "the mask r, drawn from a seed"
+            print(f"    masked/1: computed on {what}; {v['reason']} (Freivalds)")
+        elif hop.verdict:
             v = hop.verdict
             print(f"    verdict: {len(v['winners'])} of {len(v['nodes'])} agree"
                   + (f"; lost: {', '.join(v['losers'])}" if v["losers"] else ""))

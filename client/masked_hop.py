@@ -184,23 +184,31 @@ class MaskedRunner:
         if not candidates:
             return
         node = mask.node = candidates[0]
-        try:
-            with trio.fail_after(self.policy.hop_timeout):
-                async with trio.open_nursery() as nursery:  # draw r while B draws it too
-                    nursery.start_soon(self._draw, mask, seeds[in_spec.name])
-                    reply = await self.caller.call_seeded(node, shard, seeds,
-                                                          seeds_digest(seeds))
-        except PEER_ERRORS as exc:
-            self._failed(state, shard, node, describe(exc, self.policy.hop_timeout))
+        outcome: list[Reply | BaseException] = []
+
+        async def call() -> None:
+            try:
+                with trio.fail_after(self.policy.hop_timeout):
+                    outcome.append(await self.caller.call_seeded(node, shard, seeds,
+                                                                 seeds_digest(seeds)))
+            except PEER_ERRORS as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:  # draw r while B draws it too
+            nursery.start_soon(self._draw, mask, seeds[in_spec.name])
+            await call()
+        reply = outcome[0]
+        if not isinstance(reply, Reply):
+            self._failed(state, shard, node, describe(reply, self.policy.hop_timeout))
             return
         self.router.answered(node.peer_id, reply.hop.latency_ms)
         check = await self._check(shard)
-        outcome = await trio.to_thread.run_sync(check.check, mask.r,
-                                                reply.outputs[out_spec.name])  # type: ignore[index]
-        if not outcome.ok:
-            self._caught(state, shard, node, outcome)
+        result = await trio.to_thread.run_sync(check.check, mask.r,
+                                               reply.outputs[out_spec.name])  # type: ignore[index]
+        if not result.ok:
+            self._caught(state, shard, node, result)
             return
-        mask.reply, mask.check = reply, outcome
+        mask.reply, mask.check = reply, result
 
     def _failed(self, state: QueryMasks, shard: ShardSpec, node: PeerRecord,
                 reason: str) -> None:

@@ -45,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_generate import demo_generate
+from demo_masked import demo_masked
 from localnet import (
     DEFAULT_DIR,
     DEFAULT_NODE_SHARDS,
@@ -263,6 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                            f"Query 2: with node {victim} down",
                                            detail=False, quorum=1))
         net.stop()
+        if not args.no_masked:
+            worst = max(worst, demo_masked(net.root, args.timeout))
         same_tokens = True if args.no_generate else demo_generate(net.root, args.timeout)
     except _Stop as stop:
         net.log(f"{stop}: stopping")
@@ -409,11 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a testnet (as 'up'), embed a few sentences through it with the "
                     "client SDK, print each answer beside the plaintext model's and the node "
                     "that served each hop, crash one node and query again, then stop every "
-                    "node; then start a 3-node testnet serving encrypted SmolLM2 and stream a "
+                    "node; then the same MiniLM as a masked/1 deployment on 3 nodes (one "
+                    "lying); then start a 3-node testnet serving encrypted SmolLM2 and stream a "
                     "chat answer through it (imported into T/smollm2/ on the first run). Exits "
                     f"1 if any embedding differs from the plaintext one by more than "
                     f"{TOLERANCE:g} or a generated token differs from the plaintext model's.")
     common(demo, nodes=5, byzantine=1)
+    demo.add_argument("--no-masked", action="store_true",
+                      help="skip the masked/1 part (MiniLM, masked offload, on 3 nodes)")
     demo.add_argument("--no-generate", action="store_true",
                       help="skip the text-generation part (SmolLM2 on a 3-node testnet)")
     demo.set_defaults(func=cmd_demo)

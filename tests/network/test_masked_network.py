@@ -67,3 +67,34 @@ def test_masked_queries_match_the_plaintext_model_and_catch_the_liar(
     # the liar is in a pair for about half of the first query's 24 calls (2^-24 that it never
     # is): it is caught on the call it lies, and only it
     assert caught_in and all(f.startswith(liar.peer_id) for f in caught_in)
+
+
+def test_rankings_put_the_liar_last_and_a_crashed_node_is_replaced(
+        net: Any, plaintext: Pipeline, masked_deployment: Path) -> None:
+    import time
+
+    import httpx
+
+    from client import Client
+
+    liar = net.nodes[3]
+    # the first test's clients published their score reports to node 0's ledger
+    deadline = time.monotonic() + 30
+    while True:
+        rows = httpx.get(f"{net.nodes[1].http}/v1/rankings", timeout=5).json()
+        if rows and rows[-1]["did"] == liar.did:
+            break
+        assert time.monotonic() < deadline, f"the liar {liar.did} is not last: {rows}"
+        time.sleep(0.5)
+    # node 2 dies: every call still finds a pair among nodes 0, 1 (and the liar, avoided)
+    net.stop_node(2)
+    try:
+        with Client([net.bootstrap], masked_deployment, ledger=False, seed=5) as client:
+            texts = ["a node died, the query goes on", "masked pairs re-form"]
+            result = client.embed(texts)
+            assert np.abs(result.embeddings - plaintext.embed(texts)).max() <= 1e-6
+            used = {h.peer_id for h in result.hops}
+            assert net.nodes[2].peer_id not in used and liar.peer_id not in used
+            assert used == {net.nodes[0].peer_id, net.nodes[1].peer_id}
+    finally:
+        net.start_node(2)
