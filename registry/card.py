@@ -61,6 +61,14 @@ SCHEME_TEXT = {
         "weights are public (such as SmolLM2) " + THREAT_MODEL + " measures that a node "
         "recovers the key in seconds and that the first node reads the prompt tokens from "
         "norms even without the key."),
+    "masked/1": (
+        "Shards of a masked/1 deployment (masked offload): plain linear layers on public "
+        "weights, run in float64 on inputs the client masks with fresh Gaussian noise per call, "
+        "scaled for at most 1e-4 bits per token per query; the node sees row counts (the "
+        "sequence length padded to a bucket) but never the attention mask. The mask's product "
+        "comes from a second node of another operator that receives only a seed: if the two "
+        "collude they recover the input (" + THREAT_MODEL + "). Every product is checked by "
+        "the client (Freivalds)."),
     "none": (
         "Plaintext shards (encryption none): the node sees the activations a client sends, "
         "unless the client uses CKKS mode (request encryption \"ckks\", for low-depth "
