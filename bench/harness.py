@@ -1,5 +1,6 @@
 """Timing and shard-chaining helpers for bench/ee_overhead.py (interleaved runs, medians,
-load probing, raw onnxruntime session chains)."""
+load probing, raw onnxruntime session chains), and queries through a local testnet with their
+frames counted for bench/privacy_modes.py."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 import models
@@ -231,3 +234,132 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
 
 
+
+
+# --- queries through a local testnet (bench/privacy_modes.py) ---------------------------------
+
+
+def random_inputs(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """``[CLS] random word pieces [SEP]``, every position real (no padding), as bench/e2e.py."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 29000, (batch, seq)).astype(np.int64)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+
+
+@contextmanager
+def counting_frames() -> Iterator[dict[str, int]]:
+    """Count the client's request/response exchanges and their frame sizes (each frame
+    re-encoded with ``protocols.wire.encode_frame``: varint length + CBOR, the bytes the Noise
+    channel carries, before Noise and yamux framing) while the block runs."""
+    from client.streams import StreamPool
+    from protocols.wire import encode_frame
+
+    original = StreamPool.request
+    counts = {"requests": 0, "request_bytes": 0, "response_bytes": 0}
+
+    async def request(self: Any, peer: Any, protocol: Any, message: dict[str, Any]
+                      ) -> dict[str, Any]:
+        response = await original(self, peer, protocol, message)
+        counts["requests"] += 1
+        counts["request_bytes"] += len(encode_frame(message))
+        counts["response_bytes"] += len(encode_frame(response))
+        return response
+
+    StreamPool.request = request  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        StreamPool.request = original  # type: ignore[method-assign]
+
+
+async def network_mode(bootstrap: str, deployment: Path, verify: str, replicas: int,
+                       cases: Mapping[str, tuple[int, int]], reps: Mapping[str, int],
+                       reference: Callable[[dict[str, np.ndarray]], np.ndarray],
+                       pause_s: float = 0.05) -> dict[str, Any]:
+    """Per case: latency of ``AsyncClient.run`` (2 untimed runs, then ``reps[case]`` timed,
+    ``pause_s`` apart), then one more query with its frames counted; the answer's max abs
+    difference from ``reference`` (the plaintext model in process)."""
+    import trio
+
+    from client import AsyncClient
+
+    out: dict[str, Any] = {}
+    async with AsyncClient([bootstrap], deployment, verify=verify, replicas=replicas,
+                           ledger=False, seed=7) as client:
+        for name, (batch, seq) in cases.items():
+            feeds = random_inputs(batch, seq, seed=batch * 1000 + seq)
+            times = []
+            with LoadProbe() as probe:
+                for rep in range(reps[name] + 2):
+                    start = time.perf_counter()
+                    outputs, hops = await client.run(feeds)
+                    if rep >= 2:
+                        times.append((time.perf_counter() - start) * 1e3)
+                    await trio.sleep(pause_s)
+            with counting_frames() as counts:
+                outputs, hops = await client.run(feeds)
+            diff = max_abs_diff(outputs["sentence_embedding"], reference(feeds))
+            ms = np.asarray(times)
+            out[name] = {
+                "batch": batch, "seq": seq, "runs": len(times),
+                "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                "p95_ms": round(float(np.percentile(ms, 95)), 2),
+                "bytes_per_query": counts["request_bytes"] + counts["response_bytes"],
+                "request_bytes": counts["request_bytes"],
+                "response_bytes": counts["response_bytes"],
+                "requests_per_query": counts["requests"],
+                "sequential_round_trips": len({h.shard_index for h in hops}),
+                "max_abs_diff_vs_plaintext": float(f"{diff:.3g}"),
+                "other_process_load_cores": probe.other_cores}
+    return out
+
+
+def token_recovery(plain_dir: Path, ee_dir: Path, masked_dir: Path, n: int) -> dict[str, Any]:
+    """The best token-recovery rate a node gets in each mode on ``n`` held-out sentences
+    (models/audit.py) and the constant-guess baseline: plaintext, nearest embedding on the
+    ``hidden_0`` the first node receives; EE, the best row of ``veilnet audit`` (no fine-tune
+    rows); masked, the best single-node single-query row of the masked audit."""
+    from models import audit_attacks as aa
+    from models.audit import MAX_TOKENS, audit_deployment, heldout_sentences, most_common_rate
+    from models.audit_masked import COLLUSION, Candidates, best_single_node, read_nearest
+
+    plain = models.Manifest.load(plain_dir)
+    head = models.ShardSession(plain.shard_path(plain.head), plain.head, threads=1)
+    feeds = models.TextTokenizer(plain_dir / "tokenizer.json", MAX_TOKENS)(heldout_sentences(n))
+    real = (feeds["attention_mask"] == 1) & (feeds["input_ids"] > 103)  # no [PAD] [CLS] [SEP]
+    hidden = head.run(feeds)["hidden_0"][real].astype(np.float64)
+    positions = np.nonzero(real)[1]
+    emb = aa.EncoderEmbeddings.from_head(onnx.load(str(plain.shard_path(plain.head))))
+    read = read_nearest(Candidates(emb, positions), positions, {"h": (hidden, 0.0)})["h"][0]
+    truth = feeds["input_ids"][real]
+    ee = audit_deployment(ee_dir, plain_dir, sample=n, noise=())
+    masked = audit_deployment(masked_dir, plain_dir, sample=n)
+    tokens = [row for row in masked.rows if row.target == "input tokens"]
+    best, base = best_single_node(masked), tokens[0].baseline
+
+    def r4(x: float) -> float:
+        return round(float(x), 4)
+
+    return {
+        "sample_sentences": n,
+        "plaintext": {"best_attack": r4(np.mean(read == truth)),
+                      "baseline": r4(most_common_rate(truth)), "tokens": int(truth.size),
+                      "attack": "nearest embedding on the hidden_0 the first node receives"},
+        "ee": {"best_attack": r4(max(x.success for x in ee.rows if x.target == "input tokens")),
+               "baseline": r4(ee.row("keyless sort", "input tokens").baseline),
+               "rows": {f"{x.attack} / {x.target}": r4(x.success) for x in ee.rows}},
+        "masked": {"best_attack": r4(best), "baseline": r4(base),
+                   "best_minus_baseline_pp": round(100 * (best - base), 2),
+                   "tokens": tokens[0].detail["tokens"],
+                   "collusion": r4(masked.row(COLLUSION, "input tokens").success),
+                   "averaging_queries": {str(x.detail["queries"]): r4(x.success) for x in tokens
+                                         if x.attack.startswith("averaging")},
+                   "bound": masked.bound,
+                   "rows": {f"{x.attack} / {x.target}": r4(x.success) for x in masked.rows}},
+        "ckks": {"not_applicable": "CKKS cannot evaluate a MiniLM node shard (see "
+                                   "minilm_node_shard.ckks); on the digits MLP a node sees "
+                                   "only RLWE ciphertexts (IND-CPA, about 128-bit security): "
+                                   "no attack is measured"},
+    }

@@ -1,7 +1,8 @@
-"""Privacy modes side by side: plaintext, equivariant encryption (EE, ``ee-encoder/1``) and CKKS
-homomorphic encryption (TenSEAL), measured in one run on one machine.
+"""Privacy modes side by side: plaintext, equivariant encryption (EE, ``ee-encoder/1``), masked
+offload (``masked/1``) and CKKS homomorphic encryption (TenSEAL), measured in one run on one
+machine.
 
-Neither encryption applies to every model, so each model gets the modes that do apply to it, and
+No encryption applies to every model, so each model gets the modes that do apply to it, and
 the JSON says why the others do not (it never makes up numbers for them):
 
 - **digits MLP** (``models/digits.py``, 64-32-10, square activation; the 450-digit test split):
@@ -22,11 +23,24 @@ the JSON says why the others do not (it never makes up numbers for them):
   shard in ``ShardSession`` (1 thread), plaintext and EE interleaved, median per-sample latency
   and the ratio EE / plaintext. CKKS is reported under ``not_applicable``.
 
+- **MiniLM through a loopback testnet** (scripts/localnet.py ``Testnet``: 3 node processes,
+  every node shard on 2 of them, ``--threads 1``; one testnet per deployment, one after the
+  other): *plaintext* (the imported model itself, ``encryption: none``: nodes run plaintext
+  shards), *EE* (``ee-encoder/1``, ``verify="none"``: one node per hop, and ``verify="full"``:
+  both replicas, compared) and *masked* (``masked/1``: every call on a pair, Freivalds checks).
+  Latency of ``AsyncClient.run`` at batch 1 x 16 and 8 x 128 tokens (random word pieces, no
+  padding; both are buckets), bytes per query (the client's request and response frames,
+  counted on one more query), sequential round trips per query, max |answer - plaintext|.
+- **token recovery per mode** (held-out text, ``--audit-sample`` sentences): plaintext, nearest
+  embedding on what the first node receives; EE, the best row of ``veilnet audit``; masked, the
+  best single-node single-query row of the masked audit (models/audit_masked.py), its collusion
+  row and its averaging rows; the constant-guess baseline. CKKS: not applicable to MiniLM.
+
 One JSON object on stdout; progress on stderr. Everything is written to a temporary directory
 (removed at exit) unless ``--dir`` names one (it must not hold the models yet).
 
     .venv/bin/python bench/privacy_modes.py [--ckks-reps 5] [--plain-reps 2000]
-        [--minilm-reps 100] [--dir DIR]
+        [--minilm-reps 100] [--net-reps 10] [--audit-sample 100] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -55,6 +70,16 @@ sys.path.insert(0, str(REPO))
 
 import onnxruntime as ort  # noqa: E402
 import tenseal as ts  # noqa: E402
+import trio  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))
+_spec = importlib.util.spec_from_file_location("harness", REPO / "bench" / "harness.py")
+assert _spec is not None and _spec.loader is not None
+harness = importlib.util.module_from_spec(_spec)
+sys.modules["harness"] = harness  # dataclasses look their module up there
+_spec.loader.exec_module(harness)
+
+from localnet import Testnet  # noqa: E402
 
 from crypto import ckks  # noqa: E402
 from models import (  # noqa: E402
@@ -69,6 +94,10 @@ from models import (  # noqa: E402
 from models.digits import import_digits, load_digits_split  # noqa: E402
 
 BATCHES = (1, 450)
+NET_CASES = {"b1x16": (1, 16), "b8x128": (8, 128)}
+NET_NODES, NET_REPLICAS = 3, 2
+TARGET_MASKED_OVER_EE = 10.0  # latency, issue 15
+TARGET_ATTACK_PP = 0.01  # best single-node attack within 1 point of the constant guess
 MINILM_BATCH, MINILM_SEQ, MINILM_NODE_SHARDS = 8, 32, 3
 THREADS = 1
 TEXTS = [
@@ -356,6 +385,57 @@ def bench_minilm(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- MiniLM through a testnet, and what a node reads -----------------------------------------
+
+
+def bench_network(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Latency, bytes and round trips of plaintext, EE and masked queries through testnets of
+    the same size (``bench_minilm`` made root/minilm and root/minilm-ee)."""
+    log("encrypting MiniLM as masked/1")
+    encrypt_model_dir(root / "minilm", root / "minilm-masked", scheme="masked")
+    plain = Pipeline(root / "minilm", threads=THREADS)
+
+    def reference(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return plain.run(feeds)["sentence_embedding"]
+
+    reps = {"b1x16": args.net_reps, "b8x128": max(args.net_reps // 2, 3)}
+    runs = {"plaintext": ("minilm", [("none", 1)]),
+            "ee": ("minilm-ee", [("none", 1), ("full", NET_REPLICAS)]),
+            "masked": ("minilm-masked", [("none", 1)])}
+    modes: dict[str, Any] = {}
+    for name, (deploy, verifies) in runs.items():
+        log(f"testnet for {name}: {NET_NODES} nodes, replicas {NET_REPLICAS}")
+        with Testnet(root / f"net-{name}", nodes=NET_NODES, replicas=NET_REPLICAS,
+                     deployment=root / deploy, model=root / "minilm",
+                     node_args=["--threads", "1"], log=log) as net:
+            for verify, replicas in verifies:
+                label = name if name != "ee" else f"ee_verify_{verify}"
+                log(f"{label}: {reps} timed queries per case")
+                modes[label] = {"verify": verify, **trio.run(
+                    harness.network_mode, net.bootstrap, net.deployment, verify, replicas,
+                    NET_CASES, reps, reference)}
+    ratios: dict[str, Any] = {}
+    for case in NET_CASES:
+        p50 = {m: v[case]["p50_ms"] for m, v in modes.items()}
+        size = {m: v[case]["bytes_per_query"] for m, v in modes.items()}
+        ratios[case] = {
+            "masked_over_ee_none_p50": r(p50["masked"] / p50["ee_verify_none"], 2),
+            "masked_over_ee_full_p50": r(p50["masked"] / p50["ee_verify_full"], 2),
+            "masked_over_plaintext_p50": r(p50["masked"] / p50["plaintext"], 2),
+            "ee_none_over_plaintext_p50": r(p50["ee_verify_none"] / p50["plaintext"], 2),
+            "masked_over_ee_none_bytes": r(size["masked"] / size["ee_verify_none"], 2),
+            "masked_over_plaintext_bytes": r(size["masked"] / size["plaintext"], 2)}
+    return {"setup": {"nodes": NET_NODES, "replicas": NET_REPLICAS, "node_threads": 1,
+                      "transport": "libp2p TCP + Noise + yamux on 127.0.0.1",
+                      "client": "AsyncClient.run, ledger=False; masked: every call on a pair "
+                                "(A gets x + r, B the seed), both products Freivalds-checked",
+                      "bytes": "request + response frames of the client's exchanges (varint + "
+                               "CBOR, re-encoded), on one query after the timed ones",
+                      "round_trips": "sequential node-shard stages per query (replicas and "
+                                     "the mask's node run in parallel within a stage)"},
+            "modes": modes, "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckks-reps", type=int, default=5,
@@ -364,16 +444,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="plaintext digits runs at batch 1 (batch 450: a tenth; default 2000)")
     parser.add_argument("--minilm-reps", type=int, default=100,
                         help="timed runs of each MiniLM shard variant (default 100, minimum 20)")
+    parser.add_argument("--net-reps", type=int, default=10,
+                        help="timed testnet queries per mode at 1 x 16 (8 x 128: half, at least "
+                             "3; default 10)")
+    parser.add_argument("--audit-sample", type=int, default=100,
+                        help="held-out sentences of the token-recovery attacks (default 100)")
     parser.add_argument("--dir", type=Path, help="working directory (default: a temporary one)")
     args = parser.parse_args(argv)
-    if args.ckks_reps < 1 or args.plain_reps < 20 or args.minilm_reps < 20:
-        parser.error("--ckks-reps >= 1, --plain-reps >= 20, --minilm-reps >= 20")
+    if args.ckks_reps < 1 or args.plain_reps < 20 or args.minilm_reps < 20 \
+            or args.net_reps < 3 or args.audit_sample < 1:
+        parser.error("--ckks-reps >= 1, --plain-reps >= 20, --minilm-reps >= 20, "
+                     "--net-reps >= 3, --audit-sample >= 1")
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="veilnet-privacy-") as tmp:
         root = args.dir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         digits = bench_digits(root, args)
         minilm = bench_minilm(root, args)
+        network = bench_network(root, args)
+        log(f"attacks: nearest embedding on plaintext, veilnet audit on EE and masked "
+            f"({args.audit_sample} sentences)")
+        attacks = harness.token_recovery(root / "minilm", root / "minilm-ee",
+                                         root / "minilm-masked", args.audit_sample)
+    ratios_net = network["ratios"]
+    masked_attack = attacks["masked"]
     print(json.dumps({
         "benchmark": "privacy_modes",
         "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -383,6 +477,17 @@ def main(argv: list[str] | None = None) -> int:
                     "loadavg_1m_at_end": r(os.getloadavg()[0], 2)},
         "digits": digits,
         "minilm_node_shard": minilm,
+        "minilm_network": network,
+        "token_recovery": attacks,
+        "targets": {
+            "masked_latency_over_ee_max": TARGET_MASKED_OVER_EE,
+            "masked_over_ee_none_p50": {c: v["masked_over_ee_none_p50"]
+                                        for c, v in ratios_net.items()},
+            "latency_met": {c: v["masked_over_ee_none_p50"] <= TARGET_MASKED_OVER_EE
+                            for c, v in ratios_net.items()},
+            "masked_best_attack_within_pp_of_baseline": 100 * TARGET_ATTACK_PP,
+            "attack_met": masked_attack["best_attack"]
+            <= masked_attack["baseline"] + TARGET_ATTACK_PP},
         "ratios_summary": {
             "digits_ckks_over_plaintext_per_sample": {
                 f"batch_{n}": digits["ratios_ckks_over_plaintext"][f"batch_{n}"]

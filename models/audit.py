@@ -9,6 +9,7 @@ perturbed as a fine-tune would perturb them). The true key and token ids are use
 Rows (``AuditRow``): ``success`` is the measured rate, ``baseline`` what a best constant guess
 gets (the most common token of the sample; for a permutation, a random guess's expected 1/n).
 The held-out text is the stdlib's help texts (``pydoc_data.topics``), nothing downloaded.
+``masked/1`` deployments (no key) are audited by models/audit_masked.py.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from models.ee_decoder import weight_name
 from models.ee_decoder_key import DecoderDims, DecoderKey
 from models.ee_plan import plan_encryption
 from models.importer import Progress, no_progress
-from models.manifest import EE_DECODER, EE_ENCODER, Manifest
+from models.manifest import EE_DECODER, EE_ENCODER, MASKED, Manifest
 from models.runtime import ShardSession
 from models.tokenizer import TextTokenizer
 
@@ -66,13 +67,17 @@ class AuditRow:
     def verdict(self) -> str:
         pct = f"{100 * self.success:.1f}%"
         base = f"{100 * self.baseline:.1f}%"
+        note = f" - {self.detail['note']}" if self.detail.get("note") else ""
+        if self.detail.get("applicable") is False:
+            return f"{self.target}: {self.detail.get('note', 'not applicable')}"
         if self.target == "input tokens":
-            who = "without the key" if self.attack.startswith("keyless") else \
-                "with the public weights"
-            return f"a node {who} reads {pct} of input tokens (best constant guess {base})"
+            who = {"keyless": "a node without the key", "collusion": "two colluding nodes",
+                   "averaging": "a node averaging repeated queries"}.get(
+                self.attack.split(" ")[0].rstrip(":"), "a node with the public weights")
+            return f"{who} reads {pct} of input tokens (best constant guess {base}){note}"
         if self.target == "sequence length":
             return (f"a node reads the exact token count of {pct} of texts "
-                    f"(best constant guess {base})")
+                    f"(best constant guess {base}){note}")
         return f"a node with the public weights recovers {pct} of the {self.target} " \
                f"(random guess {base})"
 
@@ -83,11 +88,13 @@ class AuditReport:
     scheme: str
     rows: list[AuditRow] = field(default_factory=list)
     views: dict[str, Any] | None = None  # --views: what was recorded, attacked or not
+    bound: dict[str, Any] | None = None  # masked/1: the information bound of the manifest
 
     def to_json(self) -> dict[str, Any]:
-        doc = {"deployment": self.deployment, "scheme": self.scheme,
-               "rows": [asdict(r) for r in self.rows]}
-        return doc if self.views is None else {**doc, "views": self.views}
+        doc: dict[str, Any] = {"deployment": self.deployment, "scheme": self.scheme,
+                               "rows": [asdict(r) for r in self.rows]}
+        doc.update({k: v for k, v in (("views", self.views), ("bound", self.bound)) if v})
+        return doc
 
     def row(self, attack: str, target: str) -> AuditRow:
         return next(r for r in self.rows if r.attack == attack and r.target == target)
@@ -103,6 +110,11 @@ class AuditReport:
         for shard in (self.views or {}).get("not_attacked_yet", []):
             lines.append(f"- not attacked yet: {shard['views']} recorded views of shard "
                          f"{shard['shard']}")
+        lines += [f"- not scored: {why}" for why in (self.views or {}).get("unscored", [])]
+        if self.bound:
+            lines.append(f"- information bound: at most {self.bound['bits_per_token_per_query']:g}"
+                         f" bits per token per query over its {self.bound['views_per_row']} "
+                         f"views ({self.bound['formula']})")
         return "\n".join(lines)
 
 
@@ -141,7 +153,7 @@ def _load_key(deploy: Manifest) -> Path:
                          "(encryption: none)")
     if deploy.encryption not in (EE_ENCODER, EE_DECODER):
         raise AuditError(f"{deploy.path}: no audit for encryption {deploy.encryption!r} "
-                         f"(only {EE_ENCODER} and {EE_DECODER})")
+                         f"(only {EE_ENCODER}, {EE_DECODER} and {MASKED})")
     key = deploy.path.parent / "client" / "key.json"
     if not key.is_file():
         raise AuditError(f"{key} not found: the audit scores the attacks against the real key, "
@@ -156,7 +168,8 @@ def _plain_model(deploy: Manifest, model_dir: Path | None,
     its package when the manifest names MiniLM or SmolLM2."""
     with tempfile.TemporaryDirectory(prefix="veilnet-audit-") as tmp:
         if model_dir is None:
-            out, shards = Path(tmp) / "model", len(deploy.node_shards)
+            out = Path(tmp) / "model"
+            shards = 1 if deploy.encryption == MASKED else len(deploy.node_shards)
             progress(f"re-importing {deploy.name} from its package")
             if deploy.name == KNOWN_MODELS[0]:
                 from models import import_minilm
@@ -174,7 +187,10 @@ def _plain_model(deploy: Manifest, model_dir: Path | None,
         if plain.encryption != "none":
             raise AuditError(f"{plain.path}: --model must be the plaintext model, not a "
                              "deployment")
-        if deploy.extra.get("parent") not in (None, plain.cid):
+        # masked/1 uses the weights only: any split of the same weights will do
+        src = [(m.extra.get("source") or {}).get("weights_cid") for m in (plain, deploy)]
+        same = deploy.encryption == MASKED and src[0] is not None and src[0] == src[1]
+        if deploy.extra.get("parent") not in (None, plain.cid) and not same:
             raise AuditError(f"{plain.path} is not the model {deploy.path} was encrypted from "
                              f"(its parent is {deploy.extra.get('parent')}, this is {plain.cid})")
         yield plain
@@ -197,8 +213,13 @@ def audit_deployment(deploy_dir: Path, model_dir: Path | None = None, sample: in
     if sample < 1:
         raise AuditError(f"--sample must be at least 1, not {sample}")
     deploy = Manifest.load(Path(deploy_dir))
-    key_path = _load_key(deploy)
     texts = heldout_sentences(sample, seed)
+    if deploy.encryption == MASKED:  # no key: the masks are drawn per query
+        from models.audit_masked import audit_masked
+
+        with _plain_model(deploy, model_dir, progress) as plain:
+            return audit_masked(deploy, plain, texts, seed, progress)
+    key_path = _load_key(deploy)
     with _plain_model(deploy, model_dir, progress) as plain:
         report = AuditReport(deploy.cid, deploy.encryption)
         run = _audit_encoder if deploy.encryption == EE_ENCODER else _audit_decoder

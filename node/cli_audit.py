@@ -37,10 +37,15 @@ def register(sub: Any) -> None:
         description="Run the known attacks on an encrypted deployment as a node would (its "
                     "encrypted shards, what the client sends it for held-out text, the public "
                     "plaintext weights, exact or perturbed as by a fine-tune) and score them "
-                    "with DEPLOY/client/key.json, which the attacks never see. Prints one row "
-                    "per attack: the success rate and the best constant guess's.")
+                    "with DEPLOY/client/key.json, which the attacks never see. A masked/1 "
+                    "deployment (no key) gets its own suite: nearest embedding, norms and "
+                    "linear probes on the masked inputs x + r, averaging repeated queries, "
+                    "length, and the collusion of the two nodes of a pair, with the "
+                    "manifest's information bound. Prints one row per attack: the success "
+                    "rate, the best constant guess's, and a note.")
     audit.add_argument("deploy", type=Path, metavar="DEPLOY",
-                       help="deployment directory (with client/key.json)")
+                       help="deployment directory (with client/key.json; masked/1: with "
+                            "client/)")
     audit.add_argument("--model", type=Path, default=None, metavar="PLAIN_DIR",
                        help="the plaintext model directory the deployment was encrypted from "
                             "(default: re-import all-MiniLM-L6-v2 or SmolLM2-135M-Instruct "
@@ -49,13 +54,17 @@ def register(sub: Any) -> None:
                        help="held-out sentences (Python's own help texts; default 200)")
     audit.add_argument("--seed", type=int, default=15,
                        help="seed of the sentence sample and the perturbations (default 15)")
-    audit.add_argument("--views", type=Path, default=None, metavar="DIR",
+    audit.add_argument("--views", type=Path, default=None, metavar="DIR", action="append",
                        help="attack exactly what a node recorded with `veilnet node start "
-                            "--record-received DIR` instead of simulated traffic (ee-encoder/1: "
-                            "the first node shard's views; scored against what the owner reads "
-                            "with client/key.json)")
+                            "--record-received DIR` instead of simulated traffic; repeat it "
+                            "for several nodes' recordings (ee-encoder/1: the first node "
+                            "shard's views, scored against what the owner reads with "
+                            "client/key.json; masked/1: each node's layer-0 views alone, and "
+                            "each pair of nodes pooled, scored against x = (x + r) - r, so "
+                            "pass the recordings of both nodes of a pair)")
     audit.add_argument("--json", action="store_true",
-                       help='print one JSON object {"deployment", "scheme", "rows"}')
+                       help='print one JSON object {"deployment", "scheme", "rows"} (and '
+                            '"views" with --views, "bound" for masked/1)')
     audit.set_defaults(func=_cmd_audit)
 
 

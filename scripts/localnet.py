@@ -188,6 +188,7 @@ class Testnet:
                  model: Path | str | None = None, node_args: Iterable[str] = (),
                  ledger_nodes: Iterable[int] = (0,), byzantine: int = 0,
                  byzantine_mode: str = "noise", kind: str = "minilm", scheme: str = "ee",
+                 args_for: Callable[[NodeInfo], Sequence[str]] | None = None,
                  timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
         if nodes < 1:
             raise TestnetError("a testnet needs at least one node")
@@ -200,6 +201,8 @@ class Testnet:
         self.deployment: Path | None = Path(deployment).absolute() if deployment else None
         self.model: Path | None = Path(model).absolute() if model else None
         self.node_args = [str(a) for a in node_args]
+        # arguments for one node only (e.g. --record-received into its own data directory)
+        self.args_for = args_for
         self.ledger_nodes = sorted(set(ledger_nodes))  # started with --ledger
         if not 0 <= byzantine < nodes:
             raise TestnetError(f"--byzantine {byzantine}: between 0 and {nodes - 1} (node 0, "
@@ -446,6 +449,8 @@ class Testnet:
         if node.byzantine:
             cmd += ["--byzantine-test-mode", node.byzantine]
         cmd += self.node_args
+        if self.args_for is not None:
+            cmd += [str(a) for a in self.args_for(node)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         logf = open(node.log, "ab")  # noqa: SIM115 (closed in stop())
