@@ -14,14 +14,8 @@ The held-out text is the stdlib's help texts (``pydoc_data.topics``), nothing do
 
 from __future__ import annotations
 
-import random
-import re
-import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,175 +25,35 @@ from onnx import numpy_helper
 from tokenizers import Tokenizer
 
 from crypto.ee_key import EEKey
-from errors import InputError
 from models import audit_attacks as aa
 from models import ee_decoder_attack as dec
+from models.audit_masked import audit_masked
+from models.audit_report import (
+    MAX_TOKENS,
+    AuditError,
+    AuditReport,
+    AuditRow,
+    client_file,
+    heldout_sentences,
+    load_key,
+    most_common_rate,
+    plain_model,
+    special_ids,
+    timed,
+)
 from models.ee_attack import recover_key
 from models.ee_decoder import weight_name
 from models.ee_decoder_key import DecoderDims, DecoderKey
 from models.ee_plan import plan_encryption
 from models.importer import Progress, no_progress
-from models.manifest import EE_DECODER, EE_ENCODER, MASKED, Manifest
+from models.manifest import EE_ENCODER, MASKED, Manifest
 from models.runtime import ShardSession
 from models.tokenizer import TextTokenizer
 
 NOISE_LEVELS = (0.1, 0.5, 1.0)  # dense Gaussian noise, relative to each tensor's RMS
 LOW_RANK = 8  # rank of the LoRA-like delta
 LOW_RANK_SIZE = 0.1  # its Frobenius norm relative to the weight's
-MAX_TOKENS = 64  # held-out sentences are truncated to this many tokens
-KNOWN_MODELS = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
-
-
-class AuditError(InputError):
-    """A deployment the audit cannot run on (no key, plaintext, unknown model)."""
-
-
-@dataclass
-class AuditRow:
-    attack: str
-    target: str
-    success: float
-    baseline: float
-    detail: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    source: str = "simulated"  # "views": run on a --record-received directory (audit_views)
-
-    def verdict(self) -> str:
-        pct = f"{100 * self.success:.1f}%"
-        base = f"{100 * self.baseline:.1f}%"
-        note = f" - {self.detail['note']}" if self.detail.get("note") else ""
-        if self.detail.get("applicable") is False:
-            return f"{self.target}: {self.detail.get('note', 'not applicable')}"
-        if self.target == "input tokens":
-            who = {"keyless": "a node without the key", "collusion": "two colluding nodes",
-                   "averaging": "a node averaging repeated queries"}.get(
-                self.attack.split(" ")[0].rstrip(":"), "a node with the public weights")
-            return f"{who} reads {pct} of input tokens (best constant guess {base}){note}"
-        if self.target == "sequence length":
-            return (f"a node reads the exact token count of {pct} of texts "
-                    f"(best constant guess {base}){note}")
-        return f"a node with the public weights recovers {pct} of the {self.target} " \
-               f"(random guess {base})"
-
-
-@dataclass
-class AuditReport:
-    deployment: str
-    scheme: str
-    rows: list[AuditRow] = field(default_factory=list)
-    views: dict[str, Any] | None = None  # --views: what was recorded, attacked or not
-    bound: dict[str, Any] | None = None  # masked/1: the information bound of the manifest
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"deployment": self.deployment, "scheme": self.scheme,
-                               "rows": [asdict(r) for r in self.rows]}
-        doc.update({k: v for k, v in (("views", self.views), ("bound", self.bound)) if v})
-        return doc
-
-    def row(self, attack: str, target: str) -> AuditRow:
-        return next(r for r in self.rows if r.attack == attack and r.target == target)
-
-    def table(self) -> str:
-        lines = [f"deployment {self.deployment} ({self.scheme})", "",
-                 f"{'attack':34} {'target':22} {'success':>8} {'baseline':>9} {'seconds':>8}"]
-        for r in self.rows:
-            lines.append(f"{r.attack:34} {r.target:22} {r.success:8.4f} {r.baseline:9.4f} "
-                         f"{r.seconds:8.2f}")
-        lines.append("")
-        lines += [f"- {r.attack}: {r.verdict()}" for r in self.rows]
-        for shard in (self.views or {}).get("not_attacked_yet", []):
-            lines.append(f"- not attacked yet: {shard['views']} recorded views of shard "
-                         f"{shard['shard']}")
-        lines += [f"- not scored: {why}" for why in (self.views or {}).get("unscored", [])]
-        if self.bound:
-            lines.append(f"- information bound: at most {self.bound['bits_per_token_per_query']:g}"
-                         f" bits per token per query over its {self.bound['views_per_row']} "
-                         f"views ({self.bound['formula']})")
-        return "\n".join(lines)
-
-
-# --- held-out text --------------------------------------------------------------------------------
-
-def heldout_sentences(n: int = 200, seed: int = 15) -> list[str]:
-    """A deterministic sample of ``n`` sentences of the Python help texts shipped with Python
-    (``pydoc_data.topics``): prose, some code, never downloaded."""
-    from pydoc_data.topics import topics
-
-    found = set()
-    for text in topics.values():
-        for part in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-            if 30 <= len(part) <= 300 and sum(c.isalpha() for c in part) > len(part) / 2:
-                found.add(part)
-    pool = sorted(found)
-    return random.Random(seed).sample(pool, min(n, len(pool)))
-
-
-def most_common_rate(tokens: np.ndarray) -> float:
-    """The best constant guess: the frequency of the most common value."""
-    return Counter(tokens.tolist()).most_common(1)[0][1] / tokens.size if tokens.size else 0.0
-
-
-def _special_ids(tokenizer_path: Path) -> set[int]:
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    return {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-
-
 # --- inputs ---------------------------------------------------------------------------------------
-
-def _load_key(deploy: Manifest) -> Path:
-    assert deploy.path is not None
-    if deploy.encryption == "none":
-        raise AuditError(f"{deploy.path}: nothing to attack: nodes see plaintext "
-                         "(encryption: none)")
-    if deploy.encryption not in (EE_ENCODER, EE_DECODER):
-        raise AuditError(f"{deploy.path}: no audit for encryption {deploy.encryption!r} "
-                         f"(only {EE_ENCODER}, {EE_DECODER} and {MASKED})")
-    key = deploy.path.parent / "client" / "key.json"
-    if not key.is_file():
-        raise AuditError(f"{key} not found: the audit scores the attacks against the real key, "
-                         "so run it where the deployment owner keeps DEPLOY/client/")
-    return key
-
-
-@contextmanager
-def _plain_model(deploy: Manifest, model_dir: Path | None,
-                 progress: Progress) -> Iterator[Manifest]:
-    """The plaintext model the deployment was encrypted from: ``model_dir``, or re-imported from
-    its package when the manifest names MiniLM or SmolLM2."""
-    with tempfile.TemporaryDirectory(prefix="veilnet-audit-") as tmp:
-        if model_dir is None:
-            out = Path(tmp) / "model"
-            shards = 1 if deploy.encryption == MASKED else len(deploy.node_shards)
-            progress(f"re-importing {deploy.name} from its package")
-            if deploy.name == KNOWN_MODELS[0]:
-                from models import import_minilm
-
-                import_minilm(out, shards)
-            elif deploy.name == KNOWN_MODELS[1]:
-                from models.llama_import import import_smollm2
-
-                import_smollm2(out, shards)
-            else:
-                raise AuditError(f"{deploy.name}: pass the plaintext model with --model (only "
-                                 f"{' and '.join(KNOWN_MODELS)} are re-imported)")
-            model_dir = out
-        plain = Manifest.load(Path(model_dir))
-        if plain.encryption != "none":
-            raise AuditError(f"{plain.path}: --model must be the plaintext model, not a "
-                             "deployment")
-        # masked/1 uses the weights only: any split of the same weights will do
-        src = [(m.extra.get("source") or {}).get("weights_cid") for m in (plain, deploy)]
-        same = deploy.encryption == MASKED and src[0] is not None and src[0] == src[1]
-        if deploy.extra.get("parent") not in (None, plain.cid) and not same:
-            raise AuditError(f"{plain.path} is not the model {deploy.path} was encrypted from "
-                             f"(its parent is {deploy.extra.get('parent')}, this is {plain.cid})")
-        yield plain
-
-
-def _client_file(deploy: Manifest, name: str) -> Path:
-    assert deploy.path is not None  # loaded from a file
-    return deploy.path.parent / str(deploy.extra[name]["path"])
-
 
 def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t).astype(np.float64)
@@ -215,25 +69,14 @@ def audit_deployment(deploy_dir: Path, model_dir: Path | None = None, sample: in
     deploy = Manifest.load(Path(deploy_dir))
     texts = heldout_sentences(sample, seed)
     if deploy.encryption == MASKED:  # no key: the masks are drawn per query
-        from models.audit_masked import audit_masked
-
-        with _plain_model(deploy, model_dir, progress) as plain:
+        with plain_model(deploy, model_dir, progress) as plain:
             return audit_masked(deploy, plain, texts, seed, progress)
-    key_path = _load_key(deploy)
-    with _plain_model(deploy, model_dir, progress) as plain:
+    key_path = load_key(deploy)
+    with plain_model(deploy, model_dir, progress) as plain:
         report = AuditReport(deploy.cid, deploy.encryption)
         run = _audit_encoder if deploy.encryption == EE_ENCODER else _audit_decoder
         run(report, deploy, plain, key_path, texts, noise, np.random.default_rng(seed), progress)
     return report
-
-
-def _timed(report: AuditReport, progress: Progress, attack: str, target: str,
-           fn: Callable[[], tuple[float, float, dict[str, Any]]]) -> None:
-    progress(f"{attack}: {target}")
-    start = time.perf_counter()
-    success, baseline, detail = fn()
-    report.rows.append(AuditRow(attack, target, float(success), float(baseline), detail,
-                                round(time.perf_counter() - start, 3)))
 
 
 def _perturbations(noise: Sequence[float]) -> list[tuple[str, float | None]]:
@@ -255,14 +98,14 @@ def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
     emb = aa.EncoderEmbeddings.from_head(onnx.load(str(plain.shard_path(plain.head))))
 
     # what the first node receives for the held-out text (the owner's client head runs it)
-    tok_path = _client_file(deploy, "tokenizer")
+    tok_path = client_file(deploy, "tokenizer")
     feeds = TextTokenizer(tok_path, MAX_TOKENS)(texts)
     head = ShardSession(deploy.shard_path(deploy.head), deploy.head, spin=False)
     sent = head.run({t.name: feeds[t.name] for t in deploy.head.inputs})
     received, bias = sent["hidden_0"], sent["attention_bias"]
     visible = bias[:, 0, 0, :] >= 0  # what the node knows is not padding
     ids = feeds["input_ids"]
-    counted = (feeds["attention_mask"] == 1) & ~np.isin(ids, list(_special_ids(tok_path)))
+    counted = (feeds["attention_mask"] == 1) & ~np.isin(ids, list(special_ids(tok_path)))
     truth = ids[counted]
     base_tok = most_common_rate(truth)
 
@@ -287,7 +130,7 @@ def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
         frac = sum(v * n for v, n in parts) / n_entries
         return frac, chance, {**s, "permutation_entries": n_entries}
 
-    _timed(report, progress, "exact weight matching", "key", exact_key)
+    timed(report, progress, "exact weight matching", "key", exact_key)
 
     def exact_tokens() -> tuple[float, float, dict[str, Any]]:
         perm = recovered["hidden"]
@@ -296,7 +139,7 @@ def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
         read = aa.read_encoder_tokens(aa.apply_perm(received, perm), visible, emb, sort=False)
         return token_rate(read), base_tok, {"tokens": int(truth.size), "texts": len(texts)}
 
-    _timed(report, progress, "exact weight matching", "input tokens", exact_tokens)
+    timed(report, progress, "exact weight matching", "input tokens", exact_tokens)
 
     linear = {i: [n for n, op in plan.weight_ops[i].items() if op.op == "matmul"] for i in pw}
     every = {i: list(plan.weight_ops[i]) for i in pw}
@@ -331,18 +174,18 @@ def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
             return token_rate(read), base_tok, {"tokens": int(truth.size),
                                                 "perturbation": _describe(size)}
 
-        _timed(report, progress, label, "hidden permutation", robust_key)
-        _timed(report, progress, label, "input tokens", robust_tokens)
+        timed(report, progress, label, "hidden permutation", robust_key)
+        timed(report, progress, label, "input tokens", robust_tokens)
 
     def keyless() -> tuple[float, float, dict[str, Any]]:
         read = aa.read_encoder_tokens(received, visible, emb, sort=True)
         return token_rate(read), base_tok, {"tokens": int(truth.size),
                                             "method": "sorted values vs sorted embeddings"}
 
-    _timed(report, progress, "keyless sort", "input tokens", keyless)
+    timed(report, progress, "keyless sort", "input tokens", keyless)
     first = deploy.node_shards[0]
     lengths = feeds["attention_mask"].sum(axis=1)  # each text's token count
-    _timed(report, progress, "length and padding", "sequence length", lambda: (
+    timed(report, progress, "length and padding", "sequence length", lambda: (
         float(np.mean(visible.sum(axis=1) == lengths)), most_common_rate(lengths),
         {"first_node_inputs": [t.name for t in first.inputs],
          "mask_sent": "attention_bias" in {t.name for t in first.inputs},
@@ -370,8 +213,8 @@ def _audit_decoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
     layers = {i: sorted({int(n.split(".")[1]) for n in w}) for i, w in pw.items()}
     first = deploy.node_shards[0].index
 
-    tok_path = _client_file(deploy, "tokenizer")
-    tok, special = Tokenizer.from_file(str(tok_path)), _special_ids(tok_path)
+    tok_path = client_file(deploy, "tokenizer")
+    tok, special = Tokenizer.from_file(str(tok_path)), special_ids(tok_path)
     head = ShardSession(deploy.shard_path(deploy.head), deploy.head, spin=False)
     ids_list, rows = [], []
     for text in texts:  # one text per request, as the client sends them (no padding)
@@ -398,12 +241,12 @@ def _audit_decoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
             "shards": {str(i): {p: s[p] for p in (*parts, "rotation_rel_error")}
                        for i, s in scores.items()}}
 
-    _timed(report, progress, "exact weight matching", "key", exact_key)
+    timed(report, progress, "exact weight matching", "key", exact_key)
 
     def read(rot: np.ndarray, tab: np.ndarray) -> float:
         return float(np.mean(dec.nearest_tokens(received @ rot.T, tab)[counted] == truth))
 
-    _timed(report, progress, "exact weight matching", "input tokens", lambda: (
+    timed(report, progress, "exact weight matching", "input tokens", lambda: (
         read(rotation["exact"], table), base_tok, {"tokens": int(truth.size)}))
 
     names = list(pw[first])
@@ -431,23 +274,23 @@ def _audit_decoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
                 "kv_perm": s["kv_perm"], "q_perm": s["q_perm"],
                 "perturbation": _describe(size)}
 
-        _timed(report, progress, label, "FFN permutation", robust_key)
-        _timed(report, progress, label, "input tokens", lambda p_table=p_table, size=size: (
+        timed(report, progress, label, "FFN permutation", robust_key)
+        timed(report, progress, label, "input tokens", lambda p_table=p_table, size=size: (
             read(rotation[str(size)], p_table), base_tok,
             {"tokens": int(truth.size), "perturbation": _describe(size)}))
 
-    _timed(report, progress, "keyless norms", "input tokens", lambda: (
+    timed(report, progress, "keyless norms", "input tokens", lambda: (
         float(np.mean(dec.tokens_by_norm(received, table)[counted] == truth)), base_tok,
         {"tokens": int(truth.size), "method": "row norm of hidden_embed"}))
     lengths = np.array([len(r) for r in ids_list])
     seen = np.array([r.shape[0] for r in rows])
     node_inputs = [t.name for t in deploy.node_shards[0].inputs]
-    _timed(report, progress, "length and padding", "sequence length", lambda: (
+    timed(report, progress, "length and padding", "sequence length", lambda: (
         float(np.mean(seen == lengths)), most_common_rate(lengths),
         {"first_node_inputs": [*node_inputs[:3], "..."], "mask_sent": False,
          "note": "no padding: one text per request, its length is the sequence axis; the "
                  "KV cache's length gives the tokens per step"}))
 
 
-__all__ = ["AuditError", "AuditReport", "AuditRow", "audit_deployment", "heldout_sentences",
-           "most_common_rate"]
+__all__ = ["MAX_TOKENS", "NOISE_LEVELS", "AuditError", "AuditReport", "AuditRow",
+           "audit_deployment", "heldout_sentences", "most_common_rate"]

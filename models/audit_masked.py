@@ -41,21 +41,19 @@ from typing import Any
 
 import numpy as np
 import onnx
-from scipy import sparse
-from scipy.linalg import cho_factor, cho_solve
-from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
 from crypto.masks import expand_mask
 from models import audit_attacks as aa
-from models.audit import (
+from models.audit_attacks import RidgeProbe
+from models.audit_report import (
     MAX_TOKENS,
     AuditError,
     AuditReport,
-    _client_file,
-    _special_ids,
-    _timed,
+    client_file,
     heldout_sentences,
     most_common_rate,
+    special_ids,
+    timed,
 )
 from models.importer import Progress, no_progress
 from models.manifest import Manifest, ShardSpec
@@ -65,7 +63,6 @@ from models.tokenizer import TextTokenizer
 
 QUERIES = (1, 10, 100, 10_000, 1_000_000, 100_000_000)  # repeated queries averaged (e)
 PRIOR_ALPHA = 0.01  # add-alpha smoothing of the public-text token prior
-RIDGE = (1e-3, 1e-1, 1e1, 1e3)  # probe penalties, relative to the mean eigenvalue
 CHUNK = 256  # rows per block of [rows, vocabulary] scores
 COLLUSION = "collusion: A's x + r minus B's r"
 ONE = "one node, one query"  # the scope of the single-node, single-query rows
@@ -115,11 +112,11 @@ class Simulator:
     and keeps the inputs of ``shards`` at the rows of real (non-special) tokens."""
 
     def __init__(self, deploy: Manifest, shards: Iterable[ShardSpec]) -> None:
-        tok_path = _client_file(deploy, "tokenizer")
+        tok_path = client_file(deploy, "tokenizer")
         shards = list(shards)
         self.deploy, self.keep = deploy, {s.cid for s in shards}
         self.last = max(s.index for s in shards)  # nothing after it is needed
-        self.tok, self.special = TextTokenizer(tok_path, MAX_TOKENS), list(_special_ids(tok_path))
+        self.tok, self.special = TextTokenizer(tok_path, MAX_TOKENS), list(special_ids(tok_path))
         self.weights = {s.cid: node_weight(deploy, s) for s in deploy.node_shards}
         self.pipe = Pipeline(deploy, node_runner=self._node, spin=False)
         self._got: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -238,55 +235,6 @@ def read_norms(cands: Candidates, positions: np.ndarray, rows: np.ndarray,
                     np.int64)
 
 
-class RidgeProbe:
-    """Ridge regression of one-hot token ids on a view's rows (with an intercept: the class
-    frequencies), fitted on four fifths of the training rows with the penalty that reads the
-    other fifth best; predicts the argmax. An infinite penalty (always the most common training
-    token) is a candidate too."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
-        order = rng.permutation(len(y))
-        val, fit = order[:len(y) // 5], order[len(y) // 5:]
-        self._fit(x[fit], y[fit])
-        scores = {}
-        for lam in (*RIDGE, math.inf):
-            self._penalty(lam)
-            scores[lam] = float(np.mean(self.predict(x[val]) == y[val]))
-        self.penalty = max(scores, key=lambda lam: (scores[lam], lam))
-        self._penalty(self.penalty)  # kept as fitted on the other four fifths
-
-    def _fit(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.classes, cls = np.unique(y, return_inverse=True)
-        onehot = sparse.csr_matrix((np.ones(len(y)), (np.arange(len(y)), cls)),
-                                   shape=(len(y), len(self.classes)))
-        self.bias = np.asarray(onehot.mean(axis=0)).ravel()
-        self.mean = x.mean(axis=0)
-        xc = x - self.mean
-        self._gram = xc.T @ xc
-        self._xty = np.asarray((onehot.T @ xc).T)  # [d, classes]
-        self._scale = max(float(np.trace(self._gram)) / len(self.mean), 1e-300)
-
-    def _penalty(self, lam: float) -> None:
-        if math.isinf(lam):
-            self._factor = None
-            return
-        # one BLAS thread: a threaded factorization of a few hundred rows is up to 15x slower
-        # when other processes share the cores, and hardly faster when they do not
-        with threadpool_limits(1):
-            self._factor = cho_factor(self._gram + lam * self._scale * np.eye(len(self.mean)))
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """``argmax(bias + (x - mean) (X'X + lam I)^-1 X'Y)``, solved per block of rows."""
-        if self._factor is None:
-            return np.full(len(x), self.classes[np.argmax(self.bias)])
-        out = np.empty(len(x), np.int64)
-        for start in range(0, len(x), CHUNK):
-            z = cho_solve(self._factor, (x[start:start + CHUNK] - self.mean).T)
-            out[start:start + CHUNK] = self.classes[np.argmax(z.T @ self._xty + self.bias,
-                                                              axis=1)]
-        return out
-
-
 # --- the bound ------------------------------------------------------------------------------------
 
 def information_bound(deploy: Manifest, sigma: float | None = None) -> dict[str, Any]:
@@ -353,7 +301,7 @@ def audit_masked(deploy: Manifest, plain: Manifest, texts: list[str], seed: int 
     def rate(read: np.ndarray) -> float:
         return float(np.mean(read == truth)) if truth.size else 0.0
 
-    _timed(report, progress, "weight matching", "key", lambda: (
+    timed(report, progress, "weight matching", "key", lambda: (
         0.0, 0.0, {"applicable": False, "note": NOT_APPLICABLE}))
     x0, s0 = test.x[first.cid], sig[first.cid]
     observed = {"one": (views[first.cid], s0)}
@@ -369,18 +317,18 @@ def audit_masked(deploy: Manifest, plain: Manifest, texts: list[str], seed: int 
                                             "nearest LN(word + position + type) to x + r at "
                                             "each row's position (maximum likelihood)"}
 
-    _timed(report, progress, "nearest embedding (ML)", "input tokens", nearest)
-    _timed(report, progress, "nearest embedding (MAP)", "input tokens", lambda: (
+    timed(report, progress, "nearest embedding (ML)", "input tokens", nearest)
+    timed(report, progress, "nearest embedding (MAP)", "input tokens", lambda: (
         rate(reads["one"][1]), base, {**common, "scope": ONE, "note":
                                       "ML plus the log-frequency of each token in public text "
                                       "(the Bayes-optimal reader for Gaussian masks)"}))
-    _timed(report, progress, "keyless norms", "input tokens", lambda: (
+    timed(report, progress, "keyless norms", "input tokens", lambda: (
         rate(read_norms(cands, test.positions, views[first.cid], s0)), base,
         {**common, "scope": ONE, "note": "row norm minus the mask's expected d sigma^2, "
                                          "nearest candidate norm"}))
     rng = np.random.default_rng(seed)
     for shard in probed:
-        _timed(report, progress, f"linear probe {shard_name(shard)}", "input tokens",
+        timed(report, progress, f"linear probe {shard_name(shard)}", "input tokens",
                lambda shard=shard: _probe(shard, pub, views, sig, truth, base, rng, rate))
     bound_first = plan.shards[first.cid].input_norm_bound
     for k in queries:
@@ -388,7 +336,7 @@ def audit_masked(deploy: Manifest, plain: Manifest, texts: list[str], seed: int 
         s = s0 / math.sqrt(k)
         bits = _view_bits(bound_first, s0) * k
         d = x0.shape[1]
-        _timed(report, progress, f"averaging {k} queries", "input tokens", lambda k=k, key=key,
+        timed(report, progress, f"averaging {k} queries", "input tokens", lambda k=k, key=key,
                s=s, bits=bits, d=d: (rate(reads[key][0]), base, {
                    **common, "queries": k,
                    "scope": ONE if k == 1 else f"one node, {k} queries of the same text",
@@ -399,9 +347,9 @@ def audit_masked(deploy: Manifest, plain: Manifest, texts: list[str], seed: int 
                    "note": "mean of k views of the layer-0 qkv input: exactly N(x, sigma^2/k), "
                            "drawn as one mask of sigma/sqrt(k); nearest embedding (ML), MAP "
                            "in 'map'"}))
-    _timed(report, progress, "length and padding", "sequence length",
+    timed(report, progress, "length and padding", "sequence length",
            lambda: _length(deploy, test, pub, first))
-    _timed(report, progress, COLLUSION, "input tokens", lambda: (
+    timed(report, progress, COLLUSION, "input tokens", lambda: (
         rate(reads["collusion"][0]), base, {
             **common, "scope": "two colluding nodes, one query",
             "note": "A holds x + r, B draws r from its seed: (x + r) - r = x exactly; then "
@@ -455,7 +403,7 @@ def best_single_node(report: AuditReport) -> float:
                and r.detail.get("scope") == ONE)
 
 
-__all__ = ["COLLUSION", "QUERIES", "Candidates", "RidgeProbe", "Simulator", "Traffic",
+__all__ = ["COLLUSION", "QUERIES", "Candidates", "Simulator", "Traffic",
            "audit_masked", "best_single_node", "first_qkv", "information_bound", "layer_kind",
            "mask_seed", "masked_view", "read_nearest", "read_norms", "shard_name",
            "token_prior"]

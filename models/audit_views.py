@@ -32,20 +32,9 @@ from tokenizers import Tokenizer
 
 from crypto.ee_key import EEKey
 from models import audit_attacks as aa
-from models.audit import (
-    AuditError,
-    AuditReport,
-    _client_file,
-    _load_key,
-    _plain_model,
-    _special_ids,
-    _timed,
-    heldout_sentences,
-    most_common_rate,
-)
+from models.audit_attacks import RidgeProbe
 from models.audit_masked import (
     Candidates,
-    RidgeProbe,
     Simulator,
     first_qkv,
     information_bound,
@@ -53,6 +42,17 @@ from models.audit_masked import (
     read_nearest,
     shard_name,
     token_prior,
+)
+from models.audit_report import (
+    AuditError,
+    AuditReport,
+    client_file,
+    heldout_sentences,
+    load_key,
+    most_common_rate,
+    plain_model,
+    special_ids,
+    timed,
 )
 from models.ee_attack import recover_key
 from models.ee_plan import plan_encryption
@@ -113,7 +113,7 @@ def audit_views(deploy_dir: Path, views_dir: Path | Sequence[Path], model_dir: P
         for row in report.rows:
             row.source = "views"
         return report
-    key_path = _load_key(deploy)
+    key_path = load_key(deploy)
     if deploy.encryption != EE_ENCODER:
         raise AuditError(f"{deploy.path}: --views audits only {EE_ENCODER} and {MASKED} "
                          f"deployments so far, not {deploy.encryption}")
@@ -137,7 +137,7 @@ def audit_views(deploy_dir: Path, views_dir: Path | Sequence[Path], model_dir: P
     if not attacked:
         progress(f"no views of the first node shard in {where}: nothing attacked yet")
         return report
-    with _plain_model(deploy, model_dir, progress) as plain:
+    with plain_model(deploy, model_dir, progress) as plain:
         _attack(report, deploy, plain, key_path, attacked, progress)
     for row in report.rows:
         row.source = "views"
@@ -150,7 +150,7 @@ def _attack(report: AuditReport, deploy: Manifest, plain: Manifest, key_path: Pa
     hidden_true = key.perm("hidden").perm
     emb = aa.EncoderEmbeddings.from_head(onnx.load(str(plain.shard_path(plain.head))))
     received = [_received(v, len(hidden_true)) for v in views]
-    special = list(_special_ids(_client_file(deploy, "tokenizer")))
+    special = list(special_ids(client_file(deploy, "tokenizer")))
 
     # ground truth: what the owner reads with the real key (positions the node sees, no specials)
     truths = [aa.read_encoder_tokens(aa.apply_perm(h, hidden_true), vis, emb, sort=False)
@@ -188,9 +188,9 @@ def _attack(report: AuditReport, deploy: Manifest, plain: Manifest, key_path: Pa
         return rate([aa.read_encoder_tokens(h, vis, emb, sort=True) for h, vis in received]), \
             base, {**common, "method": "sorted values vs sorted embeddings"}
 
-    _timed(report, progress, "exact weight matching", "hidden permutation", exact_key)
-    _timed(report, progress, "exact weight matching", "input tokens", exact_tokens)
-    _timed(report, progress, "keyless sort", "input tokens", keyless)
+    timed(report, progress, "exact weight matching", "hidden permutation", exact_key)
+    timed(report, progress, "exact weight matching", "input tokens", exact_tokens)
+    timed(report, progress, "keyless sort", "input tokens", keyless)
 
 
 # --- masked/1 -------------------------------------------------------------------------------------
@@ -267,8 +267,8 @@ def _audit_masked(deploy: Manifest, dirs: list[Path], model_dir: Path | None,
                          f"{len(deploy.node_shards)} node shards")
     first = first_qkv(deploy)
     pairs = pair_views(seen, plan)
-    tok_path = _client_file(deploy, "tokenizer")
-    special = list(_special_ids(tok_path))
+    tok_path = client_file(deploy, "tokenizer")
+    special = list(special_ids(tok_path))
     cls_id = Tokenizer.from_file(str(tok_path)).token_to_id("[CLS]")
     report = AuditReport(deploy.cid, deploy.encryption)
     report.bound = information_bound(deploy)
@@ -284,7 +284,7 @@ def _audit_masked(deploy: Manifest, dirs: list[Path], model_dir: Path | None,
         unscored.append("no layer-0 qkv view could be paired with its mask: the ground truth "
                         "x = (x + r) - r needs both nodes' recordings (pass each with --views)")
         return report
-    with _plain_model(deploy, model_dir, progress) as plain:
+    with plain_model(deploy, model_dir, progress) as plain:
         emb = aa.EncoderEmbeddings.from_head(onnx.load(str(plain.shard_path(plain.head))))
     # the owner's reading of every paired layer-0 call: (A, B, positions, truth, counted)
     cls_row = emb.at(0)[cls_id].astype(np.float64)
@@ -335,7 +335,7 @@ def _audit_masked(deploy: Manifest, dirs: list[Path], model_dir: Path | None,
                  "token"),
                 (f"linear probe {shard_name(first)}", probe.predict(obs), "ridge trained on "
                  "public text's simulated views at the deployment's sigma")):
-            _timed(report, progress, f"{attack} [views {node + 1}]", "input tokens",
+            timed(report, progress, f"{attack} [views {node + 1}]", "input tokens",
                    lambda read=read, note=note, base=base, truth=truth, common=common: (
                        float(np.mean(read == truth)), base, {**common, "note": note}))
     for i, j in combinations(range(len(dirs)), 2):
@@ -353,7 +353,7 @@ def _audit_masked(deploy: Manifest, dirs: list[Path], model_dir: Path | None,
         read, _, truth = scored(parts)
         recovered = sum(1 for a, m in pairs if {a.node, m.node} == {i, j})
         pooled = [str(dirs[i]), str(dirs[j])]
-        _timed(report, progress, f"collusion [views {i + 1}+{j + 1}]", "input tokens",
+        timed(report, progress, f"collusion [views {i + 1}+{j + 1}]", "input tokens",
                lambda read=read, truth=truth, mine=mine, recovered=recovered, pooled=pooled: (
                    float(np.mean(read == truth)), most_common_rate(truth), {
                        "dirs": pooled, "tokens": int(truth.size),

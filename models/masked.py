@@ -38,9 +38,9 @@ from onnx import numpy_helper
 import models.masked_graph as mg
 from errors import InputError
 from models.cid import cid_of_file
+from models.deploy_writer import load_plaintext, write_deployment
 from models.ee_decoder import PlannedShard
 from models.ee_plan import EncryptionError
-from models.encrypt import load_plaintext, write_deployment
 from models.importer import Progress, check_output_dir, no_progress, tensor_spec
 from models.manifest import MASKED, Manifest, ManifestError, ShardSpec
 

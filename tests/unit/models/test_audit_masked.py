@@ -14,7 +14,7 @@ import onnx
 import pytest
 from tokenizers import Tokenizer
 
-import models.audit_masked
+import models.audit
 from crypto.masks import expand_mask
 from models import Manifest, ShardSession, TextTokenizer, pad_to_bucket
 from models import audit_attacks as aa
@@ -134,7 +134,7 @@ def test_cli_audits_a_masked_deployment(masked_deployment: Path, minilm_dir: Pat
         calls.append((deploy.encryption, plain.cid, len(texts), seed))
         return masked_report
 
-    monkeypatch.setattr(models.audit_masked, "audit_masked", fake)
+    monkeypatch.setattr(models.audit, "audit_masked", fake)
     assert main(["audit", str(masked_deployment), "--model", str(minilm_dir), "--sample", "3",
                  "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
