@@ -15,7 +15,7 @@ The held-out text is the stdlib's help texts (``pydoc_data.topics``), nothing do
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from crypto.ee_key import EEKey
 from models import audit_attacks as aa
 from models import ee_decoder_attack as dec
 from models.audit_masked import audit_masked
+from models.audit_probe import PUBLIC_FACTOR, probe_rows
 from models.audit_report import (
     MAX_TOKENS,
     AuditError,
@@ -50,6 +51,7 @@ from models.manifest import EE_ENCODER, MASKED, Manifest
 from models.runtime import ShardSession
 from models.tokenizer import TextTokenizer
 
+PUBLIC_SEED = 16  # the public text a probe trains on (held-out text uses the audit's seed)
 NOISE_LEVELS = (0.1, 0.5, 1.0)  # dense Gaussian noise, relative to each tensor's RMS
 LOW_RANK = 8  # rank of the LoRA-like delta
 LOW_RANK_SIZE = 0.1  # its Frobenius norm relative to the weight's
@@ -183,6 +185,18 @@ def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
                                             "method": "sorted values vs sorted embeddings"}
 
     timed(report, progress, "keyless sort", "input tokens", keyless)
+    if recovered["hidden"].min() >= 0:  # decrypt-then-probe at every node shard's input
+        public = heldout_sentences(max(PUBLIC_FACTOR * len(texts), 200), seed=PUBLIC_SEED)
+        public = [t for t in public if t not in set(texts)]
+        rows = probe_rows(deploy, plain, TextTokenizer(tok_path, MAX_TOKENS), feeds, counted,
+                          public, recovered["hidden"], special_ids(tok_path), rng)
+        for label, run in rows:
+            def scored(run: Callable[[], tuple[float, dict]] = run,
+                       ) -> tuple[float, float, dict[str, Any]]:
+                rate, detail = run()
+                return rate, base_tok, detail
+
+            timed(report, progress, label, "input tokens", scored)
     first = deploy.node_shards[0]
     lengths = feeds["attention_mask"].sum(axis=1)  # each text's token count
     timed(report, progress, "length and padding", "sequence length", lambda: (

@@ -15,6 +15,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import models.audit
+from models import Manifest
 from models.audit import (
     MAX_TOKENS,
     AuditError,
@@ -82,6 +83,19 @@ def test_nearest_neighbour_matching_survives_a_fine_tune(encoder_report: AuditRe
     assert encoder_report.row("robust matching, rank-8 delta", "input tokens").success >= 0.99
 
 
+def test_decrypt_then_probe_reads_every_node_shards_input(encoder_report: AuditReport,
+                                                          deployment_dir: Path) -> None:
+    """Both node shards' inputs (hidden_0, and hidden_3 three layers deep) are read by a
+    node that un-permutes them with the recovered key and probes them."""
+    cuts = [t.name for s in Manifest.load(deployment_dir).node_shards for t in s.inputs
+            if t.name.startswith("hidden_")]
+    for cut in cuts:
+        row = encoder_report.row(f"decrypt-then-probe [{cut}]", "input tokens")
+        print(f"{cut}: {row.success:.3f} (baseline {row.baseline:.3f}, coverage "
+              f"{row.detail['coverage']:.3f})")
+        assert row.success > 5 * row.baseline and row.success <= row.detail["coverage"]
+
+
 def test_length_and_padding_are_visible(encoder_report: AuditReport) -> None:
     row = encoder_report.row("length and padding", "sequence length")
     assert row.success == 1.0
@@ -94,7 +108,8 @@ def test_json_shape(encoder_report: AuditReport) -> None:
     doc = json.loads(json.dumps(encoder_report.to_json()))
     assert set(doc) == {"deployment", "scheme", "rows"}
     assert doc["scheme"] == "ee-encoder/1" and doc["deployment"].startswith("bafk")
-    assert len(doc["rows"]) == 8  # key, tokens, 2 x (perm, tokens), keyless, length
+    # key, tokens, 2 x (perm, tokens), keyless, decrypt-then-probe at both node shards, length
+    assert len(doc["rows"]) == 10
     for row in doc["rows"]:
         assert set(row) == {"attack", "target", "success", "baseline", "detail", "seconds",
                             "source"}
