@@ -49,7 +49,9 @@ class BertConfig:
         )
 
 
-class _Builder:
+class GraphBuilder:
+    """Nodes and initializers of a graph being built (models/masked_graph.py extends it)."""
+
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -63,56 +65,62 @@ class _Builder:
         return output
 
 
-def build_bert_sentence_encoder(
-    cfg: BertConfig, weights: Mapping[str, np.ndarray], name: str
-) -> onnx.ModelProto:
-    """The whole model: embeddings, encoder layers, mean pooling, L2 normalisation."""
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError("hidden_size must be a multiple of num_attention_heads")
-    b = _Builder()
-    w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items() if k != "position_ids"}
+# Initializer names of the embeddings (as the graphs name them) and their Hugging Face names.
+EMBEDDINGS = {"embeddings.word": "embeddings.word_embeddings.weight",
+              "embeddings.position": "embeddings.position_embeddings.weight",
+              "embeddings.token_type": "embeddings.token_type_embeddings.weight",
+              "embeddings.ln.weight": "embeddings.LayerNorm.weight",
+              "embeddings.ln.bias": "embeddings.LayerNorm.bias"}
 
-    def get(key: str) -> np.ndarray:
-        if key not in w:
-            raise KeyError(f"weights have no tensor {key!r}")
-        return w[key]
 
-    # --- embeddings (client head) ---
-    word = b.op(
-        "Gather", [b.const("embeddings.word", get("embeddings.word_embeddings.weight")),
-                   "input_ids"], "emb/word", axis=0,
-    )
-    seq_len = b.op("Shape", ["input_ids"], "emb/seq_len", start=1, end=2)
-    pos_table = b.const("embeddings.position", get("embeddings.position_embeddings.weight"))
+def embeddings(b: GraphBuilder, w: Mapping[str, np.ndarray], ids: str, types: str,
+               eps: float) -> str:
+    """``hidden_0``: LayerNorm(word + position + token type) from ``w`` (``EMBEDDINGS`` keys)."""
+    word = b.op("Gather", [b.const("embeddings.word", w["embeddings.word"]), ids], "emb/word",
+                axis=0)
+    seq_len = b.op("Shape", [ids], "emb/seq_len", start=1, end=2)
+    pos_table = b.const("embeddings.position", w["embeddings.position"])
     pos = b.op(
         "Slice", [pos_table, b.const("emb/zero", np.array([0], np.int64)), seq_len,
                   b.const("emb/axis0", np.array([0], np.int64))], "emb/position",
     )
-    ttype = b.op(
-        "Gather", [b.const("embeddings.token_type",
-                           get("embeddings.token_type_embeddings.weight")), "token_type_ids"],
-        "emb/token_type", axis=0,
-    )
+    ttype = b.op("Gather", [b.const("embeddings.token_type", w["embeddings.token_type"]),
+                            types], "emb/token_type", axis=0)
     summed = b.op("Add", [b.op("Add", [word, pos], "emb/word_pos"), ttype], "emb/sum")
-    hidden = b.op(
+    return b.op(
         "LayerNormalization",
-        [summed, b.const("embeddings.ln.weight", get("embeddings.LayerNorm.weight")),
-         b.const("embeddings.ln.bias", get("embeddings.LayerNorm.bias"))],
-        "hidden_0", axis=-1, epsilon=cfg.layer_norm_eps,
+        [summed, b.const("embeddings.ln.weight", w["embeddings.ln.weight"]),
+         b.const("embeddings.ln.bias", w["embeddings.ln.bias"])],
+        "hidden_0", axis=-1, epsilon=eps,
     )
 
-    # --- attention bias from the mask: 0 where attended, MASK_VALUE at padding ---
-    mask_f = b.op("Cast", ["attention_mask"], "mask/float", to=TensorProto.FLOAT)
+
+def attention_bias(b: GraphBuilder, mask: str) -> tuple[str, str]:
+    """(the mask as float32, ``attention_bias``: 0 where attended, MASK_VALUE at padding)."""
+    mask_f = b.op("Cast", [mask], "mask/float", to=TensorProto.FLOAT)
     inverted = b.op("Sub", [b.const("mask/one", np.array(1.0, np.float32)), mask_f], "mask/inv")
     scaled = b.op("Mul", [inverted, b.const("mask/value", np.array(MASK_VALUE, np.float32))],
                   "mask/scaled")
     bias = b.op("Unsqueeze", [scaled, b.const("mask/axes", np.array([1, 2], np.int64))],
                 "attention_bias")
+    return mask_f, bias
 
-    for layer in range(cfg.num_layers):
-        hidden = _encoder_layer(b, cfg, w, layer, hidden, bias)
 
-    # --- mean pooling and L2 normalisation (client tail) ---
+def scaled_attention(b: GraphBuilder, p: str, q: str, k: str, v: str, bias: str,
+                     head_dim: int) -> str:
+    """softmax(q k / sqrt(d) + bias) v for q, v [B, h, T, d] and k [B, h, d, T], returned as
+    [B, T, h, d]."""
+    scores = b.op("MatMul", [q, k], f"{p}/attention/scores")
+    scale = b.const(f"{p}/attention/scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
+    scores = b.op("Mul", [scores, scale], f"{p}/attention/scaled")
+    scores = b.op("Add", [scores, bias], f"{p}/attention/masked")
+    probs = b.op("Softmax", [scores], f"{p}/attention/probs", axis=-1)
+    ctx = b.op("MatMul", [probs, v], f"{p}/attention/context")
+    return b.op("Transpose", [ctx], f"{p}/attention/context_t", perm=[0, 2, 1, 3])
+
+
+def mean_pool_normalize(b: GraphBuilder, hidden: str, mask_f: str) -> str:
+    """``sentence_embedding``: the mean of ``hidden`` over attended positions, L2-normalised."""
     mask3 = b.op("Unsqueeze", [mask_f, b.const("pool/axes", np.array([2], np.int64))],
                  "pool/mask")
     masked = b.op("Mul", [hidden, mask3], "pool/masked")
@@ -126,7 +134,33 @@ def build_bert_sentence_encoder(
     norm = b.op("ReduceL2", [mean, axis_last], "pool/norm", keepdims=1)
     norm = b.op("Max", [norm, b.const("pool/min_norm", np.array(1e-12, np.float32))],
                 "pool/norm_clamped")
-    b.op("Div", [mean, norm], "sentence_embedding")
+    return b.op("Div", [mean, norm], "sentence_embedding")
+
+
+def build_bert_sentence_encoder(
+    cfg: BertConfig, weights: Mapping[str, np.ndarray], name: str
+) -> onnx.ModelProto:
+    """The whole model: embeddings, encoder layers, mean pooling, L2 normalisation."""
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError("hidden_size must be a multiple of num_attention_heads")
+    b = GraphBuilder()
+    w = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items() if k != "position_ids"}
+
+    def get(key: str) -> np.ndarray:
+        if key not in w:
+            raise KeyError(f"weights have no tensor {key!r}")
+        return w[key]
+
+    # --- embeddings and the attention bias (client head) ---
+    hidden = embeddings(b, {name: get(hf) for name, hf in EMBEDDINGS.items()}, "input_ids",
+                        "token_type_ids", cfg.layer_norm_eps)
+    mask_f, bias = attention_bias(b, "attention_mask")
+
+    for layer in range(cfg.num_layers):
+        hidden = _encoder_layer(b, cfg, w, layer, hidden, bias)
+
+    # --- mean pooling and L2 normalisation (client tail) ---
+    mean_pool_normalize(b, hidden, mask_f)
 
     graph = helper.make_graph(
         b.nodes,
@@ -148,7 +182,7 @@ def build_bert_sentence_encoder(
 
 
 def _encoder_layer(
-    b: _Builder, cfg: BertConfig, w: Mapping[str, np.ndarray], layer: int, x: str, bias: str
+    b: GraphBuilder, cfg: BertConfig, w: Mapping[str, np.ndarray], layer: int, x: str, bias: str
 ) -> str:
     src = f"encoder.layer.{layer}"
     p = f"layer.{layer}"
@@ -170,13 +204,7 @@ def _encoder_layer(
     q = heads_of("query", "attention.self.query", [0, 2, 1, 3])  # [B, h, T, d]
     k = heads_of("key", "attention.self.key", [0, 2, 3, 1])  # [B, h, d, T]
     v = heads_of("value", "attention.self.value", [0, 2, 1, 3])  # [B, h, T, d]
-    scores = b.op("MatMul", [q, k], f"{p}/attention/scores")
-    scale = b.const(f"{p}/attention/scale", np.array(1.0 / np.sqrt(dh), np.float32))
-    scores = b.op("Mul", [scores, scale], f"{p}/attention/scaled")
-    scores = b.op("Add", [scores, bias], f"{p}/attention/masked")
-    probs = b.op("Softmax", [scores], f"{p}/attention/probs", axis=-1)
-    ctx = b.op("MatMul", [probs, v], f"{p}/attention/context")
-    ctx = b.op("Transpose", [ctx], f"{p}/attention/context_t", perm=[0, 2, 1, 3])
+    ctx = scaled_attention(b, p, q, k, v, bias, dh)
     ctx = b.op("Reshape", [ctx, merge_shape], f"{p}/attention/context_merged")
     attn = linear(ctx, "attention.output.dense", "attention_out")
     res1 = b.op("Add", [attn, x], f"{p}/attention/residual")

@@ -19,9 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from models.bert_graph import IR_VERSION, MASK_VALUE, OPSET
+from models.bert_graph import (
+    EMBEDDINGS,
+    IR_VERSION,
+    OPSET,
+    GraphBuilder,
+    attention_bias,
+    embeddings,
+    mean_pool_normalize,
+    scaled_attention,
+)
 
 KINDS = ("qkv", "o", "up", "down")  # the node shards of one layer, in order
 ROWS, BATCH, SEQ = "rows", "batch", "seq"
@@ -61,12 +70,11 @@ def h1(layer: int) -> str:
     return f"masked/{layer}/h1"
 
 
-class _Graph:
+class _Graph(GraphBuilder):
     """Nodes, initializers and typed inputs/outputs of one shard."""
 
     def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        super().__init__()
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
 
@@ -77,14 +85,6 @@ class _Graph:
     def output(self, name: str, dtype: int, shape: Sequence[int | str]) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
 
-    def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], output: str, **attrs: object) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
-        return output
-
     def rows(self, x: str, width: int, out: str) -> str:
         """``x`` [batch, seq, width] float32 -> ``out`` [rows, width] float64."""
         flat = self.op("Reshape", [x, self.const(f"{out}/shape", np.array([-1, width],
@@ -93,7 +93,8 @@ class _Graph:
         return self.op("Cast", [flat], out, to=F64)
 
     def finish(self, name: str) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.inits)
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs,
+                                  self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="veilnet")
         model.ir_version = IR_VERSION
@@ -113,25 +114,8 @@ def head(dims: Dims, w: Weights) -> onnx.ModelProto:
     """Embeddings + LayerNorm (``hidden_0``), ``attention_bias``, and ``masked/0/qkv/in``."""
     g = _Graph()
     ids, mask, types = (g.input(n, I64, [BATCH, SEQ]) for n in MODEL_INPUTS)
-    word = g.op("Gather", [g.const("embeddings.word", _f32(w, "embeddings.word")), ids],
-                "emb/word", axis=0)
-    seq_len = g.op("Shape", [ids], "emb/seq_len", start=1, end=2)
-    pos = g.op("Slice", [g.const("embeddings.position", _f32(w, "embeddings.position")),
-                         g.const("emb/zero", np.array([0], np.int64)), seq_len,
-                         g.const("emb/axis0", np.array([0], np.int64))], "emb/position")
-    ttype = g.op("Gather", [g.const("embeddings.token_type", _f32(w, "embeddings.token_type")),
-                            types], "emb/token_type", axis=0)
-    summed = g.op("Add", [g.op("Add", [word, pos], "emb/word_pos"), ttype], "emb/sum")
-    hidden = g.op("LayerNormalization",
-                  [summed, g.const("embeddings.ln.weight", _f32(w, "embeddings.ln.weight")),
-                   g.const("embeddings.ln.bias", _f32(w, "embeddings.ln.bias"))],
-                  "hidden_0", axis=-1, epsilon=dims.eps)
-    mask_f = g.op("Cast", [mask], "mask/float", to=F32)
-    inverted = g.op("Sub", [g.const("mask/one", np.array(1.0, np.float32)), mask_f], "mask/inv")
-    scaled = g.op("Mul", [inverted, g.const("mask/value", np.array(MASK_VALUE, np.float32))],
-                  "mask/scaled")
-    g.op("Unsqueeze", [scaled, g.const("mask/axes", np.array([1, 2], np.int64))],
-         "attention_bias")
+    hidden = embeddings(g, {name: _f32(w, name) for name in EMBEDDINGS}, ids, types, dims.eps)
+    attention_bias(g, mask)
     g.rows(hidden, dims.hidden, node_in(0, "qkv"))
     g.output(hidden, F32, _stream(dims))
     g.output("attention_bias", F32, [BATCH, 1, 1, SEQ])
@@ -180,13 +164,7 @@ def after_qkv(dims: Dims, w: Weights, layer: int) -> onnx.ModelProto:
     q = heads_of(parts[0], [0, 2, 1, 3])  # [B, h, T, d]
     k = heads_of(parts[1], [0, 2, 3, 1])  # [B, h, d, T]
     v = heads_of(parts[2], [0, 2, 1, 3])  # [B, h, T, d]
-    scores = g.op("MatMul", [q, k], f"{p}/attention/scores")
-    scale = g.const(f"{p}/attention/scale", np.array(1.0 / np.sqrt(dh), np.float32))
-    scores = g.op("Mul", [scores, scale], f"{p}/attention/scaled")
-    scores = g.op("Add", [scores, bias], f"{p}/attention/masked")
-    probs = g.op("Softmax", [scores], f"{p}/attention/probs", axis=-1)
-    ctx = g.op("MatMul", [probs, v], f"{p}/attention/context")
-    ctx = g.op("Transpose", [ctx], f"{p}/attention/context_t", perm=[0, 2, 1, 3])
+    ctx = scaled_attention(g, p, q, k, v, bias, dh)
     g.rows(ctx, hid, node_in(layer, "o"))  # [B, T, h, d] -> [rows, h*d]
     g.output(node_in(layer, "o"), F64, [ROWS, hid])
     return g.finish(f"masked_{layer}_attention")
@@ -253,20 +231,6 @@ def tail(dims: Dims) -> onnx.ModelProto:
     g = _Graph()
     hidden = g.input(f"hidden_{dims.layers}", F32, _stream(dims))
     mask = g.input("attention_mask", I64, [BATCH, SEQ])
-    mask_f = g.op("Cast", [mask], "mask/float", to=F32)
-    mask3 = g.op("Unsqueeze", [mask_f, g.const("pool/axes", np.array([2], np.int64))],
-                 "pool/mask")
-    masked = g.op("Mul", [hidden, mask3], "pool/masked")
-    axis1 = g.const("pool/axis1", np.array([1], np.int64))
-    total = g.op("ReduceSum", [masked, axis1], "pool/sum", keepdims=0)
-    count = g.op("ReduceSum", [mask3, axis1], "pool/count", keepdims=0)
-    count = g.op("Max", [count, g.const("pool/min_count", np.array(1e-9, np.float32))],
-                 "pool/count_clamped")
-    mean = g.op("Div", [total, count], "pool/mean")
-    axis_last = g.const("pool/axis_last", np.array([-1], np.int64))
-    norm = g.op("ReduceL2", [mean, axis_last], "pool/norm", keepdims=1)
-    norm = g.op("Max", [norm, g.const("pool/min_norm", np.array(1e-12, np.float32))],
-                "pool/norm_clamped")
-    g.op("Div", [mean, norm], "sentence_embedding")
+    mean_pool_normalize(g, hidden, g.op("Cast", [mask], "mask/float", to=F32))
     g.output("sentence_embedding", F32, [BATCH, dims.hidden])
     return g.finish("masked_tail")
