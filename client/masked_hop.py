@@ -252,16 +252,16 @@ class MaskedRunner:
             if mask is not None:
                 await mask.done.wait()
             for _ in range(ATTEMPTS):
+                exclude = {f.split(":", 1)[0] for f in failures}  # failed or caught so far
                 if mask is None or mask.reply is None or mask.r is None \
                         or mask.r.shape != x.shape:
-                    exclude = {f.split(":", 1)[0] for f in failures}
                     mask = _Mask(new_seed())
                     await self._ask_b(state, shard, mask, x.shape[0], exclude)
                     if mask.reply is None:
                         mask = None
                         continue
                 assert mask.node is not None and mask.check is not None and mask.r is not None
-                b, exclude = mask.node, {f.split(":", 1)[0] for f in failures}
+                b = mask.node
                 a = next((c for c in self.router.plan(shard.cid)
                           if c.peer_id not in exclude and separate_operators(c, b)), None)
                 if a is None:

@@ -187,7 +187,8 @@ def _audit_encoder(report: AuditReport, deploy: Manifest, plain: Manifest, key_p
     timed(report, progress, "keyless sort", "input tokens", keyless)
     if recovered["hidden"].min() >= 0:  # decrypt-then-probe at every node shard's input
         public = heldout_sentences(max(PUBLIC_FACTOR * len(texts), 200), seed=PUBLIC_SEED)
-        public = [t for t in public if t not in set(texts)]
+        held_out = set(texts)
+        public = [t for t in public if t not in held_out]
         rows = probe_rows(deploy, plain, TextTokenizer(tok_path, MAX_TOKENS), feeds, counted,
                           public, recovered["hidden"], special_ids(tok_path), rng)
         for label, run in rows:
