@@ -197,6 +197,8 @@ async def run_hop(caller: InferCaller, router: Router, policy: VerifyPolicy, sha
     replicas = len(candidates) + len(skipped)
     want = {"full": policy.replicas,
             "spot": 2 if router.rng.random() < policy.spot_rate else 1, "none": 1}[mode]
+    if mode == "spot" and want > 1:  # the checker is drawn uniformly, not by rank
+        candidates = candidates[:1] + router.audit_order(candidates[1:])
     run = _HopRun(caller, router, policy, shard, feeds, input_digest, candidates, want)
     await run.run()
     replies, failures = run.replies, run.failures

@@ -5,6 +5,7 @@ the providers of a shard (``plan``): by this client's own reputation view once i
 verdict of the node, else by the network's ranking (from a ledger node), else the neutral
 prior; with some randomness so new nodes get traffic; nodes caught lying last; nodes in
 backoff after a failure (``health``, client/health.py) left out unless every provider is.
+A check (a spot check's second node) draws from the rest uniformly instead (``audit_order``).
 
 Every hop runner reports to it the same way, whatever the verify mode or the encryption:
 ``answered`` (resets the backoff, records availability and latency), ``failed`` (backoff and a
@@ -59,6 +60,16 @@ class Router:
         ranked = sorted(honest, key=lambda r: -(self.score(r.peer_id)
                                                  + self.rng.uniform(0, EXPLORATION)))
         return ranked + liars
+
+    def audit_order(self, records: Iterable[PeerRecord]) -> list[PeerRecord]:
+        """``records`` for a check: uniformly shuffled, caught nodes last. A check must not
+        follow the ranking: a node the ranking starves of traffic (new, or never asked because
+        honest nodes built up agreement first) would then never be checked, and a node could
+        predict whether it is the checker."""
+        pool = list(records)
+        self.rng.shuffle(pool)
+        return ([r for r in pool if r.peer_id not in self.caught]
+                + [r for r in pool if r.peer_id in self.caught])
 
     def skipped(self, shard_cid: str, planned: Iterable[PeerRecord]) -> list[str]:
         """``"<peer id>: why"`` for each provider of the shard left out of ``planned``."""

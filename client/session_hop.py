@@ -135,7 +135,7 @@ class SessionHop:
         want, checking = base, base > self.wanted
         while True:
             missing = want - len(answers)
-            fresh = self._candidates(missing) if missing > 0 else []
+            fresh = self._candidates(missing, checking) if missing > 0 else []
             if fresh:
                 # a node that failed is replaced (a replay); one more node settles a tie or
                 # spot-checks (a check)
@@ -167,9 +167,12 @@ class SessionHop:
             self.members.remove(member)
             await self.caller.close(member.node, member.session)
 
-    def _candidates(self, n: int) -> list[PeerRecord]:
+    def _candidates(self, n: int, checking: bool = False) -> list[PeerRecord]:
+        """Up to ``n`` nodes not holding or excluded from this hop: by rank, or for a check
+        drawn uniformly (``Router.audit_order``)."""
         busy = {m.node.peer_id for m in self.members} | self.excluded
-        return [r for r in self.router.plan(self.shard.cid) if r.peer_id not in busy][:n]
+        free = [r for r in self.router.plan(self.shard.cid) if r.peer_id not in busy]
+        return (self.router.audit_order(free) if checking else free)[:n]
 
     async def _ask(self, asks: list[tuple[_Member | None, PeerRecord | None]], feeds: Tensors,
                    answers: dict[str, tuple[_Member, SessionReply]], *,

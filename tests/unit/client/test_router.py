@@ -103,3 +103,22 @@ def test_report_is_keyed_by_did_of_known_nodes() -> None:
     report = router.report()
     assert set(report) == {nodes[0].did}
     assert report[nodes[0].did]["latency_ms"] == 12.0
+
+
+def test_a_starved_node_is_still_drawn_as_checker() -> None:
+    """Two nodes with a record of agreement outrank a node never asked by more than the
+    exploration bonus, so the ranking alone never plans it second; the checker draw (uniform
+    over the rest) picks it about half the time."""
+    router, nodes, _ = network(4)
+    starved = nodes[3].peer_id
+    for _ in range(40):
+        router.verdict([nodes[0].peer_id, nodes[2].peer_id], [])
+        router.answered(nodes[0].peer_id, 10.0)
+        router.answered(nodes[2].peer_id, 10.0)
+    plans = [router.plan(SHARD_B) for _ in range(200)]
+    assert all(starved not in {p[0].peer_id, p[1].peer_id} for p in plans)
+    drawn = [router.audit_order(p[1:])[0].peer_id for p in plans]
+    assert 0.35 < drawn.count(starved) / len(drawn) < 0.65
+    router.verdict([nodes[0].peer_id], [starved])  # once caught, never drawn before the others
+    assert all(router.audit_order(router.plan(SHARD_B)[1:])[-1].peer_id == starved
+               for _ in range(50))
