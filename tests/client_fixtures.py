@@ -3,7 +3,7 @@
 ``honest`` is a real ``veilnet node start`` subprocess holding every node shard; expected
 embeddings come from the in-process plaintext pipeline. Test modules load the fixtures with
 ``pytest_plugins = ["client_fixtures"]`` (module-scoped fixtures are then set up once per test
-module) and import the plain helpers by name.
+module, ``honest`` and ``expected`` once per session) and import the plain helpers by name.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ TOLERANCE = 1e-4
 
 # -- fixtures -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def expected(minilm_dir: Path) -> np.ndarray:
     """Plaintext embeddings of TEXTS, computed in-process without the network or the key."""
-    return Pipeline(minilm_dir).embed(TEXTS)
+    embeddings = Pipeline(minilm_dir).embed(TEXTS)
+    embeddings.flags.writeable = False  # shared by every module: no test can change it
+    return embeddings
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,13 @@ def manifest(deployment_dir: Path) -> Manifest:
     return Manifest.load(deployment_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def honest(request: pytest.FixtureRequest, deployment_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
+    """One node process for the session (test_client.py and test_client_faults.py): they only
+    send it queries, and what else they start (``directory``, fakes) is stopped with their
+    module and never announced to it as serving a shard, so it stays the only node serving the
+    deployment that clients bootstrapping from it find."""
     return serving_node(request, tmp_path_factory.mktemp("honest") / "D", deployment_dir,
                         "--request-timeout", "20")
 

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+# One OpenBLAS thread, set before numpy and scipy load their BLAS (nothing imported before this
+# conftest loads them) and inherited by every node process and command the tests start. On two
+# cores shared with node processes, a threaded factorization or product is up to 15x slower than
+# a single-threaded one (models/audit_attacks.py says so too): the key-recovery attacks (lstsq,
+# SVD) took 12 to 36 s instead of 1.4 s. Results do not depend on it, only the time does; a
+# value set in the environment is kept.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import random
 from pathlib import Path
 

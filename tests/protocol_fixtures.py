@@ -81,9 +81,12 @@ def hop(deployment_dir: Path) -> Hop:
                head.cid, manifest.tail.cid)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def node1(request: pytest.FixtureRequest, deployment_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
+    """One node process for the session, shared by test_node_infer.py and test_node_service.py:
+    they send it requests (metrics are compared before and after) and never change what it
+    serves. test_discovery.py posts and gossips cards to its node: it has its own ``node1``."""
     return serving_node(request, tmp_path_factory.mktemp("node1") / "D", deployment_dir,
                         "--request-timeout", "20")
 

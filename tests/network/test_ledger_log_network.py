@@ -1,9 +1,11 @@
 """The ledger under real subprocesses: a SIGKILLed appender loses no acknowledged entry, and
-the ``veilnet ledger`` command line round trip (moved from tests/unit/ledger/test_ledger_log.py)."""
+the ``veilnet ledger`` command line round trip (moved from tests/unit/ledger/test_ledger_log.py;
+three of its calls as subprocesses, the rest in-process through the same ``main``)."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -11,6 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+from node_helpers import CommandResult, veilnet_in_process
 
 from ledger.log import Log
 from ledger.merkle import leaf_hash, root_of, verify_consistency
@@ -74,28 +79,38 @@ def test_sigkill_loses_no_acknowledged_entry(tmp_path: Path) -> None:
         assert log.checkpoint(size, cosigned=False) == note
 
 
-def test_cli_round_trip(tmp_path: Path) -> None:
-    def veilnet(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-m", "node", "ledger", *args], input=stdin,
-                              capture_output=True, cwd=REPO, timeout=60)
+def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``veilnet ledger`` init, append, key, proof, consistency, verify and two refusals. The
+    calls marked ``process=True`` run ``python -m node ledger`` as a subprocess (the entry point,
+    stdin piped in, the exit status); the others call the function that command runs
+    (``node.cli.main``) in this process with the same arguments and stdin, which checks the
+    same output and exit codes without a Python start-up each."""
+    def veilnet(*args: str, stdin: bytes = b"", process: bool = False) -> CommandResult:
+        if process:
+            done = subprocess.run([sys.executable, "-m", "node", "ledger", *args], input=stdin,
+                                  capture_output=True, cwd=REPO, timeout=60)
+            return CommandResult(done.returncode, done.stdout.decode(), done.stderr.decode())
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        return veilnet_in_process(capsys, "ledger", *args)
 
     d = str(tmp_path / "cli")
-    init = veilnet("init", d, "--origin", "example.org/cli")
+    init = veilnet("init", d, "--origin", "example.org/cli", process=True)
     assert init.returncode == 0, init.stderr
     key = json.loads(init.stdout)["key"]
     for i in range(3):
-        out = json.loads(veilnet("append", d, "-", stdin=f"e{i}".encode()).stdout)
+        out = json.loads(veilnet("append", d, "-", stdin=f"e{i}".encode(), process=i == 0).stdout)
         assert out["index"] == i
         assert base64.b64decode(out["leaf_hash"]) == leaf_hash(f"e{i}".encode())
-    assert veilnet("key", d).stdout.decode().strip() == key
-    proof = veilnet("proof", d, "--index", "1").stdout.decode()
+    assert veilnet("key", d).stdout.strip() == key
+    proof = veilnet("proof", d, "--index", "1").stdout
     assert verify_proof(proof, b"e1", parse_verifier_key(key)).size == 3
-    hashes = veilnet("consistency", d, "--old", "1").stdout.decode().split()
+    hashes = veilnet("consistency", d, "--old", "1").stdout.split()
     verify_consistency(1, 3, root_of([leaf_hash(b"e0")]),
                        root_of([leaf_hash(f"e{i}".encode()) for i in range(3)]),
                        [base64.b64decode(h) for h in hashes])
     assert json.loads(veilnet("verify", d).stdout)["ok"] is True
-    bad = veilnet("proof", d, "--index", "9")
-    assert bad.returncode == 2 and b"index 9" in bad.stderr
+    bad = veilnet("proof", d, "--index", "9", process=True)
+    assert bad.returncode == 2 and "index 9" in bad.stderr
     missing = veilnet("checkpoint", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and b"no ledger" in missing.stderr
+    assert missing.returncode == 2 and "no ledger" in missing.stderr

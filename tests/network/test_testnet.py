@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from client_fixtures import assert_hop_signed
+from node_helpers import CommandResult, veilnet_in_process
 
 from models import Manifest, Pipeline
 from registry.card import verify_card
@@ -118,6 +119,19 @@ class Net:
                 os.kill(pid, signal.SIGKILL)
 
 
+def launch(root: Path, err: Path, deployment_dir: Path | None, minilm_dir: Path,
+           *extra: str) -> Net:
+    """Start ``testnet.py up --dir root`` (with the session's deployment unless it is None)."""
+    cmd = [sys.executable, "scripts/testnet.py", "up", "--dir", str(root),
+           "--threads", "1", *extra]
+    if deployment_dir is not None:
+        cmd += ["--deployment", str(deployment_dir), "--model", str(minilm_dir)]
+    with open(err, "wb") as errf:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errf)
+    return Net(proc, root, err)
+
+
 @pytest.fixture
 def start_testnet(tmp_path: Path, deployment_dir: Path,
                   minilm_dir: Path) -> Iterator[Callable[..., Net]]:
@@ -125,21 +139,42 @@ def start_testnet(tmp_path: Path, deployment_dir: Path,
     started: list[Net] = []
 
     def start(*extra: str, deployment: bool = True) -> Net:
-        root = tmp_path / f"net{len(started)}"
-        err = tmp_path / f"net{len(started)}.stderr"
-        cmd = [sys.executable, "scripts/testnet.py", "up", "--dir", str(root),
-               "--threads", "1", *extra]
-        if deployment:
-            cmd += ["--deployment", str(deployment_dir), "--model", str(minilm_dir)]
-        with open(err, "wb") as errf:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=errf)
-        net = Net(proc, root, err)
+        net = launch(tmp_path / f"net{len(started)}", tmp_path / f"net{len(started)}.stderr",
+                     deployment_dir if deployment else None, minilm_dir, *extra)
         started.append(net)
         return net
 
     try:
         yield start
+    finally:
+        for net in started:
+            net.terminate()
+
+
+THREE_NODES = ("--nodes", "3", "--replicas", "1")
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory: pytest.TempPathFactory, deployment_dir: Path,
+                minilm_dir: Path) -> Iterator[Callable[[], Net]]:
+    """``testnet.py up --nodes 3 --replicas 1``, shared by the query test (which leaves it as it
+    found it) and the SIGTERM test (which stops it): ``get()`` returns the running testnet, and
+    starts a new one, in a new directory, if there is none or a test stopped it (so the tests
+    pass in any order, each on a testnet it did not change)."""
+    base = tmp_path_factory.mktemp("three")
+    started: list[Net] = []
+
+    def get() -> Net:
+        if started and started[-1].proc.poll() is None:
+            return started[-1]
+        net = launch(base / f"net{len(started)}", base / f"net{len(started)}.stderr",
+                     deployment_dir, minilm_dir, *THREE_NODES)
+        started.append(net)
+        net.wait_up()
+        return net
+
+    try:
+        yield get
     finally:
         for net in started:
             net.terminate()
@@ -154,10 +189,10 @@ def query_json(bootstrap: str, deployment: Path, texts: list[str]) -> dict[str, 
     return json.loads(result.stdout)
 
 
-def test_query_through_testnet_matches_plaintext(start_testnet: Callable[..., Net],
+def test_query_through_testnet_matches_plaintext(three_nodes: Callable[[], Net],
                                                  deployment_dir: Path, minilm_dir: Path) -> None:
-    net = start_testnet("--nodes", "3", "--replicas", "1")
-    state = net.wait_up()
+    net = three_nodes()
+    state = net.state
     nodes = {n["peer_id"]: n for n in state["nodes"]}
     node_shards = Manifest.load(deployment_dir).node_shards
     assert len(nodes) == 3
@@ -236,9 +271,9 @@ def test_replica_takes_over_from_killed_node(start_testnet: Callable[..., Net],
                     in net.stderr(), 5), net.stderr()
 
 
-def test_sigterm_stops_every_node(start_testnet: Callable[..., Net]) -> None:
-    net = start_testnet("--nodes", "3")
-    state = net.wait_up()
+def test_sigterm_stops_every_node(three_nodes: Callable[[], Net]) -> None:
+    net = three_nodes()  # the query test's testnet when it ran first: it only queried it
+    state = net.state
     pids = net.node_pids()
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
     net.proc.send_signal(signal.SIGTERM)
@@ -279,19 +314,30 @@ def test_more_replicas_than_nodes_is_refused(tmp_path: Path) -> None:
 
 
 def test_plain_queries_log_scores_and_rank_the_liar_last(start_testnet: Callable[..., Net],
-                                                         deployment_dir: Path) -> None:
+                                                         deployment_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         ) -> None:
     """Twelve plain ``veilnet query`` calls (no ledger flag: receipts and score reports are on
     by default when the network has a ledger node) against ``testnet.py up --nodes 5
-    --byzantine 1``; then node 0's GET /v1/rankings ranks the lying node last."""
+    --byzantine 1``; then node 0's GET /v1/rankings ranks the lying node last.
+
+    The first call runs the installed console script as a subprocess; the other eleven call
+    the function that script calls (``node.cli.main``) in this process, which saves a Python
+    start-up and the imports per call. Each call still builds its own client with a fresh
+    identity, as a new process does, so the rankings aggregate twelve clients' reports."""
     net = start_testnet("--nodes", "5", "--byzantine", "1")
     state = net.wait_up()
     liars = [n["did"] for n in state["nodes"] if n["byzantine"]]
     assert len(liars) == 1 and state["ledger_nodes"] == [0]
     for i in range(12):
-        result = subprocess.run(
-            [*veilnet_command(), "query", "--bootstrap", state["bootstrap"],
-             "--deployment", str(deployment_dir), f"query {i}: {TEXTS[i % len(TEXTS)]}"],
-            capture_output=True, text=True, timeout=120, cwd=REPO)
+        args = ["query", "--bootstrap", state["bootstrap"], "--deployment", str(deployment_dir),
+                f"query {i}: {TEXTS[i % len(TEXTS)]}"]
+        if i == 0:
+            done = subprocess.run([*veilnet_command(), *args], capture_output=True, text=True,
+                                  timeout=120, cwd=REPO)
+            result = CommandResult(done.returncode, done.stdout, done.stderr)
+        else:
+            result = veilnet_in_process(capsys, *args)
         assert result.returncode == 0, result.stderr
         assert "receipt: entry" in result.stdout, result.stdout  # logged without being asked
     rankings_url = f"{state['nodes'][0]['http']}/v1/rankings"

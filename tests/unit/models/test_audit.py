@@ -174,11 +174,14 @@ def test_matcher_and_perturbations() -> None:
 
 
 def test_decoder_audit(smollm2_deployment: Path, smollm2_dir: Path) -> None:
-    report = audit_deployment(smollm2_deployment, smollm2_dir, sample=12, noise=(0.1,))
+    # 4 texts, 175 tokens: each token read costs a product with the 49152-row vocabulary, the
+    # key recovery does not depend on the sample; at 175 tokens a 0.99 bound allows one miss
+    report = audit_deployment(smollm2_deployment, smollm2_dir, sample=4, noise=(0.1,))
     print(report.table())
     assert report.scheme == "ee-decoder/1"
     assert report.row("exact weight matching", "key").success >= 0.99  # measured 1.0
-    assert report.row("exact weight matching", "input tokens").success >= 0.99  # 1.0
+    tokens = report.row("exact weight matching", "input tokens")
+    assert tokens.success >= 0.99 and tokens.detail["tokens"] > 150  # 1.0 of 175 (and of 416)
     # Gram-signature matching survives dense noise of 0.1 (measured 1.0; it fails at 0.5)
     assert report.row("robust matching, dense d=0.1", "FFN permutation").success >= 0.95
     assert report.row("robust matching, dense d=0.1", "input tokens").success >= 0.95
