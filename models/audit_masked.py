@@ -130,6 +130,15 @@ class Simulator:
             raise _Enough
         return {shard.outputs[0].name: x @ self.weights[shard.cid]}
 
+    def follow(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every kept shard's input, all rows (padding too), for one request's padded
+        ``inputs`` (``input_ids``, ``attention_mask``, ... of ``[batch, bucket]``)."""
+        self._got = defaultdict(list)
+        self._real = np.ones(inputs["input_ids"].size, bool)
+        with contextlib.suppress(_Enough):
+            self.pipe.run(inputs)
+        return {cid: v[0] for cid, v in self._got.items()}
+
     def __call__(self, texts: Sequence[str]) -> Traffic:
         lengths = self.tok(list(texts))["attention_mask"].sum(axis=1)
         groups: dict[int, list[int]] = defaultdict(list)

@@ -79,16 +79,14 @@ class AuditReport:
         return next(r for r in self.rows if r.attack == attack and r.target == target)
 
     def table(self) -> str:
+        w = max([34, *(len(r.attack) for r in self.rows)])
         lines = [f"deployment {self.deployment} ({self.scheme})", "",
-                 f"{'attack':34} {'target':22} {'success':>8} {'baseline':>9} {'seconds':>8}"]
+                 f"{'attack':{w}} {'target':22} {'success':>8} {'baseline':>9} {'seconds':>8}"]
         for r in self.rows:
-            lines.append(f"{r.attack:34} {r.target:22} {r.success:8.4f} {r.baseline:9.4f} "
+            lines.append(f"{r.attack:{w}} {r.target:22} {r.success:8.4f} {r.baseline:9.4f} "
                          f"{r.seconds:8.2f}")
         lines.append("")
         lines += [f"- {r.attack}: {r.verdict()}" for r in self.rows]
-        for shard in (self.views or {}).get("not_attacked_yet", []):
-            lines.append(f"- not attacked yet: {shard['views']} recorded views of shard "
-                         f"{shard['shard']}")
         lines += [f"- not scored: {why}" for why in (self.views or {}).get("unscored", [])]
         if self.bound:
             lines.append(f"- information bound: at most {self.bound['bits_per_token_per_query']:g}"

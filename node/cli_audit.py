@@ -57,11 +57,14 @@ def register(sub: Any) -> None:
     audit.add_argument("--views", type=Path, default=None, metavar="DIR", action="append",
                        help="attack exactly what a node recorded with `veilnet node start "
                             "--record-received DIR` instead of simulated traffic; repeat it "
-                            "for several nodes' recordings (ee-encoder/1: the first node "
-                            "shard's views, scored against what the owner reads with "
-                            "client/key.json; masked/1: each node's layer-0 views alone, and "
-                            "each pair of nodes pooled, scored against x = (x + r) - r, so "
-                            "pass the recordings of both nodes of a pair)")
+                            "for several nodes' recordings. ee-encoder/1 and ee-decoder/1: "
+                            "the first node shard's views read with the key recovered from the "
+                            "public weights, later shards' by decrypt-then-probe, scored "
+                            "against what the owner reads with client/key.json (a later view "
+                            "is scored when the recording of the first shard's node holds the "
+                            "text it continues); masked/1: each node's views alone, and each "
+                            "pair of nodes pooled, scored against x = (x + r) - r, so pass the "
+                            "recordings of both nodes of a pair")
     audit.add_argument("--json", action="store_true",
                        help='print one JSON object {"deployment", "scheme", "rows"} (and '
                             '"views" with --views, "bound" for masked/1)')

@@ -38,5 +38,11 @@ def test_audit_attacks_the_recorded_views(request: pytest.FixtureRequest, deploy
         assert row["success"] >= 0.99  # measured 1.0
         assert row["detail"]["tokens"] > 10 and row["detail"]["requests"] == 1
     shards = Manifest.load(deployment_dir).node_shards
-    assert doc["views"]["attacked"] == {"shard": shards[0].cid, "views": 1}
-    assert [s["shard"] for s in doc["views"]["not_attacked_yet"]] == [shards[1].cid]
+    assert [(s["shard"], s["views"]) for s in doc["views"]["shards"]] == [
+        (s.cid, 1) for s in shards]
+    # the later shard's view continues the first: linked, scored, read by decrypt-then-probe
+    later = [r for r in doc["rows"] if r["attack"].startswith("decrypt-then-probe")]
+    assert [r["detail"]["shard"] for r in later] == [s.index for s in shards[1:]]
+    assert all(r["detail"]["tokens"] == rows[("exact weight matching", "input tokens")][
+        "detail"]["tokens"] and r["success"] >= r["baseline"] for r in later)
+    assert doc["views"]["unscored"] == []

@@ -221,13 +221,20 @@ def views_dir(deployment_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root.mkdir(mode=0o700)
     head = ShardSession(deploy.shard_path(deploy.head), deploy.head, spin=False)
     first, second = deploy.node_shards[0], deploy.node_shards[1]
+    node = ShardSession(deploy.shard_path(first), first, spin=False)
     for n, texts in enumerate(VIEW_TEXTS):
         feeds = TextTokenizer(deployment_dir / "client" / "tokenizer.json", MAX_TOKENS)(texts)
         sent = head.run({t.name: feeds[t.name] for t in deploy.head.inputs})
-        _write_view(root, f"req-{n}", first.cid, {t.name: sent[t.name] for t in first.inputs})
+        to_first = {t.name: sent[t.name] for t in first.inputs}
+        _write_view(root, f"req-{n}", first.cid, to_first)
+        if n == 0:  # the second node shard's request for the same texts, as the client sends it
+            out = {**to_first, **node.run(to_first)}
+            _write_view(root, "req-second", second.cid, {t.name: out[t.name]
+                                                         for t in second.inputs})
     rng = np.random.default_rng(0)
-    _write_view(root, "req-second", second.cid, {
-        t.name: rng.standard_normal((1, 4, 384)).astype(np.float32) for t in second.inputs})
+    _write_view(root, "req-unlinked", second.cid, {  # continues no recorded first-shard view
+        t.name: rng.standard_normal((1, 4, 384)).astype(np.float32) if t.name != "attention_bias"
+        else np.zeros((1, 1, 1, 4), np.float32) for t in second.inputs})
     _write_view(root, "req-foreign", "bafkforeign", {"x": np.zeros(3, np.float32)})
     return root
 
@@ -251,13 +258,22 @@ def test_views_are_attacked_against_the_owner_reading(deployment_dir: Path, mini
     assert exact.baseline == pytest.approx(Counter(ids).most_common(1)[0][1] / len(ids))
     deploy = Manifest.load(deployment_dir)
     assert report.views is not None
-    assert report.views["attacked"] == {"shard": deploy.node_shards[0].cid, "views": 2}
-    assert report.views["not_attacked_yet"] == [
-        {"shard": deploy.node_shards[1].cid, "views": 1, "ops": {"infer": 1}}]
+    assert [(s["shard"], s["views"]) for s in report.views["shards"]] == [
+        (deploy.node_shards[0].cid, 2), (deploy.node_shards[1].cid, 2)]
     assert report.views["other_shards"] == 1
+    # the second shard's view of VIEW_TEXTS[0], read by decrypt-then-probe against those texts
+    name = next(t.name for t in deploy.node_shards[1].inputs if t.name != "attention_bias")
+    probe = report.row(f"decrypt-then-probe [{name}]", "input tokens")
+    first_ids = [i for t in VIEW_TEXTS[0] for i, s in
+                 zip(tok.encode(t).ids, tok.encode(t).special_tokens_mask, strict=True) if not s]
+    assert probe.detail["tokens"] == len(first_ids) and probe.detail["requests"] == 1
+    assert probe.success > probe.baseline  # measured 0.43 of 14 (a probe, not an exact reading)
+    assert report.views["unscored"] == [
+        f"1 of 2 views of node shard {deploy.node_shards[1].index} ({name}) continue no "
+        "recorded first-shard view"]
     doc = json.loads(json.dumps(report.to_json()))
     assert all(r["source"] == "views" for r in doc["rows"])
-    assert "not attacked yet: 1 recorded views of shard" in report.table()
+    assert "not scored: 1 of 2 views of node shard" in report.table()
 
 
 def test_views_without_this_deployments_shards_are_refused(

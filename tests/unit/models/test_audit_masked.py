@@ -20,8 +20,11 @@ from models import Manifest, ShardSession, TextTokenizer, pad_to_bucket
 from models import audit_attacks as aa
 from models.audit import MAX_TOKENS, AuditError, AuditReport, audit_deployment, heldout_sentences
 from models.audit_masked import COLLUSION, Candidates, audit_masked, best_single_node, first_qkv
-from models.audit_views import audit_views, fit_bucket
-from models.masked import MaskedPlan
+from models.audit_views import audit_views
+from models.audit_views_masked import fit_bucket
+from models.manifest import ShardSpec
+from models.masked import MaskedPlan, node_weight
+from models.pipeline import Pipeline
 from node.cli import main
 
 SAMPLE, TRAIN = 12, 32
@@ -164,6 +167,18 @@ def _record(root: Path, request_id: str, op: str, shard: str, name: str,
         f.write(json.dumps(line) + "\n")
 
 
+def node_inputs(deploy: Manifest, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every node shard's input (by CID) for ``inputs``, the node products done here."""
+    seen: dict[str, np.ndarray] = {}
+
+    def node(shard: ShardSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen[shard.cid] = feeds[shard.inputs[0].name]
+        return {shard.outputs[0].name: seen[shard.cid] @ node_weight(deploy, shard)}
+
+    Pipeline(deploy, node_runner=node, spin=False).run(inputs)
+    return seen
+
+
 def test_recorded_views_alone_and_pooled(masked_deployment: Path, minilm_dir: Path,
                                          tmp_path: Path) -> None:
     deploy = Manifest.load(masked_deployment)
@@ -187,13 +202,22 @@ def test_recorded_views_alone_and_pooled(masked_deployment: Path, minilm_dir: Pa
                 expand_mask(bytes([n + 9]) * 32, x.shape, sigma))
         if n == 0:
             assert fit_bucket(x, (16, 32, 64), x[0]) == 16
+            # the same call's layer-1 qkv input, computed here by running the deployment with
+            # the node products done in this test (x @ W), recorded as a pair on the two nodes
+            later = next(s for s in deploy.node_shards if s.inputs[0].name.startswith(
+                "masked/1/qkv"))
+            y = node_inputs(deploy, inputs)[later.cid]
+            r1 = expand_mask(bytes([7]) * 32, y.shape,
+                             MaskedPlan.of(deploy).shards[later.cid].sigma)
+            _record(a, "y0", "infer", later.cid, later.inputs[0].name, y + r1)
+            _record(b, "s0", "infer-mask-seed", later.cid, later.inputs[0].name, r1)
     tok = Tokenizer.from_file(str(tok_path))
     real = sum(1 for batch in texts for t in batch for s in tok.encode(t).special_tokens_mask
                if not s)
     report = audit_views(masked_deployment, [a, b], minilm_dir)
     print(report.table())
     assert report.views is not None
-    assert report.views["paired"] == 2 and report.views["unpaired"] == 2
+    assert report.views["paired"] == 3 and report.views["unpaired"] == 2
     assert report.views["ground_truth"] == {"requests": 2, "tokens": real}
     assert {r.source for r in report.rows} == {"views"}
     for node in (1, 2):  # A's x + r, and B's r (independent of x)
@@ -203,6 +227,13 @@ def test_recorded_views_alone_and_pooled(masked_deployment: Path, minilm_dir: Pa
             assert row.detail["tokens"] == real
             # 25 tokens: a chance hit is 4 points; a reading would be near 100%
             assert row.success <= row.baseline + 0.05, row
+    first_real = sum(1 for t in texts[0] for s in tok.encode(t).special_tokens_mask if not s)
+    for node in (1, 2):  # the layer-1 call is linked to the first batch's layer-0 call
+        row = report.row(f"linear probe, later shards [views {node}]", "input tokens")
+        assert row.detail["tokens"] == first_real
+        assert row.detail["best_shard"] == "masked/1/qkv/in"
+        assert row.success <= row.baseline + 0.1, row  # 17 tokens: 2 chance hits allowed
+    assert report.views["unscored"] == []
     pooled = report.row("collusion [views 1+2]", "input tokens")
     assert pooled.success == 1.0 and pooled.detail["tokens"] == real
     alone = audit_views(masked_deployment, [a], minilm_dir)
