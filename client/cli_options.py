@@ -9,13 +9,22 @@ from typing import Any
 from consensus.verdict import VERIFY_MODES
 
 
-def add_network_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """The options every command that runs through the network takes."""
+def add_network_options(parser: argparse.ArgumentParser, what: str,
+                        multi: bool = False) -> None:
+    """The options every command that runs through the network takes (``multi``: repeatable
+    ``--deployment [ID=]DEPLOY``, kept as strings)."""
     parser.add_argument("--bootstrap", action="append", required=True, metavar="MULTIADDR",
                         help="a node's multiaddr ending in /p2p/<PeerID> (repeatable)")
-    parser.add_argument("--deployment", required=True, type=Path, metavar="DEPLOY",
-                        help="encrypted deployment directory; its client/ holds the secret "
-                             "client shards")
+    if multi:
+        parser.add_argument("--deployment", required=True, action="append",
+                            metavar="[ID=]DEPLOY",
+                            help="encrypted deployment directory, its client/ holding the "
+                                 "secret client shards (repeatable); ID is the model id "
+                                 "clients ask for (default: the model's name)")
+    else:
+        parser.add_argument("--deployment", required=True, type=Path, metavar="DEPLOY",
+                            help="encrypted deployment directory; its client/ holds the "
+                                 "secret client shards")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                         help=f"limit for the whole {what} (default 120)" if what == "query"
                         else "limit for the prompt and for each token (default 120)")

@@ -163,14 +163,23 @@ class MaskedRunner:
         # hop i done (or failed): the mask of hop i + PREFETCH may be drawn and asked for
         state = QueryMasks({s.cid: _Mask(new_seed()) for s in shards},
                            {s.cid: trio.Event() for s in shards}, {s.cid: [] for s in shards})
-        async with trio.open_nursery() as nursery:
-            for i, shard in enumerate(shards):
-                after = state.slots[shards[i - PREFETCH].cid] if i >= PREFETCH else None
-                nursery.start_soon(self._prefetch, state, shard, rows, after)
-            try:
-                yield state
-            finally:
-                nursery.cancel_scope.cancel()  # a failed query leaves nothing running
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, shard in enumerate(shards):
+                    after = state.slots[shards[i - PREFETCH].cid] if i >= PREFETCH else None
+                    nursery.start_soon(self._prefetch, state, shard, rows, after)
+                try:
+                    yield state
+                finally:
+                    nursery.cancel_scope.cancel()  # a failed query leaves nothing running
+        except BaseExceptionGroup as group:
+            # the query's own error (a QueryError raised in the with-body) leaves the nursery
+            # wrapped in a group: callers get it as itself
+            _, rest = group.split(trio.Cancelled)
+            if rest is not None and len(rest.exceptions) == 1 \
+                    and not isinstance(rest.exceptions[0], BaseExceptionGroup):
+                raise rest.exceptions[0] from None
+            raise
 
     @staticmethod
     async def _draw(mask: _Mask, seed: MaskSeed) -> None:

@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.ee_decoder_key import DecoderDims, DecoderKey, LayerKey
 from models.ee_plan import EncryptionError
 from models.manifest import Manifest, ShardSpec, TensorSpec
+from models.progress import counted
 
 REBASED = "{}.rebased"  # name of a re-based stream tensor
 LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
@@ -294,20 +295,23 @@ def encrypt_decoder(manifest: Manifest, seed: bytes | int | None,
     planned = [PlannedShard("client-head", encrypt_head(models[0], streams[0], rotations[0]),
                             manifest.head.inputs, manifest.head.outputs)]
     progress("client head transformed (embedding table E Q_1)")
-    for k, s in enumerate(nodes):
-        model = encrypt_node_shard(models[s.index], layer_lists[k], key, indices[k])
-        inputs = s.inputs
-        if k > 0:
-            rebase = rebase_shard(next(t for t in nodes[k - 1].outputs if t.name == streams[k]),
-                                  rotations[k - 1].T @ rotations[k])
-            planned.append(rebase)
-            new_name = rebase.outputs[0].name
-            _rename_input(model, streams[k], new_name)
-            inputs = tuple(TensorSpec(new_name, t.dtype, t.shape) if t.name == streams[k] else t
-                           for t in s.inputs)
-        planned.append(PlannedShard("node", model, inputs, s.outputs))
-        progress(f"node shard {s.index} (layers {layer_lists[k][0]}-{layer_lists[k][-1]}) "
-                 "transformed")
+    with counted(progress, "encrypting node shards", len(nodes), "shards") as done:
+        for k, s in enumerate(nodes):
+            model = encrypt_node_shard(models[s.index], layer_lists[k], key, indices[k])
+            inputs = s.inputs
+            if k > 0:
+                rebase = rebase_shard(next(t for t in nodes[k - 1].outputs
+                                           if t.name == streams[k]),
+                                      rotations[k - 1].T @ rotations[k])
+                planned.append(rebase)
+                new_name = rebase.outputs[0].name
+                _rename_input(model, streams[k], new_name)
+                inputs = tuple(TensorSpec(new_name, t.dtype, t.shape) if t.name == streams[k]
+                               else t for t in s.inputs)
+            planned.append(PlannedShard("node", model, inputs, s.outputs))
+            progress(f"node shard {s.index} (layers {layer_lists[k][0]}-{layer_lists[k][-1]}) "
+                     "transformed")
+            done.advance()
     tail = manifest.tail
     planned.append(PlannedShard("client-tail",
                                 encrypt_tail(models[tail.index], tail.inputs[0].name,

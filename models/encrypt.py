@@ -34,9 +34,10 @@ from models.ee_apply import encrypt_node_shard, fold_into_head, fold_into_tail
 from models.ee_decoder import PlannedShard, encrypt_decoder
 from models.ee_layouts import Layout, Plain
 from models.ee_plan import EncryptionError, plan_encryption
-from models.importer import Progress, check_output_dir, no_progress
+from models.importer import check_output_dir
 from models.manifest import EE_DECODER, EE_ENCODER, Manifest
 from models.masked import encrypt_masked
+from models.progress import Progress, counted, no_progress
 
 SCHEME = EE_ENCODER  # the encoder scheme (ee-decoder/1 for family llama-decoder)
 DECODER_FAMILY = "llama-decoder"
@@ -93,13 +94,15 @@ def _encrypt_encoder(manifest: Manifest, seed: int | None, progress: Progress,
     key = EEKey.generate(SCHEME, plan.perm_sizes, plan.attention_dims, seed=seed)
 
     shards = []
-    for s in manifest.shards:
-        if s.role == "node":
-            model = encrypt_node_shard(models[s.index], plan.weight_ops[s.index], key)
-        elif s.role == "client-head":
-            model = fold_into_head(models[s.index], sent, key)
-        else:
-            model = fold_into_tail(models[s.index], {**sent, **plan.boundary}, key)
-        shards.append(PlannedShard(s.role, model, s.inputs, s.outputs))
-        progress(f"shard {s.index} ({s.role}) transformed")
+    with counted(progress, "transforming shards", len(manifest.shards), "shards") as done:
+        for s in manifest.shards:
+            if s.role == "node":
+                model = encrypt_node_shard(models[s.index], plan.weight_ops[s.index], key)
+            elif s.role == "client-head":
+                model = fold_into_head(models[s.index], sent, key)
+            else:
+                model = fold_into_tail(models[s.index], {**sent, **plan.boundary}, key)
+            shards.append(PlannedShard(s.role, model, s.inputs, s.outputs))
+            progress(f"shard {s.index} ({s.role}) transformed")
+            done.advance()
     return shards, key

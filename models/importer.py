@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,8 @@ from errors import InputError
 from models.cid import cid_of_bytes, cid_of_file
 from models.manifest import Manifest, ShardSpec, TensorSpec
 from models.minilm import MODEL_NAME, PACKAGE, build_minilm, locate
+from models.progress import Progress, counted, no_progress
 from models.split import split_model
-
-Progress = Callable[[str], None]
 
 
 class ImportError_(InputError):  # trailing underscore: not the builtin ImportError
@@ -31,10 +30,6 @@ class ImportError_(InputError):  # trailing underscore: not the builtin ImportEr
 
 class OutputDirError(InputError):
     """The output directory cannot be used."""
-
-
-def no_progress(_: str) -> None:
-    """The default progress callback: say nothing."""
 
 
 def check_output_dir(target: Path) -> None:
@@ -81,7 +76,8 @@ def write_sharded(model: onnx.ModelProto, cuts: Sequence[str], out_dir: Path, na
     progress(f"splitting at {len(cuts)} cut tensors: {', '.join(cuts)}")
     shards = split_model(model, cuts)
     initializers = {t.name for t in model.graph.initializer}
-    with staged_directory(out_dir) as tmp:
+    with staged_directory(out_dir) as tmp, \
+            counted(progress, "writing shards", len(shards), "shards") as written:
         specs = []
         for k, shard in enumerate(shards):
             role = "client-head" if k == 0 else "client-tail" if k == len(shards) - 1 else "node"
@@ -90,6 +86,7 @@ def write_sharded(model: onnx.ModelProto, cuts: Sequence[str], out_dir: Path, na
             (tmp / f"{cid}.onnx").write_bytes(data)
             progress(f"shard {k} ({role}): {len(shard.model.graph.node)} nodes, "
                      f"{len(data) / 1e6:.1f} MB -> {cid}.onnx")
+            written.advance()
             specs.append(ShardSpec(
                 index=k, cid=cid, role=role, path=f"{cid}.onnx", size=len(data),
                 inputs=tuple(tensor_spec(v) for v in shard.model.graph.input),

@@ -41,8 +41,9 @@ from models.cid import cid_of_file
 from models.deploy_writer import load_plaintext, write_deployment
 from models.ee_decoder import PlannedShard
 from models.ee_plan import EncryptionError
-from models.importer import Progress, check_output_dir, no_progress, tensor_spec
+from models.importer import check_output_dir, tensor_spec
 from models.manifest import MASKED, Manifest, ManifestError, ShardSpec
+from models.progress import Progress, counted, no_progress
 
 BITS_PER_TOKEN = 1e-4  # information bound per token per query, over all views (bits)
 MASK_FORMAT = "veilnet-mask/1"
@@ -279,6 +280,7 @@ def encrypt_masked(model: Manifest | Path, out_dir: Path,
     if family != FAMILY:
         raise EncryptionError(f"{manifest.path}: {MASKED} covers {FAMILY} models (MiniLM); "
                               f"{manifest.name} is of family {family!r}")
+    progress(f"reading the weights of {manifest.name} and bounding each linear layer's input")
     weights, eps = read_weights(manifest)
     dims = _dims(manifest, weights, eps)
     bounds = input_norm_bounds(dims, weights)
@@ -292,13 +294,16 @@ def encrypt_masked(model: Manifest | Path, out_dir: Path,
                                for n in names], axis=1)
 
     after = {"qkv": mg.after_qkv, "o": mg.after_o, "up": mg.after_up, "down": mg.after_down}
+    progress("building the client head")
     shards = [_planned(mg.head(dims, weights), "client-head")]
-    for layer in range(dims.layers):
-        for kind in mg.KINDS:
-            shards.append(_planned(mg.node(dims, layer, kind, weight(layer, kind)), "node"))
-            shards.append(_planned(after[kind](dims, weights, layer), "client"))
-        progress(f"layer {layer}: bounds " + ", ".join(
-            f"{k} {bounds[layer, k]:.1f}" for k in mg.KINDS))
+    with counted(progress, "building layers", dims.layers, "layers") as done:
+        for layer in range(dims.layers):
+            for kind in mg.KINDS:
+                shards.append(_planned(mg.node(dims, layer, kind, weight(layer, kind)), "node"))
+                shards.append(_planned(after[kind](dims, weights, layer), "client"))
+            progress(f"layer {layer}: bounds " + ", ".join(
+                f"{k} {bounds[layer, k]:.1f}" for k in mg.KINDS))
+            done.advance()
     shards.append(_planned(mg.tail(dims), "client-tail"))
     buckets = buckets_for(manifest, int(weights["embeddings.position"].shape[0]))
     order = [(layer, kind) for layer in range(dims.layers) for kind in mg.KINDS]

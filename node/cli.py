@@ -10,14 +10,18 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from errors import InputError, VeilnetError
+from models.progress import QUIET_HELP, Reporter
 
 
-def _progress(message: str) -> None:
-    print(f"veilnet: {message}", file=sys.stderr, flush=True)
+def _reporter(args: argparse.Namespace) -> Reporter:
+    """Progress for a long command: stderr, step lines and bars (plain lines on a pipe)."""
+    return Reporter(prefix="veilnet: ", quiet=getattr(args, "quiet", False))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from models import import_minilm, import_onnx
+
+    progress = _reporter(args)
 
     if args.file is not None and args.source != "gguf":
         raise UsageError(f"unexpected argument {str(args.file)!r}: only 'gguf' takes a FILE")
@@ -27,11 +31,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if args.cut or args.node_shards is not None:
             raise UsageError("digits has a fixed split (client head, one node shard, client "
                              "tail): no --cut or --node-shards")
-        manifest = import_digits(args.out, progress=_progress)
+        manifest = import_digits(args.out, progress=progress)
     elif args.source == "minilm":
         if args.cut:
             raise UsageError("--cut applies to ONNX files; for minilm use --node-shards")
-        manifest = import_minilm(args.out, args.node_shards, progress=_progress)
+        manifest = import_minilm(args.out, args.node_shards, progress=progress)
     elif args.source in ("smollm2", "gguf"):
         from models.llama_import import DEFAULT_NODE_SHARDS, import_gguf, import_smollm2
 
@@ -42,15 +46,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
             if args.file is None:
                 raise UsageError("gguf: name the file: veilnet model import gguf FILE.gguf "
                                  "--out DIR")
-            manifest = import_gguf(args.file, args.out, shards, progress=_progress)
+            manifest = import_gguf(args.file, args.out, shards, progress=progress)
         else:
-            manifest = import_smollm2(args.out, shards, progress=_progress)
+            manifest = import_smollm2(args.out, shards, progress=progress)
     else:
         if not args.cut:
             raise UsageError(f"{args.source}: name the tensors to split at with --cut T1 T2 ...")
         if args.node_shards is not None and args.node_shards != len(args.cut) - 1:
             raise UsageError("--node-shards is implied by the number of --cut tensors")
-        manifest = import_onnx(Path(args.source), args.cut, args.out, progress=_progress)
+        manifest = import_onnx(Path(args.source), args.cut, args.out, progress=progress)
     print(json.dumps({"manifest": str(manifest.path), "cid": manifest.cid,
                       "shards": [{"index": s.index, "role": s.role, "cid": s.cid}
                                  for s in manifest.shards]}, indent=2))
@@ -60,7 +64,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_encrypt(args: argparse.Namespace) -> int:
     from models import encrypt_model_dir
 
-    deployment = encrypt_model_dir(args.dir, args.out, seed=args.seed, progress=_progress,
+    progress = _reporter(args)
+    deployment = encrypt_model_dir(args.dir, args.out, seed=args.seed, progress=progress,
                                    scheme=args.scheme)
     assert deployment.path is not None
     key = deployment.path.parent / "client" / "key.json"
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--cut", nargs="+", metavar="TENSOR",
                      help="ONNX files: tensors to split at, in graph order; the first ends the "
                           "client head, the last starts the client tail (at least two)")
+    imp.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     imp.set_defaults(func=_cmd_import)
 
     enc = msub.add_parser(
@@ -166,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--seed", type=int, default=None,
                      help="ee only: derive the key from this seed instead of the OS CSPRNG "
                           "(tests only: anyone who knows the seed knows the key)")
+    enc.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     enc.set_defaults(func=_cmd_encrypt)
 
     ver = msub.add_parser("verify", help="check that shard files hash to their CIDs",

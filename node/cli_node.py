@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from models.progress import QUIET_HELP, Reporter
 from node.byzantine import MODES as BYZANTINE_MODES
 from node.config import load_config
 
@@ -37,7 +38,21 @@ def _cmd_add_shards(args: argparse.Namespace) -> int:
 
     identity, _ = open_data_dir(args.data_dir)
     store = ShardStore(args.data_dir)
-    mcid, installed = store.add_deployment(args.deployment, args.shard)
+    report = Reporter(prefix="veilnet: ", quiet=args.quiet)
+    mcid, _ = store.add_deployment(args.deployment, only=[])  # the manifest alone, checked
+    specs = [s for s in store.load_manifest(mcid).node_shards
+             if not args.shard or s.cid in args.shard]
+    if args.shard and set(args.shard) - {s.cid for s in specs}:
+        store.add_deployment(args.deployment, args.shard)  # raises, naming the bad CIDs
+    sizes = [s.size for s in specs if s.size is not None]
+    by_bytes = len(sizes) == len(specs)  # old manifests declare no sizes: count shards
+    report(f"installing {len(specs)} node shard(s) of deployment {mcid} into {args.data_dir}")
+    installed: list[str] = []
+    with report.bar("installing shards", sum(sizes) if by_bytes else len(specs),
+                    "B" if by_bytes else "shards") as bar:
+        for spec in specs:  # one at a time, each checked against its CID, to count them
+            installed += store.add_deployment(args.deployment, [spec.cid])[1]
+            bar.advance((spec.size or 0) if by_bytes else 1)
     print(json.dumps({"node": identity.did, "deployment": mcid, "shards": installed}, indent=2))
     return 0
 
@@ -155,11 +170,13 @@ def register(sub: Any) -> None:
                     "shard against its CID. Client material (client/: head and tail shards, "
                     "key, tokenizer) is never copied. A shard already in D is kept if it "
                     "matches its CID and replaced if it is corrupt. A running node serves new "
-                    "(and repaired) shards at once.")
+                    "(and repaired) shards at once. Progress (shards installed, in MB) goes "
+                    "to stderr; the JSON result to stdout.")
     add.add_argument("data_dir", type=Path, metavar="D")
     add.add_argument("deployment", type=Path, metavar="DEPLOY")
     add.add_argument("--shard", action="append", metavar="CID",
                      help="install only this node shard (repeatable; default: all)")
+    add.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
     add.set_defaults(func=_cmd_add_shards)
 
     chk = nsub.add_parser(

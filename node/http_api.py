@@ -89,6 +89,9 @@ def create_app(service: NodeService, domain: str | None = None,
         from node.http_ledger import ledger_router
 
         app.include_router(ledger_router(service.ledger))
+    from node.http_dashboard import dashboard_router  # GET /, /v1/stats (docs/dashboard.md)
+
+    app.include_router(dashboard_router(service))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:

@@ -20,12 +20,15 @@ Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet im
 
 ``Testnet(dir, nodes=3, replicas=1, node_shards=None, *, deployment=None, model=None, node_args=(),
 ledger_nodes=(0,), byzantine=0, byzantine_mode="noise", kind="minilm", timeout=60.0,
-log=<stderr>)``: ``deployment``/``model`` reuse existing directories instead of T/deploy and
-T/model; ``kind="smollm2"`` imports and encrypts SmolLM2-135M-Instruct instead of MiniLM (into
-T/smollm2/); ``node_shards`` (default 3) only matters when a model has to be imported;
+log=<stderr>, progress=log)``: ``deployment``/``model`` reuse existing directories instead of
+T/deploy and T/model; ``kind="smollm2"`` imports and encrypts SmolLM2-135M-Instruct instead of
+MiniLM (into T/smollm2/); ``node_shards`` (default 3) only matters when a model has to be
+imported;
 ``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads 1``, ``--capacity
 2``); the nodes in ``ledger_nodes`` also keep a ledger (``--ledger``; every node
-is a witness); ``timeout`` bounds the start-up. ``start()``/``stop()`` can be called instead of
+is a witness); ``timeout`` bounds the start-up; ``log`` gets events (a node killed on stop),
+``progress`` the start-up steps (import, encrypt, nodes up, cards seen: with a
+``models.progress.Reporter``, as bars too). ``start()``/``stop()`` can be called instead of
 ``with``; ``stop()`` is idempotent. Any failure while starting stops every process started so far
 and raises ``TestnetError`` naming the node and quoting the tail of its log.
 
@@ -55,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from errors import UnavailableError
+from models.progress import Progress, counted
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path("testnet-data")
@@ -189,7 +193,8 @@ class Testnet:
                  ledger_nodes: Iterable[int] = (0,), byzantine: int = 0,
                  byzantine_mode: str = "noise", kind: str = "minilm", scheme: str = "ee",
                  args_for: Callable[[NodeInfo], Sequence[str]] | None = None,
-                 timeout: float = 60.0, log: Callable[[str], None] = stderr_log) -> None:
+                 timeout: float = 60.0, log: Callable[[str], None] = stderr_log,
+                 progress: Progress | None = None) -> None:
         if nodes < 1:
             raise TestnetError("a testnet needs at least one node")
         if replicas > nodes or replicas < 1:
@@ -212,6 +217,7 @@ class Testnet:
         self.scheme = scheme  # how it is encrypted: "ee" or "masked" (masked/1)
         self.timeout = timeout
         self.log = log
+        self.progress = progress if progress is not None else log  # start-up steps and bars
         self.nodes: list[NodeInfo] = []
         self.placement: dict[str, list[int]] = {}
         self.shard_index: dict[str, int] = {}  # CID -> manifest shard index
@@ -255,7 +261,7 @@ class Testnet:
         except BaseException:
             self.stop()
             raise
-        self.log(f"{self.n} node(s) up in {time.monotonic() - began:.1f} s")
+        self.progress(f"{self.n} node(s) up in {time.monotonic() - began:.1f} s")
         return self
 
     def stop(self) -> None:
@@ -402,8 +408,8 @@ class Testnet:
         from node.store import ShardStore
 
         if self.deployment is None:
-            self.model, self.deployment = prepare_model(self.root, self.node_shards, self.log,
-                                                        self.kind, self.scheme)
+            self.model, self.deployment = prepare_model(self.root, self.node_shards,
+                                                        self.progress, self.kind, self.scheme)
         manifest = Manifest.load(self.deployment)
         shards = manifest.node_shards
         if self.node_shards is not None and len(shards) != self.node_shards:
@@ -411,6 +417,8 @@ class Testnet:
                                f"{self.node_shards}")
         self.shard_index = {s.cid: s.index for s in shards}
         self.placement = place_shards([s.cid for s in shards], self.n, self.replicas)
+        self.progress(f"placing {len(shards)} node shard(s) on {self.replicas} of {self.n} "
+                      "node(s) each")
         self.nodes = []
         for i in range(self.n):
             data_dir = self.root / "nodes" / f"node{i}"
@@ -428,13 +436,17 @@ class Testnet:
     def _start_all(self) -> None:
         deadline = time.monotonic() + self.timeout
         first = self.nodes[0]
-        self._spawn(first, None)
-        self._wait_ready(first, deadline)
-        spawned = time.monotonic()
-        for node in self.nodes[1:]:
-            self._spawn(node, first.multiaddr)
-        for node in self.nodes[1:]:
-            self._wait_ready(node, deadline)
+        self.progress(f"starting node 0 (the bootstrap node), then {self.n - 1} more")
+        with counted(self.progress, "nodes ready", self.n, "nodes") as ready:
+            self._spawn(first, None)
+            self._wait_ready(first, deadline)
+            ready.advance()
+            spawned = time.monotonic()
+            for node in self.nodes[1:]:
+                self._spawn(node, first.multiaddr)
+            for node in self.nodes[1:]:
+                self._wait_ready(node, deadline)
+                ready.advance()
         self.ready_s = round(time.monotonic() - spawned, 3)
         self._wait_peers(self.nodes, deadline, since=spawned)
 
@@ -495,29 +507,36 @@ class Testnet:
         cards alone, from the one bootstrap address each node was given. Sets discovery_s:
         seconds from ``since`` (default: now) until then."""
         started = time.monotonic() if since is None else since
-        while True:
-            missing: list[tuple[NodeInfo, NodeInfo]] = []
-            for viewer in self.nodes:
-                if not viewer.alive or viewer.http is None:
-                    continue
-                known = {}
-                for card in http_json(f"{viewer.http}/v1/agents") or []:
-                    params = _veilnet_params(card)
-                    known[params.get("peerId")] = params
-                missing += [(viewer, n) for n in nodes if not _card_matches(known.get(n.peer_id),
-                                                                            n)]
-            if not missing:
-                self.discovery_s = round(time.monotonic() - started, 3)
-                return
-            for _, n in missing:
-                assert n.proc is not None
-                if n.proc.poll() is not None:
-                    raise self._fail(n, f"exited with code {n.proc.returncode}")
-            if time.monotonic() > deadline:
-                viewer, n = missing[0]
-                raise self._fail(n, f"has no current card at node {viewer.index} "
-                                    f"({viewer.http}/v1/agents) after {self.timeout:g} s")
-            time.sleep(0.1)
+        viewers = [v for v in self.nodes if v.alive and v.http is not None]
+        with counted(self.progress, "cards seen", len(viewers) * len(nodes), "cards") as seen:
+            while True:
+                missing = self._missing_cards(nodes)
+                seen.set(len(viewers) * len(nodes) - len(missing))
+                if not missing:
+                    self.discovery_s = round(time.monotonic() - started, 3)
+                    return
+                for _, n in missing:
+                    assert n.proc is not None
+                    if n.proc.poll() is not None:
+                        raise self._fail(n, f"exited with code {n.proc.returncode}")
+                if time.monotonic() > deadline:
+                    viewer, n = missing[0]
+                    raise self._fail(n, f"has no current card at node {viewer.index} "
+                                        f"({viewer.http}/v1/agents) after {self.timeout:g} s")
+                time.sleep(0.1)
+
+    def _missing_cards(self, nodes: Sequence[NodeInfo]) -> list[tuple[NodeInfo, NodeInfo]]:
+        """(viewer, node) for each running viewer whose card index lacks ``node``'s card."""
+        missing: list[tuple[NodeInfo, NodeInfo]] = []
+        for viewer in self.nodes:
+            if not viewer.alive or viewer.http is None:
+                continue
+            known = {}
+            for card in http_json(f"{viewer.http}/v1/agents") or []:
+                params = _veilnet_params(card)
+                known[params.get("peerId")] = params
+            missing += [(viewer, n) for n in nodes if not _card_matches(known.get(n.peer_id), n)]
+        return missing
 
     def _write_state(self) -> None:
         if self._lock is None:

@@ -29,6 +29,10 @@ Layout of T::
                                       "data_dir", "shards", "log"}],
                            "deployment", "model", "bootstrap", "pid", "placement"}
 
+Start-up progress (import, encrypt, nodes ready, cards seen) goes to stderr: step lines with
+elapsed seconds, bars on a terminal, plain lines on a pipe, nothing with ``--quiet``; the summary
+goes to stdout.
+
 The process management lives in scripts/localnet.py (``Testnet``), which bench/ and tests use.
 """
 
@@ -60,6 +64,7 @@ from localnet import (
     stderr_log,
 )
 
+from models.progress import Reporter
 from node.byzantine import MODES as BYZANTINE_MODES
 
 __all__ = ["Testnet", "TestnetError", "place_shards"]
@@ -113,7 +118,8 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
     return Testnet(args.dir, args.nodes, replicas, args.node_shards,
                    deployment=args.deployment, model=model, node_args=node_args,
                    timeout=args.timeout, byzantine=args.byzantine,
-                   byzantine_mode=args.byzantine_mode, kind=kind, scheme=args.scheme)
+                   byzantine_mode=args.byzantine_mode, kind=kind, scheme=args.scheme,
+                   progress=Reporter(prefix="testnet: ", quiet=args.quiet))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -396,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--byzantine-mode", default="noise",
                        choices=BYZANTINE_MODES,
                        help="how the Byzantine nodes lie (default noise)")
+        p.add_argument("--quiet", "-q", action="store_true",
+                       help="print no start-up progress on stderr (by default: step lines "
+                            "with elapsed seconds for import, encrypt, nodes ready and cards "
+                            "seen; bars on a terminal, plain lines on a pipe); the summary on "
+                            "stdout, node failures and the stop are still reported")
 
     up = sub.add_parser(
         "up", help="start a testnet and run until Ctrl-C / SIGTERM",
