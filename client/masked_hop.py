@@ -79,15 +79,12 @@ def separate_operators(a: PeerRecord, b: PeerRecord) -> bool:
             and not _hosts(a) & _hosts(b))
 
 
-def choose_pair(candidates: list[PeerRecord],
-                exclude: set[str]) -> tuple[PeerRecord, PeerRecord] | None:
-    """The best-ranked A and the best-ranked B of another operator, or None."""
-    usable = [c for c in candidates if c.peer_id not in exclude]
-    for i, a in enumerate(usable):
-        for b in usable[i + 1:]:
-            if separate_operators(a, b):
-                return a, b
-    return None
+def partner(candidates: list[PeerRecord], b: PeerRecord,
+            exclude: set[str]) -> PeerRecord | None:
+    """The best-ranked A of ``candidates`` (a plan, best first) for mask node ``b``: not
+    excluded, and of another operator than ``b``; None when there is none."""
+    return next((c for c in candidates if c.peer_id not in exclude
+                 and separate_operators(c, b)), None)
 
 
 INLINE_VALUES = 1 << 16  # below this many values, numpy work runs on the event loop
@@ -271,8 +268,7 @@ class MaskedRunner:
                         continue
                 assert mask.node is not None and mask.check is not None and mask.r is not None
                 b = mask.node
-                a = next((c for c in self.router.plan(shard.cid)
-                          if c.peer_id not in exclude and separate_operators(c, b)), None)
+                a = partner(self.router.plan(shard.cid), b, exclude)
                 if a is None:
                     break
                 masked = x + mask.r
@@ -322,4 +318,4 @@ class MaskedRunner:
                        verified=True, unverified_reason=None)
 
 
-__all__ = ["ATTEMPTS", "MaskedRunner", "choose_pair", "separate_operators"]
+__all__ = ["ATTEMPTS", "MaskedRunner", "partner", "separate_operators"]

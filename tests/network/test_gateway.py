@@ -264,3 +264,19 @@ def test_api_key_and_loopback_rule(nets: tuple[Testnet, Testnet], deployment_dir
         assert len(got.data[0].embedding) == 384
     finally:
         gw.stop()
+
+
+def test_a_query_over_its_time_limit_is_a_504(nets: tuple[Testnet, Testnet],
+                                              deployment_dir: Path) -> None:
+    gw = Gateway("--bootstrap", nets[0].bootstrap, "--deployment", f"minilm={deployment_dir}",
+                 "--listen", "127.0.0.1:0", "--timeout", "0.001", "--verify", "none",
+                 "--no-ledger")
+    try:
+        gw.wait()
+        api = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as info:
+            api.embeddings.create(model="minilm", input=TEXTS[0])
+        assert info.value.status_code == 504 and info.value.code == "timeout"
+        assert [m.id for m in api.models.list()] == ["minilm"]  # still serving
+    finally:
+        gw.stop()

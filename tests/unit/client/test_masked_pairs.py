@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.masked_hop import choose_pair, separate_operators
+from client.masked_hop import partner, separate_operators
 from protocols.peers import PeerRecord
 
 
@@ -27,11 +27,12 @@ def test_same_did_or_address_or_host_is_one_operator() -> None:
     assert not separate_operators(a, a)
 
 
-def test_choose_pair_takes_the_best_ranked_pair_and_respects_exclusions() -> None:
+def test_partner_is_the_best_ranked_node_of_another_operator() -> None:
+    b = node("b", None, "/ip4/198.51.100.7/tcp/1")
     a = node("a", None, "/ip4/203.0.113.5/tcp/1")
     a2 = node("x", None, "/ip4/203.0.113.5/tcp/2")  # a's operator again
-    b = node("b", None, "/ip4/198.51.100.7/tcp/1")
-    assert choose_pair([a, a2, b], set()) == (a, b)
-    assert choose_pair([a, a2, b], {a.peer_id}) == (a2, b)
-    assert choose_pair([a, a2], set()) is None
-    assert choose_pair([a, b], {b.peer_id}) is None
+    b2 = node("y", None, "/ip4/198.51.100.7/tcp/2")  # b's operator again
+    assert partner([b2, a, a2], b, set()) == a  # b's own operator is skipped
+    assert partner([a, a2], b, {a.peer_id}) == a2
+    assert partner([b, b2], b, set()) is None
+    assert partner([a], b, {a.peer_id}) is None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recorded_views import write_view
 from tokenizers import Tokenizer
 
 import models.audit
@@ -196,21 +197,6 @@ VIEW_TEXTS = [["A man is eating food.", "The audit reads what the node received.
               ["Recorded tensors are attacked exactly as they were sent."]]
 
 
-def _write_view(root: Path, request_id: str, shard: str, inputs: dict[str, np.ndarray]) -> None:
-    """One request as node/recorder.py writes it: DIR/<id>/<name>.npy and an index line."""
-    (root / request_id).mkdir(parents=True)
-    entries = []
-    for name, array in inputs.items():
-        np.save(root / request_id / f"{name}.npy", array, allow_pickle=False)
-        entries.append({"name": name, "file": f"{request_id}/{name}.npy",
-                        "dtype": str(array.dtype), "shape": list(array.shape)})
-    line = {"format": "veilnet-received/1", "time": 1764698000.0, "protocol": "/veilnet/infer/1",
-            "op": "infer", "request_id": request_id, "shard": shard, "session": None,
-            "peer": "12D3KooWtest", "inputs": entries}
-    with (root / "index.jsonl").open("a") as f:
-        f.write(json.dumps(line, separators=(",", ":")) + "\n")
-
-
 @pytest.fixture(scope="module")
 def views_dir(deployment_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models import Manifest, ShardSession
@@ -226,16 +212,16 @@ def views_dir(deployment_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         feeds = TextTokenizer(deployment_dir / "client" / "tokenizer.json", MAX_TOKENS)(texts)
         sent = head.run({t.name: feeds[t.name] for t in deploy.head.inputs})
         to_first = {t.name: sent[t.name] for t in first.inputs}
-        _write_view(root, f"req-{n}", first.cid, to_first)
+        write_view(root, f"req-{n}", first.cid, to_first)
         if n == 0:  # the second node shard's request for the same texts, as the client sends it
             out = {**to_first, **node.run(to_first)}
-            _write_view(root, "req-second", second.cid, {t.name: out[t.name]
+            write_view(root, "req-second", second.cid, {t.name: out[t.name]
                                                          for t in second.inputs})
     rng = np.random.default_rng(0)
-    _write_view(root, "req-unlinked", second.cid, {  # continues no recorded first-shard view
+    write_view(root, "req-unlinked", second.cid, {  # continues no recorded first-shard view
         t.name: rng.standard_normal((1, 4, 384)).astype(np.float32) if t.name != "attention_bias"
         else np.zeros((1, 1, 1, 4), np.float32) for t in second.inputs})
-    _write_view(root, "req-foreign", "bafkforeign", {"x": np.zeros(3, np.float32)})
+    write_view(root, "req-foreign", "bafkforeign", {"x": np.zeros(3, np.float32)})
     return root
 
 
@@ -279,7 +265,7 @@ def test_views_are_attacked_against_the_owner_reading(deployment_dir: Path, mini
 def test_views_without_this_deployments_shards_are_refused(
         deployment_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "rec"
-    _write_view(root, "r", "bafkelsewhere", {"x": np.zeros(3, np.float32)})
+    write_view(root, "r", "bafkelsewhere", {"x": np.zeros(3, np.float32)})
     assert main(["audit", str(deployment_dir), "--views", str(root)]) == 2
     err = capsys.readouterr().err
     assert str(root) in err and "shards found: bafkelsewhere" in err

@@ -7,12 +7,12 @@ in-process (models/decoding.py's shard walk, each node shard with its KV cache).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from recorded_views import write_view
 from tokenizers import Tokenizer
 
 from models import Manifest, Pipeline
@@ -23,22 +23,6 @@ from models.decoding import DecoderLayout, LocalHop, walk
 PROMPTS = ["<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n"
            "<|im_start|>assistant\n", "The history of the printing press begins"]
 STEPS = (8, 4)  # greedy tokens fed back after each prompt (one step view each)
-
-
-def write_view(root: Path, request_id: str, shard: str, op: str, session: str | None,
-               inputs: dict[str, np.ndarray]) -> None:
-    """One request as node/recorder.py writes it: DIR/<id>/<name>.npy and an index line."""
-    (root / request_id).mkdir(parents=True)
-    entries = []
-    for name, array in inputs.items():
-        np.save(root / request_id / f"{name}.npy", array, allow_pickle=False)
-        entries.append({"name": name, "file": f"{request_id}/{name}.npy",
-                        "dtype": str(array.dtype), "shape": list(array.shape)})
-    line = {"format": "veilnet-received/1", "time": 1764698000.0,
-            "protocol": "/veilnet/session/1", "op": op, "request_id": request_id,
-            "shard": shard, "session": session, "peer": "12D3KooWtest", "inputs": entries}
-    with (root / "index.jsonl").open("a") as f:
-        f.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
 def generate(deploy: Path, root: Path) -> tuple[list[int], dict[int, int]]:
@@ -64,8 +48,9 @@ def generate(deploy: Path, root: Path) -> tuple[list[int], dict[int, int]]:
                 while True:
                     if shard.role == "node":
                         if shard.index != last.index or n == 0:
-                            write_view(root, f"r{n}-{shard.index}-{k}", shard.cid,
-                                       "step" if k else "open", f"s{n}-{shard.index}", feeds)
+                            write_view(root, f"r{n}-{shard.index}-{k}", shard.cid, feeds,
+                                       op="step" if k else "open",
+                                       session=f"s{n}-{shard.index}")
                             views[shard.index] += 1
                         if shard.index == second.index and n == 0:
                             history.append(next(iter(feeds.values())))
@@ -76,11 +61,12 @@ def generate(deploy: Path, root: Path) -> tuple[list[int], dict[int, int]]:
             except StopIteration as done:
                 ids = [int(np.argmax(done.value[0, -1]))]
     name = layout.hop_inputs(second)[0].name
-    write_view(root, "reopened", second.cid, "open", "s-reopened",
-               {name: np.concatenate(history, axis=1)})
-    write_view(root, "noise", second.cid, "open", "s-noise",
-               {name: np.random.default_rng(0).standard_normal((1, 5, 576)).astype(np.float32)})
-    write_view(root, "foreign", "bafkforeign", "infer", None, {"x": np.zeros(3, np.float32)})
+    write_view(root, "reopened", second.cid, {name: np.concatenate(history, axis=1)},
+               op="open", session="s-reopened")
+    write_view(root, "noise", second.cid,
+               {name: np.random.default_rng(0).standard_normal((1, 5, 576)).astype(np.float32)},
+               op="open", session="s-noise")
+    write_view(root, "foreign", "bafkforeign", {"x": np.zeros(3, np.float32)})
     views[second.index] += 2
     assert first.index in views
     return fed, dict(views)
@@ -143,7 +129,8 @@ def test_later_node_shards_are_probed_on_linked_views(
 def test_recordings_without_this_deployment_are_refused(smollm2_deployment: Path,
                                                         tmp_path: Path) -> None:
     root = tmp_path / "rec"
-    write_view(root, "r", "bafkelsewhere", "open", "s", {"x": np.zeros((1, 2, 576), np.float32)})
+    write_view(root, "r", "bafkelsewhere", {"x": np.zeros((1, 2, 576), np.float32)}, op="open",
+               session="s")
     with pytest.raises(AuditError, match="no recorded views of this deployment") as err:
         audit_decoder_views(Manifest.load(smollm2_deployment), [root], None, lambda m: None)
     assert str(root) in str(err.value) and "shards found: bafkelsewhere" in str(err.value)
