@@ -337,9 +337,16 @@ class NodeService:
                 if bad:
                     raise FetchRefused(f"{bad} are not node shards of deployment {deployment}; "
                                        "a node never takes client material")
-                for cid in wanted:
-                    if not self.store.shard_path(cid).is_file() or self.store.is_corrupt(cid):
-                        await self.fetch_blob(peer, cid, timeout, size=specs[cid].size)
+                todo = [c for c in wanted
+                        if not self.store.shard_path(c).is_file() or self.store.is_corrupt(c)]
+                started, total = time.monotonic(), sum(specs[c].size for c in todo)
+                done = 0
+                for k, cid in enumerate(todo, 1):  # one progress line per shard in the log
+                    await self.fetch_blob(peer, cid, timeout, size=specs[cid].size)
+                    done += specs[cid].size
+                    log.info("fetch %s: shard %d/%d %s from %s, %.1f of %.1f MB in %.1f s",
+                             deployment, k, len(todo), cid, peer_id, done / 1e6, total / 1e6,
+                             time.monotonic() - started)
                 if self.discovery is not None:
                     self.discovery.announce_soon()  # the card now names the new shards
                 return wanted

@@ -9,6 +9,7 @@ Prometheus metrics, the HTTP API (/healthz, /v1/node, /v1/peers), peer exchange 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -221,6 +222,10 @@ def test_fetch_shards_from_a_peer(node1: NodeProcess, node2: NodeProcess, hop: H
                    json={"deployment": hop.manifest_cid, "peer": node1.addr}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json() == {"deployment": hop.manifest_cid, "shards": node_cids}
+    # progress: one log line per shard fetched, counting shards and megabytes
+    lines = [line for line in node2.log().splitlines() if f"fetch {hop.manifest_cid}:" in line]
+    assert [re.search(r"shard (\d+)/(\d+) (\S+)", line).groups() for line in lines] == [
+        (str(k), str(len(node_cids)), cid) for k, cid in enumerate(node_cids, 1)]
 
     info = get_json(node2.http + "/v1/node")
     assert sorted(s["cid"] for s in info["shards"]) == sorted(node_cids)
