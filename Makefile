@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/privacy_modes.py
 	$(PY) bench/attacks.py
 	$(PY) bench/generate.py
+	$(PY) bench/gateway.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

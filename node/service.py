@@ -339,14 +339,16 @@ class NodeService:
                                        "a node never takes client material")
                 todo = [c for c in wanted
                         if not self.store.shard_path(c).is_file() or self.store.is_corrupt(c)]
-                started, total = time.monotonic(), sum(specs[c].size for c in todo)
-                done = 0
+                started = time.monotonic()
+                sized = all(specs[c].size is not None for c in todo)  # old manifests: no sizes
+                total, done = sum(specs[c].size or 0 for c in todo), 0
                 for k, cid in enumerate(todo, 1):  # one progress line per shard in the log
                     await self.fetch_blob(peer, cid, timeout, size=specs[cid].size)
-                    done += specs[cid].size
-                    log.info("fetch %s: shard %d/%d %s from %s, %.1f of %.1f MB in %.1f s",
-                             deployment, k, len(todo), cid, peer_id, done / 1e6, total / 1e6,
-                             time.monotonic() - started)
+                    done += specs[cid].size or 0
+                    log.info("fetch %s: shard %d/%d %s from %s, %s in %.1f s", deployment, k,
+                             len(todo), cid, peer_id,
+                             f"{done / 1e6:.1f} of {total / 1e6:.1f} MB" if sized
+                             else "sizes not in the manifest", time.monotonic() - started)
                 if self.discovery is not None:
                     self.discovery.announce_soon()  # the card now names the new shards
                 return wanted
