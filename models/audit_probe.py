@@ -12,7 +12,8 @@ the attack for it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,6 +48,29 @@ def node_inputs(manifest: Manifest, feeds: Tensors) -> dict[int, np.ndarray]:
     return seen
 
 
+@dataclass(frozen=True)
+class PublicStates:
+    """Public sentences run through the plaintext model: each node shard's hidden input (by
+    shard index), and the token ids and rows a probe trains on (real, non-special tokens)."""
+
+    states: dict[int, np.ndarray]
+    ids: np.ndarray  # [batch, seq]
+    rows: np.ndarray  # [batch, seq] bool
+
+    @classmethod
+    def of(cls, plain: Manifest, tokenizer: TextTokenizer, public: Sequence[str],
+           special: Collection[int]) -> PublicStates:
+        feeds = tokenizer(list(public))
+        ids = feeds["input_ids"]
+        return cls(node_inputs(plain, feeds), ids,
+                   (feeds["attention_mask"] == 1) & ~np.isin(ids, list(special)))
+
+    def probe(self, index: int, rng: np.random.Generator) -> RidgeProbe:
+        """A ridge probe reading token ids from node shard ``index``'s plaintext input."""
+        return RidgeProbe(self.states[index][self.rows].astype(np.float64),
+                          self.ids[self.rows], rng)
+
+
 def probe_rows(deploy: Manifest, plain: Manifest, tokenizer: TextTokenizer,
                test_feeds: Tensors, counted: np.ndarray, public: Sequence[str],
                hidden_perm: np.ndarray, special: set[int], rng: np.random.Generator,
@@ -55,10 +79,7 @@ def probe_rows(deploy: Manifest, plain: Manifest, tokenizer: TextTokenizer,
     details. ``counted``: the held-out positions scored (real, non-special tokens);
     ``hidden_perm``: the hidden permutation the node recovered."""
     received = node_inputs(deploy, test_feeds)
-    pub_feeds = tokenizer(list(public))
-    pub_plain = node_inputs(plain, pub_feeds)
-    pub_ids = pub_feeds["input_ids"]
-    pub_rows = (pub_feeds["attention_mask"] == 1) & ~np.isin(pub_ids, list(special))
+    pub = PublicStates.of(plain, tokenizer, public, special)
     truth = test_feeds["input_ids"][counted]
     out = []
     for enc, pl in zip(deploy.node_shards, plain.node_shards, strict=True):
@@ -67,12 +88,11 @@ def probe_rows(deploy: Manifest, plain: Manifest, tokenizer: TextTokenizer,
         def run(enc: ShardSpec = enc, pl: ShardSpec = pl, name: str = name,
                 ) -> tuple[float, dict]:
             decrypted = apply_perm(received[enc.index], hidden_perm)
-            probe = RidgeProbe(pub_plain[pl.index][pub_rows].astype(np.float64),
-                               pub_ids[pub_rows], rng)
+            probe = pub.probe(pl.index, rng)
             read = probe.predict(decrypted[counted].astype(np.float64))
             return float(np.mean(read == truth)), {
                 "tokens": int(truth.size), "shard": enc.index, "input": name,
-                "train_sentences": len(public), "train_rows": int(pub_rows.sum()),
+                "train_sentences": len(public), "train_rows": int(pub.rows.sum()),
                 "classes": len(probe.classes),
                 # a probe names only tokens it saw: the ceiling of this attack here
                 "coverage": float(np.mean(np.isin(truth, probe.classes))),
@@ -83,4 +103,4 @@ def probe_rows(deploy: Manifest, plain: Manifest, tokenizer: TextTokenizer,
     return out
 
 
-__all__ = ["PUBLIC_FACTOR", "hidden_input", "node_inputs", "probe_rows"]
+__all__ = ["PUBLIC_FACTOR", "PublicStates", "hidden_input", "node_inputs", "probe_rows"]

@@ -11,7 +11,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,6 +188,15 @@ def timed(report: AuditReport, progress: Progress, attack: str, target: str,
                                 round(time.perf_counter() - start, 3)))
 
 
+def no_views_error(dirs: Sequence[Path], deploy: Manifest, found: Iterable[str]) -> AuditError:
+    """The error for recordings in ``dirs`` that hold no view of ``deploy``'s node shards,
+    naming the shards they do hold (``found``)."""
+    shards = sorted(set(found))
+    return AuditError(f"{', '.join(map(str, dirs))}: no recorded views of this deployment's "
+                      f"node shards ({', '.join(s.cid for s in deploy.node_shards)}); shards "
+                      f"found: {', '.join(shards) if shards else 'none (no views)'}")
+
+
 __all__ = ["KNOWN_MODELS", "MAX_TOKENS", "AuditError", "AuditReport", "AuditRow", "client_file",
-           "heldout_sentences", "load_key", "most_common_rate", "plain_model", "special_ids",
-           "timed"]
+           "heldout_sentences", "load_key", "most_common_rate", "no_views_error", "plain_model",
+           "special_ids", "timed"]

@@ -32,8 +32,7 @@ import onnx
 
 from crypto.ee_key import EEKey
 from models import audit_attacks as aa
-from models.audit_attacks import RidgeProbe
-from models.audit_probe import hidden_input, node_inputs
+from models.audit_probe import PublicStates, hidden_input
 from models.audit_report import (
     MAX_TOKENS,
     AuditError,
@@ -42,6 +41,7 @@ from models.audit_report import (
     heldout_sentences,
     load_key,
     most_common_rate,
+    no_views_error,
     plain_model,
     special_ids,
     timed,
@@ -126,17 +126,13 @@ def audit_views(deploy_dir: Path, views_dir: Path | Sequence[Path], model_dir: P
 def _audit_encoder(deploy: Manifest, dirs: list[Path], model_dir: Path | None,
                    progress: Progress) -> AuditReport:
     key_path = load_key(deploy)
-    where = str(dirs[0]) if len(dirs) == 1 else ", ".join(map(str, dirs))
     views = [v for d in dirs for v in read_views(d)]
     firsts, others, foreign = split_views(views, deploy)
     if not firsts and not any(others.values()):
-        found = sorted({str(v.shard) for v in views})
-        raise AuditError(f"{where}: no recorded views of this deployment's node shards "
-                         f"({', '.join(s.cid for s in deploy.node_shards)}); shards found: "
-                         f"{', '.join(found) if found else 'none (no views)'}")
+        raise no_views_error(dirs, deploy, (str(v.shard) for v in views))
     report = AuditReport(deploy.cid, deploy.encryption)
     report.views = {
-        "dir": where if len(dirs) == 1 else [str(d) for d in dirs], "views": len(views),
+        "dir": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs], "views": len(views),
         "shards": [{"shard": s.cid, "index": s.index,
                     "views": len(firsts if s == deploy.node_shards[0] else others[s.cid])}
                    for s in deploy.node_shards],
@@ -204,12 +200,12 @@ def _attack(report: AuditReport, deploy: Manifest, plain: Manifest, key_path: Pa
     if any(later.values()):
         _probe_later(report, deploy, plain, hidden_true, recovered["hidden"],
                      [(aa.apply_perm(h, hidden_true), b) for h, b in sent],
-                     truths, counted, later, progress)
+                     truths, counted, special, later, progress)
 
 
 def _probe_later(report: AuditReport, deploy: Manifest, plain: Manifest, hidden_true: np.ndarray,
                  perm: np.ndarray, firsts: list[tuple[np.ndarray, np.ndarray]],
-                 truths: list[np.ndarray], counted: list[np.ndarray],
+                 truths: list[np.ndarray], counted: list[np.ndarray], special: list[int],
                  later: dict[str, list[RecordedView]], progress: Progress) -> None:
     """Decrypt-then-probe on every later node shard's views, each scored against the text of
     the first-shard view it continues (found by running the plaintext node shards on the
@@ -227,12 +223,7 @@ def _probe_later(report: AuditReport, deploy: Manifest, plain: Manifest, hidden_
         for shard in plain.node_shards[:-1]:
             names.update(run.run_local(shard, {t.name: names[t.name] for t in shard.inputs}))
         chains.append(names)
-    tok = TextTokenizer(client_file(deploy, "tokenizer"), MAX_TOKENS)
-    public = tok(heldout_sentences(PUBLIC_PROBE, seed=16))
-    pub_plain = node_inputs(plain, public)
-    pub_ids = public["input_ids"]
-    special = list(special_ids(client_file(deploy, "tokenizer")))
-    pub_rows = (public["attention_mask"] == 1) & ~np.isin(pub_ids, special)
+    pub: PublicStates | None = None  # public text's plaintext states, once a view is linked
     rng = np.random.default_rng(16)
     for enc, pl in zip(deploy.node_shards[1:], plain.node_shards[1:], strict=True):
         views = later.get(enc.cid, [])
@@ -256,12 +247,15 @@ def _probe_later(report: AuditReport, deploy: Manifest, plain: Manifest, hidden_
         if not linked:
             continue
         truth = np.concatenate(read_rows)
+        if pub is None:
+            pub = PublicStates.of(plain, TextTokenizer(client_file(deploy, "tokenizer"),
+                                                       MAX_TOKENS),
+                                  heldout_sentences(PUBLIC_PROBE, seed=16), special)
 
-        def probe(pl: ShardSpec = pl, name: str = name, rows: list[np.ndarray] = seen,
-                  truth: np.ndarray = truth, linked: int = linked,
+        def probe(pub: PublicStates = pub, pl: ShardSpec = pl, name: str = name,
+                  rows: list[np.ndarray] = seen, truth: np.ndarray = truth, linked: int = linked,
                   ) -> tuple[float, float, dict[str, Any]]:
-            model = RidgeProbe(pub_plain[pl.index][pub_rows].astype(np.float64),
-                               pub_ids[pub_rows], rng)
+            model = pub.probe(pl.index, rng)
             read = model.predict(np.concatenate(rows))
             return float(np.mean(read == truth)), most_common_rate(truth), {
                 "tokens": int(truth.size), "requests": linked, "shard": pl.index,

@@ -42,6 +42,7 @@ from models.audit_report import (
     heldout_sentences,
     load_key,
     most_common_rate,
+    no_views_error,
     plain_model,
     special_ids,
     timed,
@@ -55,7 +56,6 @@ from models.received import RecordedView, read_views
 
 PUBLIC, PUBLIC_SEED = 200, 16  # public sentences the probes train on (as models/audit.py)
 LINK_TOLERANCE = 1e-3  # largest row-relative difference of a linked view (measured ~3e-6)
-CHUNK = 512  # rows per nearest-embedding block ([CHUNK, vocab] float64 distances)
 SESSION_OPS = ("open", "step")
 
 
@@ -115,10 +115,7 @@ def _load(deploy: Manifest, layout: DecoderLayout, dirs: list[Path], width: int,
             session.views.append(view)
             session.rows.append(np.asarray(got, np.float64))
     if not ops:
-        where = ", ".join(map(str, dirs))
-        raise AuditError(f"{where}: no recorded views of this deployment's node shards "
-                         f"({', '.join(s.cid for s in deploy.node_shards)}); shards found: "
-                         f"{', '.join(sorted(shards_seen)) if shards_seen else 'none (no views)'}")
+        raise no_views_error(dirs, deploy, shards_seen)
     counts = {"dirs": [str(d) for d in dirs], "views": total,
               "other_shards": total - sum(ops.values()),
               "shards": [{"shard": s.cid, "index": s.index,
@@ -127,12 +124,6 @@ def _load(deploy: Manifest, layout: DecoderLayout, dirs: list[Path], width: int,
     unscored = [f"{n} {op} views of node shard {i}: only session open/step views are attacked"
                 for (i, op), n in sorted(ops.items()) if op not in SESSION_OPS]
     return found, counts, unscored
-
-
-def _nearest(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """``nearest_tokens`` in blocks of CHUNK rows."""
-    return np.concatenate([dec.nearest_tokens(rows[i:i + CHUNK], table)
-                           for i in range(0, len(rows), CHUNK)] or [np.zeros(0, np.int64)])
 
 
 def _close(got: np.ndarray, want: np.ndarray) -> bool:
@@ -214,7 +205,7 @@ def audit_decoder_views(deploy: Manifest, dirs: list[Path], model_dir: Path | No
                                       .graph.initializer[0]).astype(np.float64)
         sessions = found[first.index]
         received = np.concatenate([s.flat() for s in sessions])
-        truths = [_nearest(s.flat() @ key.shard(first.index).rotation.T, table)
+        truths = [dec.nearest_tokens(s.flat() @ key.shard(first.index).rotation.T, table)
                   for s in sessions]  # the owner's reading with the real key
         truth_all = np.concatenate(truths)
         counted = ~np.isin(truth_all, list(special))
@@ -251,7 +242,7 @@ def audit_decoder_views(deploy: Manifest, dirs: list[Path], model_dir: Path | No
         def traffic() -> tuple[float, float, dict[str, Any]]:
             fit = dec.rotation_from_traffic(received, table)
             true = key.shard(first.index).rotation
-            return rate(_nearest(received @ fit.T, table)), base, {
+            return rate(dec.nearest_tokens(received @ fit.T, table)), base, {
                 **common, "distinct_rows": len(np.unique(received, axis=0)),
                 "rotation_rel_error": float(np.linalg.norm(fit - true) / np.linalg.norm(true)),
                 "note": f"Procrustes fit on the recorded rows (exact once they span all "
@@ -259,18 +250,19 @@ def audit_decoder_views(deploy: Manifest, dirs: list[Path], model_dir: Path | No
 
         timed(report, progress, "exact weight matching", "rotation", exact_rotation)
         timed(report, progress, "exact weight matching", "input tokens", lambda: (
-            rate(_nearest(received @ rotations[first.index].T, table)), base, common))
+            rate(dec.nearest_tokens(received @ rotations[first.index].T, table)), base, common))
         timed(report, progress, "keyless norms", "input tokens", lambda: (
             rate(dec.tokens_by_norm(received, table)), base,
             {**common, "method": "row norm of the received rows"}))
         timed(report, progress, "keyless traffic rotation", "input tokens", traffic)
         if any(found[s.index] for s in later):
-            _probe_later(report, deploy, plain, key, found, truths, rotations, special,
-                         tok_path, unscored, progress)
+            _probe_later(report, deploy, layout, plain, key, found, truths, rotations,
+                         special, tok_path, unscored, progress)
     return report
 
 
-def _probe_later(report: AuditReport, deploy: Manifest, plain: Manifest, key: DecoderKey,
+def _probe_later(report: AuditReport, deploy: Manifest, deploy_layout: DecoderLayout,
+                 plain: Manifest, key: DecoderKey,
                  found: dict[int, list[_Session]], truths: list[np.ndarray],
                  rotations: dict[int, np.ndarray], special: set[int], tok_path: Path,
                  unscored: list[str], progress: Progress) -> None:
@@ -319,14 +311,14 @@ def _probe_later(report: AuditReport, deploy: Manifest, plain: Manifest, key: De
         return
     progress(f"running the plaintext model on {PUBLIC} public sentences for the probes")
     pub_ids, pub_rows = _public(plain, pipe, layout, tok_path, hops, special)
-    by_index, names = {s.index: s for s in deploy.node_shards}, DecoderLayout.of(deploy)
+    by_index = {s.index: s for s in deploy.node_shards}
     for index, linked in links.items():
         e = by_index[index]
         rows = np.concatenate([r for _, r, _ in linked])
         truth_all = np.concatenate([t for _, _, t in linked])
         keep = ~np.isin(truth_all, list(special))
         truth = truth_all[keep]
-        name = names.hop_inputs(e)[0].name
+        name = deploy_layout.hop_inputs(e)[0].name
 
         def run(e: ShardSpec = e, rows: np.ndarray = rows[keep], truth: np.ndarray = truth,
                 linked: list[tuple[RecordedView, np.ndarray, np.ndarray]] = linked,

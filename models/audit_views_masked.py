@@ -264,7 +264,7 @@ def _later_shards(report: AuditReport, deploy: Manifest, plan: MaskedPlan,
     if not linked:
         return
     progress(f"training a probe for each of {len(linked)} later shards on public text")
-    public = Simulator(deploy, deploy.node_shards)(heldout_sentences(PUBLIC, seed=16))
+    public = sim(heldout_sentences(PUBLIC, seed=16))  # the same simulator: weights loaded once
     rng = np.random.default_rng(17)
     by_cid = {s.cid: s for s in deploy.node_shards}
     rates: dict[int, dict[str, dict[str, float]]] = defaultdict(dict)

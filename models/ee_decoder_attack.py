@@ -204,11 +204,19 @@ def check_recovered_layer(plain: Mapping[str, np.ndarray], enc: Mapping[str, np.
     return float(np.linalg.norm(rebuilt - target) / np.linalg.norm(target))
 
 
+NEAREST_BLOCK = 512  # rows per [rows, vocab] float64 distance block (512 x 49152: 200 MB)
+
+
 def nearest_tokens(hidden: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Row index of ``table`` nearest (L2) to each row of ``hidden`` ``[..., d]``."""
+    """Row index of ``table`` nearest (L2) to each row of ``hidden`` ``[..., d]``, in blocks
+    of NEAREST_BLOCK rows so memory stays bounded whatever the number of rows."""
     flat = hidden.reshape(-1, hidden.shape[-1]).astype(np.float64)
-    dist = np.sum(table * table, axis=1)[None, :] - 2 * flat @ table.T
-    return np.argmin(dist, axis=1).reshape(hidden.shape[:-1])
+    norms = np.sum(table * table, axis=1)[None, :]
+    out = np.empty(len(flat), np.int64)
+    for i in range(0, len(flat), NEAREST_BLOCK):
+        out[i:i + NEAREST_BLOCK] = np.argmin(norms - 2 * flat[i:i + NEAREST_BLOCK] @ table.T,
+                                             axis=1)
+    return out.reshape(hidden.shape[:-1])
 
 
 def tokens_by_norm(received: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -237,7 +245,20 @@ def rotation_from_traffic(received: np.ndarray, table: np.ndarray,
     return fit
 
 
-__all__ = ["MATCH_TOLERANCE", "RecoveredLayer", "RecoveredShard", "blk_weights",
-           "check_recovered_layer", "nearest_tokens", "procrustes", "recover_layer",
-           "recover_rotation", "recover_shard_key", "rotation_from_traffic", "score_shard",
-           "tokens_by_norm", "weights_of"]
+__all__ = [
+    "MATCH_TOLERANCE",
+    "NEAREST_BLOCK",
+    "RecoveredLayer",
+    "RecoveredShard",
+    "blk_weights",
+    "check_recovered_layer",
+    "nearest_tokens",
+    "procrustes",
+    "recover_layer",
+    "recover_rotation",
+    "recover_shard_key",
+    "rotation_from_traffic",
+    "score_shard",
+    "tokens_by_norm",
+    "weights_of",
+]
