@@ -23,18 +23,17 @@ from typing import Any
 
 from client.cli_options import client_options
 from errors import InputError
+from protocols.http_address import hypercorn_bind, split_host_port
 
-log = logging.getLogger("veilnet.gateway")
 DEFAULT_LISTEN = "127.0.0.1:8088"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 in brackets) as ``(host, port)``; raises InputError."""
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    parsed = split_host_port(value)
+    if parsed is None:
         raise InputError(f"--listen {value!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
-    return host, int(port)
+    return parsed
 
 
 def is_loopback(host: str) -> bool:
@@ -108,7 +107,7 @@ async def serve(args: argparse.Namespace) -> int:
                 created=int(time.time()))
         app = create_gateway_app(models, key)
         config = Config()
-        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.bind = [hypercorn_bind(host, port)]
         config.accesslog = None
         config.graceful_timeout = 2
         config.loglevel = "WARNING"

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,6 @@ from client.async_client import AsyncClient
 from client.gateway_errors import ApiError, api_error_of, check_body
 from client.results import EmbedResult, GenerateResult
 from models.manifest import Manifest
-
-log = logging.getLogger("veilnet.gateway")
 
 
 @dataclass
@@ -47,7 +45,7 @@ class GatewayModel:
     created: int = 0
     # one request at a time per deployment: AsyncClient is not shown to be safe under
     # concurrent queries (its router and hop state are shared); requests queue here instead
-    lock: trio.Lock | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def generates(self) -> bool:
@@ -60,6 +58,18 @@ class GatewayModel:
                     "encryption": self.manifest.encryption,
                     "endpoints": ["/v1/chat/completions", "/v1/completions"] if self.generates
                     else ["/v1/embeddings"]}}
+
+
+@asynccontextmanager
+async def served(model: GatewayModel) -> AsyncIterator[None]:
+    """Hold ``model``'s turn; a failure inside becomes an ``ApiError`` (OpenAI's shape)."""
+    async with model.lock:
+        try:
+            yield
+        except ApiError:
+            raise
+        except Exception as exc:  # mapped (and an unexpected one logged) by api_error_of
+            raise api_error_of(exc) from exc
 
 
 def evidence(result: EmbedResult | GenerateResult) -> dict[str, Any]:
@@ -81,8 +91,6 @@ def create_gateway_app(models: Mapping[str, GatewayModel], api_key: str | None =
     """The gateway's app over ``models`` (by model id). With ``api_key``, every route needs
     ``Authorization: Bearer <api_key>``."""
     app = FastAPI(title="veilnet gateway", version="1", docs_url=None, redoc_url=None)
-    for model in models.values():
-        model.lock = model.lock or trio.Lock()
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -99,13 +107,16 @@ def create_gateway_app(models: Mapping[str, GatewayModel], api_key: str | None =
                                              "invalid_api_key").body(), status_code=401)
         return await call_next(request)
 
-    def model_for(body: dict[str, Any], generating: bool) -> GatewayModel:
-        name = body.get("model")
+    def known(name: Any) -> GatewayModel:
         if not isinstance(name, str) or name not in models:
             raise ApiError(404, f"the model {name!r} does not exist; this gateway serves: "
                                 f"{', '.join(sorted(models))}", "invalid_request_error",
                            "model", "model_not_found")
-        model = models[name]
+        return models[name]
+
+    def model_for(body: dict[str, Any], generating: bool) -> GatewayModel:
+        name = body.get("model")
+        model = known(name)
         if model.generates != generating:
             route = "/v1/chat/completions or /v1/completions" if model.generates \
                 else "/v1/embeddings"
@@ -131,22 +142,15 @@ def create_gateway_app(models: Mapping[str, GatewayModel], api_key: str | None =
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id not in models:
-            raise ApiError(404, f"the model {model_id!r} does not exist",
-                           "invalid_request_error", "model", "model_not_found")
-        return models[model_id].describe()
+        return known(model_id).describe()
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict[str, Any]:
         body = await body_of(request)
         model = model_for(body, generating=False)
         texts, fmt = check_body.embedding(body)
-        assert model.lock is not None
-        async with model.lock:
-            try:
-                result = await model.client.embed(texts)
-            except Exception as exc:  # mapped to OpenAI's error shape, logged
-                raise api_error_of(exc) from exc
+        async with served(model):
+            result = await model.client.embed(texts)
         rows = np.asarray(result.embeddings, np.float32)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode()
@@ -167,12 +171,8 @@ def create_gateway_app(models: Mapping[str, GatewayModel], api_key: str | None =
             return StreamingResponse(
                 _events(model, args, chat, ident, created, include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        assert model.lock is not None
-        async with model.lock:
-            try:
-                result = await model.client.generate(**args)
-            except Exception as exc:  # mapped to OpenAI's error shape, logged
-                raise api_error_of(exc) from exc
+        async with served(model):
+            result = await model.client.generate(**args)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish(result), "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": result.text}
@@ -209,38 +209,33 @@ async def _events(model: GatewayModel, args: dict[str, Any], chat: bool, ident: 
     ``error`` object (the status line has gone out already)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: str | None, reason: str | None, **extra: Any) -> str:
-        if chat:
-            choice: dict[str, Any] = {"index": 0, "delta": {} if delta is None else (
-                {"content": delta}), "finish_reason": reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": reason,
-                      "logprobs": None}
-        doc = {"id": ident, "object": kind, "created": created, "model": model.id,
-               "choices": [choice], **extra}
+    def event(doc: dict[str, Any]) -> str:
         return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
 
-    assert model.lock is not None
-    async with model.lock:
-        try:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return event({"id": ident, "object": kind, "created": created, "model": model.id,
+                      "choices": choices, **extra})
+
+    def choice(delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
+        part = {"delta": delta} if chat else {"text": delta.get("content", "")}
+        return {"index": 0, **part, "finish_reason": reason, "logprobs": None}
+
+    try:
+        async with served(model):
             async with model.client.stream(**args) as generation:
                 if chat:
-                    yield chunk(None, None).replace('"delta":{}', '"delta":{"role":"assistant",'
-                                                                 '"content":""}')
+                    yield chunk([choice({"role": "assistant", "content": ""})])
                 async for token in generation:
                     if token.text:
-                        yield chunk(token.text, None)
+                        yield chunk([choice({"content": token.text})])
             result = generation.result
             assert result is not None
-            yield chunk(None, finish(result), veilnet=evidence(result))
+            yield chunk([choice({}, finish(result))], veilnet=evidence(result))
             if include_usage:
-                doc = {"id": ident, "object": kind, "created": created, "model": model.id,
-                       "choices": [], "usage": usage(result)}
-                yield f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
-        except Exception as exc:  # sent in OpenAI's error shape, logged
-            error = api_error_of(exc)
-            yield f"data: {json.dumps(error.body(), separators=(',', ':'))}\n\n"
+                yield chunk([], usage=usage(result))
+    except ApiError as error:
+        yield event(error.body())
     yield "data: [DONE]\n\n"
 
 
-__all__ = ["GatewayModel", "create_gateway_app", "evidence", "finish", "usage"]
+__all__ = ["GatewayModel", "create_gateway_app", "evidence", "finish", "served", "usage"]

@@ -39,6 +39,7 @@ from node.sessions import (
     DEFAULT_MAX_SESSIONS,
     SessionLimits,
 )
+from protocols.http_address import split_host_port
 from protocols.wire import DEFAULT_FRAME_LIMIT
 
 DEFAULT_SHARD_SIZE_LIMIT = 1 << 30  # shards of manifests that declare no size (older ones)
@@ -80,10 +81,10 @@ class NodeConfig:
         return SessionLimits(self.max_sessions, self.max_context, self.session_expiry)
 
     def http_host_port(self) -> tuple[str, int]:
-        host, sep, port = self.http.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        parsed = split_host_port(self.http)
+        if parsed is None:
             raise ConfigError(f"http: {self.http!r} is not HOST:PORT")
-        return host.strip("[]"), int(port)
+        return parsed
 
     def check(self) -> None:
         if self.data_dir is None:

@@ -38,6 +38,7 @@ from node.rankings_service import RankingService
 from node.recorder import ReceivedRecorder
 from node.service import NodeService
 from node.store import ShardStore
+from protocols.http_address import hypercorn_bind
 from protocols.transport import make_host, parse_multiaddr, quiet_libraries
 from protocols.wire import WireError
 from registry.index import CardIndex
@@ -129,7 +130,7 @@ async def run_node(config: NodeConfig) -> None:
     listen = [parse_multiaddr(a) for a in config.listen]
     host_name, port = config.http_host_port()
     hconfig = HypercornConfig()
-    hconfig.bind = [f"[{host_name}]:{port}" if ":" in host_name else f"{host_name}:{port}"]
+    hconfig.bind = [hypercorn_bind(host_name, port)]
     hconfig.graceful_timeout = 2
     hconfig.accesslog = None
     # Hypercorn's own "Running on" line would repeat the banner's http URL
