@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.progress import QUIET_HELP, Reporter
 from node.byzantine import MODES as BYZANTINE_MODES
 from node.config import load_config
+
+if TYPE_CHECKING:
+    from models.manifest import ShardSpec
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
@@ -39,20 +44,18 @@ def _cmd_add_shards(args: argparse.Namespace) -> int:
     identity, _ = open_data_dir(args.data_dir)
     store = ShardStore(args.data_dir)
     report = Reporter(prefix="veilnet: ", quiet=args.quiet)
-    mcid, _ = store.add_deployment(args.deployment, only=[])  # the manifest alone, checked
-    specs = [s for s in store.load_manifest(mcid).node_shards
-             if not args.shard or s.cid in args.shard]
-    if args.shard and set(args.shard) - {s.cid for s in specs}:
-        store.add_deployment(args.deployment, args.shard)  # raises, naming the bad CIDs
-    sizes = [s.size for s in specs if s.size is not None]
-    by_bytes = len(sizes) == len(specs)  # old manifests declare no sizes: count shards
-    report(f"installing {len(specs)} node shard(s) of deployment {mcid} into {args.data_dir}")
-    installed: list[str] = []
-    with report.bar("installing shards", sum(sizes) if by_bytes else len(specs),
-                    "B" if by_bytes else "shards") as bar:
-        for spec in specs:  # one at a time, each checked against its CID, to count them
-            installed += store.add_deployment(args.deployment, [spec.cid])[1]
-            bar.advance((spec.size or 0) if by_bytes else 1)
+    with contextlib.ExitStack() as stack:
+        def plan(mcid: str, specs: list[ShardSpec]) -> Callable[[ShardSpec], None]:
+            sizes = [s.size for s in specs if s.size is not None]
+            by_bytes = len(sizes) == len(specs)  # old manifests declare no sizes: count shards
+            report(f"installing {len(specs)} node shard(s) of deployment {mcid} into "
+                   f"{args.data_dir}")
+            bar = stack.enter_context(report.bar(
+                "installing shards", sum(sizes) if by_bytes else len(specs),
+                "B" if by_bytes else "shards"))
+            return lambda spec: bar.advance((spec.size or 0) if by_bytes else 1)
+
+        mcid, installed = store.add_deployment(args.deployment, args.shard, on_plan=plan)
     print(json.dumps({"node": identity.did, "deployment": mcid, "shards": installed}, indent=2))
     return 0
 

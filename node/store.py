@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -226,11 +226,14 @@ class ShardStore:
         self._write_atomic(self.shard_path(cid), chunks, cid)
 
     def add_deployment(self, deploy_dir: Path, only: Iterable[str] | None = None,
-                       ) -> tuple[str, list[str]]:
+                       on_plan: Callable[[str, list[ShardSpec]], Callable[[ShardSpec], None]]
+                       | None = None) -> tuple[str, list[str]]:
         """Install the manifest and node shards of a deployment directory.
 
         ``only`` limits the shards to those CIDs. A shard already stored is kept if it still
         matches its CID and replaced otherwise. Returns (manifest CID, installed shard CIDs).
+        ``on_plan(manifest CID, shards to install)``, called once the request is checked,
+        returns a callback called after each shard is installed (progress).
         """
         deploy_dir = Path(deploy_dir)
         mpath = deploy_dir / "manifest.json"
@@ -254,9 +257,9 @@ class ShardStore:
             if unknown:
                 raise StoreError(f"{mpath}: no node shard {sorted(unknown)} in this deployment")
         installed = []
-        for spec in manifest.node_shards:
-            if wanted is not None and spec.cid not in wanted:
-                continue
+        specs = [s for s in manifest.node_shards if wanted is None or s.cid in wanted]
+        done = on_plan(mcid, specs) if on_plan is not None else None
+        for spec in specs:
             source = deploy_dir / spec.path
             if not source.is_file():
                 raise StoreError(f"{source}: node shard {spec.cid} is missing")
@@ -265,6 +268,8 @@ class ShardStore:
                 with open(source, "rb") as f:
                     self.add_shard_bytes(spec.cid, iter(lambda: f.read(READ_BLOCK), b""))
             installed.append(spec.cid)
+            if done is not None:
+                done(spec)
         return mcid, installed
 
     def _write_atomic(self, target: Path, chunks: Iterable[bytes], cid: str) -> None:
