@@ -116,12 +116,9 @@ async def witness_state(service: NodeService) -> dict[str, Any] | None:
                 rows.append({"origin": origin, "size": found[0]})
         return rows
 
-    refused = 0.0
-    for metric in service.metrics.registry.collect():
-        if metric.name == "veilnet_witness_refused":
-            refused += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return {"name": ledger.witness.name, "cosigned": _count(service, "veilnet_witness_cosigned"),
-            "refused": int(refused), "logs": await ledger.on_witness(known)}
+            "refused": _count(service, "veilnet_witness_refused"),
+            "logs": await ledger.on_witness(known)}
 
 
 async def node_stats(service: NodeService) -> dict[str, Any]:
