@@ -31,7 +31,7 @@ _weights: dict[str, MlpWeights] = {}  # shard CID -> weights read from its ONNX 
 
 
 async def infer_ckks(executor: ShardExecutor, identity: Identity,
-                     request: CkksRequest) -> dict[str, Any]:
+                     request: CkksRequest, peer: str = "") -> dict[str, Any]:
     """The signed answer to a CKKS request; WireError (``unknown_shard``, ``corrupt_shard``,
     ``bad_context``, ``bad_parameters``, ``bad_ciphertext``, ``unsupported``)."""
     stored = await executor.verified(request.shard)
@@ -44,7 +44,8 @@ async def infer_ckks(executor: ShardExecutor, identity: Identity,
         return evaluate_mlp(ctx, request.ciphertexts, weights)
 
     try:
-        outputs = await trio.to_thread.run_sync(run, limiter=executor.limiter)
+        async with executor.fair.slot(peer):
+            outputs = await trio.to_thread.run_sync(run)
     except CkksError as exc:
         raise WireError(exc.code, str(exc)) from None
     return ckks_answer(identity, request, outputs)

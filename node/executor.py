@@ -1,7 +1,9 @@
-"""Run node shards with onnxruntime in worker threads, behind a capacity limiter.
+"""Run node shards with onnxruntime in worker threads, ``capacity`` at a time.
 
-Sessions are created on first use and cached by CID. A request that would wait behind more than
-``queue_limit`` others is refused with ``busy`` instead of queueing without bound.
+Sessions are created on first use and cached by CID. Runs are shared between the peers that ask
+for them by fair queueing (node/fair.py): a peer flooding the node waits behind everyone else,
+not the other way round. A peer with ``peer_queue_limit`` requests waiting, or a node with
+``queue_limit``, gets ``busy`` instead of queueing without bound.
 
 Before a shard's session is created its file is hashed (in the worker thread) and compared with
 its CID: a file that rotted on disk would otherwise make the node sign wrong answers. A mismatch
@@ -21,6 +23,7 @@ import trio
 
 from models import ShardInputError, ShardSession, cid_of_file
 from models.runtime import check_inputs
+from node.fair import FairLimiter
 from node.store import ShardStore, StoredShard
 from protocols.wire import WireError
 
@@ -29,18 +32,17 @@ log = logging.getLogger("veilnet.node")
 
 class ShardExecutor:
     def __init__(self, store: ShardStore, capacity: int = 1, threads: int | None = None,
-                 queue_limit: int = 32, spin: bool = False,
+                 queue_limit: int = 32, peer_queue_limit: int = 4, spin: bool = False,
                  on_corrupt: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.spin = spin  # off by default: a node shares its cores with other processes
-        self.limiter = trio.CapacityLimiter(capacity)
+        self.capacity = capacity
+        self.fair = FairLimiter(capacity, peer_queue_limit, queue_limit)
         self.threads = threads
-        self.queue_limit = queue_limit
         self.on_corrupt = on_corrupt  # called with the CID of a shard found corrupt
         self._sessions: dict[str, ShardSession] = {}
         self._verified: set[str] = set()  # shards whose file was hashed by verified()
         self._loading = trio.Lock()
-        self._waiting = 0
 
     def loaded(self) -> list[str]:
         return sorted(self._sessions)
@@ -94,21 +96,16 @@ class ShardExecutor:
             self.on_corrupt(cid)
         raise _corrupt_error(cid)
 
-    async def run(self, cid: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def run(self, cid: str, feeds: Mapping[str, np.ndarray],
+                  peer: str = "") -> dict[str, np.ndarray]:
+        """Run shard ``cid`` on ``feeds`` for ``peer`` (its PeerID; fair queueing is by peer)."""
         session = await self.session(cid)
         try:  # before queueing: a request that cannot run must not wait for the limiter
             check_inputs(session.spec, feeds)
         except ShardInputError as exc:
             raise WireError("bad_inputs", str(exc)) from None
-        if self._waiting >= self.queue_limit:
-            raise WireError("busy", f"{self._waiting} requests are already waiting; retry later "
-                                    "or use another node")
-        self._waiting += 1
-        try:
-            return await trio.to_thread.run_sync(self._run_sync, session, dict(feeds),
-                                                 limiter=self.limiter)
-        finally:
-            self._waiting -= 1
+        async with self.fair.slot(peer):
+            return await trio.to_thread.run_sync(self._run_sync, session, dict(feeds))
 
     @staticmethod
     def _run_sync(session: ShardSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -14,6 +14,8 @@ class NodeMetrics:
                                 ["protocol"], registry=self.registry)
         self.errors = Counter("veilnet_errors", "Error responses sent, by protocol and code",
                               ["protocol", "code"], registry=self.registry)
+        self.busy = Counter("veilnet_busy", "Requests refused busy, by the limit reached "
+                            "(node/fair.py BUSY_REASONS)", ["reason"], registry=self.registry)
         self.latency = Histogram("veilnet_infer_latency_seconds",
                                  "Time from a complete infer request to its response",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)

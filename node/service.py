@@ -26,6 +26,7 @@ from errors import InputError
 from node.byzantine import Byzantine
 from node.discovery import Discovery
 from node.executor import ShardExecutor
+from node.fair import Busy
 from node.ledger_service import LedgerService
 from node.metrics import NodeMetrics
 from node.peers import PeerTable
@@ -103,6 +104,7 @@ class NodeService:
         self.started = time.time()
         self.in_flight_limit = IN_FLIGHT_FRAMES * frame_limit
         self._in_flight = 0  # bytes of request bodies being read or handled
+        self._in_flight_by_peer: dict[str, int] = {}  # the same, by peer
         self._streams: dict[str, int] = {}  # open inbound streams by peer
 
     # -- identity ---------------------------------------------------------------------------------
@@ -146,7 +148,7 @@ class NodeService:
         ledger = self.ledger
         return build_card(self.identity, a2a_url=f"{http}/a2a", http=http,
                           multiaddrs=self.addrs(), shards=self.served_shards(),
-                          capacity=int(self.executor.limiter.total_tokens), ttl=self.card_ttl,
+                          capacity=self.executor.capacity, ttl=self.card_ttl,
                           version=VERSION,
                           ledger_key=ledger.ledger.verifier_key if ledger and ledger.ledger
                           else None,
@@ -161,12 +163,17 @@ class NodeService:
         ``MAX_STREAMS_PER_PEER`` streams open, or a node with ``MAX_STREAMS``, gets ``busy``."""
         peer = _peer_of(stream)
         try:
-            if self._streams.get(peer, 0) >= MAX_STREAMS_PER_PEER \
-                    or sum(self._streams.values()) >= MAX_STREAMS:
+            refusal = None
+            if self._streams.get(peer, 0) >= MAX_STREAMS_PER_PEER:
+                refusal = Busy("peer_streams", f"you have {MAX_STREAMS_PER_PEER} streams open "
+                                               "at this node, its limit per peer; close idle "
+                                               "ones or retry later")
+            elif sum(self._streams.values()) >= MAX_STREAMS:
+                refusal = Busy("node_streams", f"this node serves {MAX_STREAMS} streams, its "
+                                               "limit; retry later or use another node")
+            if refusal is not None:
                 self.metrics.requests.labels(protocol).inc()
-                await self._send_error(stream, protocol, WireError(
-                    "busy", f"too many open streams (at most {MAX_STREAMS_PER_PEER} per peer, "
-                            f"{MAX_STREAMS} in all); close idle ones or retry later"), None)
+                await self._send_error(stream, protocol, refusal, None)
                 return
             self._streams[peer] = self._streams.get(peer, 0) + 1
             try:
@@ -187,6 +194,7 @@ class NodeService:
         request_id: str | None = None
         framing_ok = True
         reserved = 0
+        peer = _peer_of(stream)
         try:
             with trio.move_on_after(self.request_timeout if first else self.idle_timeout) as wait:
                 length = await read_frame_length(stream)
@@ -204,10 +212,7 @@ class NodeService:
                 if length > self.frame_limit:
                     raise WireError("frame_too_large", f"the frame has {length} bytes, the "
                                                        f"limit is {self.frame_limit}")
-                if self._in_flight + length > self.in_flight_limit:
-                    raise WireError("busy", f"{self._in_flight} bytes of requests are being "
-                                            "handled; retry later or use another node")
-                self._in_flight += length
+                self._reserve(peer, length)
                 reserved = length
                 body = await read_exactly(stream, length)
                 framing_ok = True
@@ -227,12 +232,35 @@ class NodeService:
             await self._send_error(stream, protocol, WireError(
                 "internal", f"{type(exc).__name__} while handling the request"), request_id)
         finally:
-            self._in_flight -= reserved
+            self._unreserve(peer, reserved)
         return False
+
+    def _reserve(self, peer: str, length: int) -> None:
+        """Count ``length`` request bytes as in flight for ``peer``, or ``Busy``: a peer may
+        have one frame limit of bytes in flight, the node ``in_flight_limit``."""
+        mine = self._in_flight_by_peer.get(peer, 0)
+        if mine and mine + length > self.frame_limit:
+            raise Busy("peer_bytes", f"{mine} bytes of your requests are being handled, and "
+                                     f"with {length} more you would pass this node's limit per "
+                                     f"peer ({self.frame_limit}); wait for the answers")
+        if self._in_flight + length > self.in_flight_limit:
+            raise Busy("node_bytes", f"{self._in_flight} bytes of requests are being handled; "
+                                     "retry later or use another node")
+        self._in_flight += length
+        self._in_flight_by_peer[peer] = mine + length
+
+    def _unreserve(self, peer: str, length: int) -> None:
+        if length:
+            self._in_flight -= length
+            left = self._in_flight_by_peer.pop(peer) - length
+            if left:
+                self._in_flight_by_peer[peer] = left
 
     async def _send_error(self, stream: INetStream, protocol: str, exc: WireError,
                           request_id: str | None) -> None:
         self.metrics.errors.labels(protocol, exc.code).inc()
+        if isinstance(exc, Busy):
+            self.metrics.busy.labels(exc.reason).inc()
         log.info("%s from %s: %s", protocol, _peer_of(stream), exc)
         # a peer that is gone cannot be told; nothing else to do
         with trio.move_on_after(5), contextlib.suppress(Exception):
@@ -268,9 +296,9 @@ class NodeService:
         if isinstance(request, CkksRequest):
             from node.ckks_infer import infer_ckks  # loads TenSEAL: only when a node needs it
 
-            return await infer_ckks(self.executor, self.identity, request)
+            return await infer_ckks(self.executor, self.identity, request, peer or "")
         run_started = time.perf_counter()
-        outputs = await self.executor.run(request.shard, dict(request.inputs))
+        outputs = await self.executor.run(request.shard, dict(request.inputs), peer or "")
         self.metrics.run_time.observe(time.perf_counter() - run_started)
         if self.byzantine is not None:  # test mode: a wrong answer, signed as if right
             outputs = await self.byzantine.corrupt(request.shard, request.inputs, outputs,

@@ -131,7 +131,7 @@ class SessionService:
         """Run the session's shard on ``inputs`` after ``past``: (non-cache outputs, the next
         cache), the cache checked to have grown by ``tokens``."""
         started = time.perf_counter()
-        outputs = await self.executor.run(session.shard, {**inputs, **past})
+        outputs = await self.executor.run(session.shard, {**inputs, **past}, session.peer)
         self.metrics.run_time.observe(time.perf_counter() - started)
         visible, cache = session.io.split_outputs(outputs)
         length = session.io.cache_length(cache)

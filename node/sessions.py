@@ -3,7 +3,9 @@
 Pure bookkeeping (no I/O, no onnxruntime; node/session_service.py runs the shards), so the
 limits are tested without a network:
 
-- at most ``max_sessions`` sessions at once (``busy`` beyond);
+- at most ``max_sessions`` sessions at once, and at most half of them (rounded up) held by any
+  one peer, so a peer that opens sessions without end cannot lock others out (``busy`` beyond,
+  with the reason ``node_sessions`` or ``peer_sessions``);
 - a session's cache holds at most ``max_context`` tokens counted over its batch
   (batch x position), and never more positions than the model's ``context_length`` when its
   manifest gives one (``limit`` for a call that would pass either);
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from node.fair import Busy
 from protocols.wire import WireError
 
 if TYPE_CHECKING:  # node/config.py imports this module: keep libp2p out of its imports
@@ -41,6 +44,10 @@ class SessionLimits:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_context: int = DEFAULT_MAX_CONTEXT
     idle_expiry: float = DEFAULT_IDLE_EXPIRY
+
+    @property
+    def max_sessions_per_peer(self) -> int:
+        return (self.max_sessions + 1) // 2
 
 
 @dataclass(eq=False)
@@ -101,8 +108,12 @@ class SessionTable:
         ``fail`` it). ``busy`` when the table is full."""
         self.sweep()
         if len(self._sessions) >= self.limits.max_sessions:
-            raise WireError("busy", f"this node holds {len(self._sessions)} sessions, its limit; "
-                                    "close one, retry later or use another node")
+            raise Busy("node_sessions", f"this node holds {len(self._sessions)} sessions, its "
+                                        "limit; close one, retry later or use another node")
+        held = sum(1 for s in self._sessions.values() if s.peer == peer)
+        if held >= self.limits.max_sessions_per_peer:
+            raise Busy("peer_sessions", f"you hold {held} sessions at this node, its limit per "
+                                        "peer; close one or use another node", retry_after=5.0)
         session_id = secrets.token_hex(16)
         while session_id in self._sessions:  # 128 random bits: never, but cheap to rule out
             session_id = secrets.token_hex(16)
@@ -125,8 +136,8 @@ class SessionTable:
         with ``commit`` or ``release``."""
         session = self.get(peer, session_id)
         if session.running:
-            raise WireError("busy", f"session {session_id} is in the middle of a call; steps of "
-                                    "one session run one at a time")
+            raise Busy("session_running", f"session {session_id} is in the middle of a call; "
+                                          "steps of one session run one at a time")
         session.running = True
         return session
 

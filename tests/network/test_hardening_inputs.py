@@ -408,39 +408,59 @@ def test_streams_one_peer_holds_open_are_capped(node: NodeProcess) -> None:
         again.close()
 
 
-async def _declare_big_frames(host: IHost, addr: str, streams: int, length: int) -> str:
-    """Open ``streams`` infer streams, each announcing a frame of ``length`` bytes and sending
-    none of it; then one more stream does the same. Returns the node's answer on that one."""
+async def _declare_big_frame(host: IHost, addr: str, length: int,
+                             hold: threading.Event | None) -> dict[str, str]:
+    """Open an infer stream announcing a frame of ``length`` bytes and send none of it. With
+    ``hold``: keep it so until ``hold`` is set ({} back); else return the node's error at once."""
     info = peer_info(addr)
     await connect(host, info, 10)
-    opened = []
+    stream = await host.new_stream(info.peer_id, [INFER])
     try:
-        for _ in range(streams):
-            stream = await host.new_stream(info.peer_id, [INFER])
-            await stream.write(encode_varint(length))
-            opened.append(stream)
-        await trio.sleep(0.5)  # the node has read each header and reserved its bytes
-        last = await host.new_stream(info.peer_id, [INFER])
-        opened.append(last)
-        await last.write(encode_varint(length))
-        answer = await read_frame(last)
-        return answer["error"]["code"] if answer else "none"
+        await stream.write(encode_varint(length))
+        if hold is not None:
+            while not hold.is_set():
+                await trio.sleep(0.05)
+            return {}
+        with trio.fail_after(10):
+            answer = await read_frame(stream)
+        return answer["error"] if answer else {}
     finally:
-        for stream in opened:
-            await stream.reset()
+        await stream.reset()
 
 
-def test_request_bytes_in_flight_are_capped(node: NodeProcess) -> None:
-    """Frames a node reads at once are budgeted: four streams each announcing a 64 MiB frame
-    (the frame limit) reserve the node's whole budget, and a fifth is answered ``busy`` at once
-    instead of the node reading another 64 MiB."""
+def test_request_bytes_in_flight_are_capped_per_peer_and_per_node(node: NodeProcess) -> None:
+    """Frames a node reads at once are budgeted. A peer may have one frame limit of request
+    bytes in flight: its second frame is refused ``busy`` (``peer_bytes``) at once. Four peers
+    each announcing a 64 MiB frame (the frame limit) reserve the node's whole budget, and a
+    fifth peer is refused (``node_bytes``) instead of the node reading another 64 MiB."""
     from node.service import IN_FLIGHT_FRAMES
     from protocols.wire import DEFAULT_FRAME_LIMIT
 
-    peer = ClientThread().start()
+    peers = [ClientThread().start() for _ in range(IN_FLIGHT_FRAMES + 1)]
+    release = threading.Event()
+    holding: list[threading.Thread] = []
+
+    def hold(peer: ClientThread) -> None:
+        thread = threading.Thread(target=peer.run, daemon=True, args=(
+            _declare_big_frame, node.addr, DEFAULT_FRAME_LIMIT, release))
+        thread.start()
+        holding.append(thread)
+        time.sleep(0.5)  # the node has read the header and reserved the bytes
+
+    def probe() -> tuple[dict[str, str], dict[str, str]]:
+        hold(peers[0])  # peer 0 holds a frame limit of bytes: its next frame is over its share
+        own = peers[0].run(_declare_big_frame, node.addr, 1024, None)
+        for peer in peers[1:IN_FLIGHT_FRAMES]:  # three more peers fill the node's budget
+            hold(peer)
+        return own, peers[-1].run(_declare_big_frame, node.addr, 1024, None)
+
     try:
-        code = while_probing(node, lambda: peer.run(
-            _declare_big_frames, node.addr, IN_FLIGHT_FRAMES, DEFAULT_FRAME_LIMIT))
+        own, last = while_probing(node, probe)
     finally:
-        peer.close()
-    assert code == "busy"
+        release.set()
+        for thread in holding:
+            thread.join(15)
+        for peer in peers:
+            peer.close()
+    assert (own.get("code"), own.get("reason")) == ("busy", "peer_bytes"), own
+    assert (last.get("code"), last.get("reason")) == ("busy", "node_bytes"), last

@@ -61,6 +61,7 @@ from protocols.transport import (
 from protocols.wire import encode_tensors, tensors_digest
 
 MAX_SESSIONS, MAX_CONTEXT, EXPIRY = 3, 24, 3.0
+PER_PEER = 2  # sessions one peer may hold: half of MAX_SESSIONS, rounded up
 PROMPT = ("The quick brown fox jumps over the lazy dog near the river bank, while the sun "
           "sets slowly behind the old stone mill.")
 PREFILL, STEPS = 12, 8
@@ -237,11 +238,18 @@ def test_max_sessions_and_max_context(llm_node: NodeProcess, gen: Generation,
 
     async def main(host: IHost) -> None:
         async with Caller(host, llm_node, gen) as c:
-            opened = [await c.open() for _ in range(MAX_SESSIONS)]
+            # one peer may hold half the table (rounded up); the rest is another peer's
+            opened = [await c.open() for _ in range(PER_PEER)]
             try:
-                assert sessions_open(llm_node) == MAX_SESSIONS
                 message = OpenRequest(rid(), gen.shard.cid, gen.prompt()).to_message()
-                assert await c.refused(message) == "busy"
+                assert await c.refused(message) == "busy"  # its own share is used up
+                async with client_host() as host2, Caller(host2, llm_node, gen) as other:
+                    theirs = [await other.open() for _ in range(MAX_SESSIONS - PER_PEER)]
+                    assert sessions_open(llm_node) == MAX_SESSIONS
+                    message = OpenRequest(rid(), gen.shard.cid, gen.prompt()).to_message()
+                    assert await other.refused(message) == "busy"  # the table is full
+                    for reply in theirs:
+                        await other.close(reply.session)
                 first = opened[0].session
                 await c.close(first)
                 opened[0] = await c.open()  # the slot is free again

@@ -167,7 +167,8 @@ class FakeExecutor:
             raise WireError("unknown_shard", cid)
         return self.shards[cid]
 
-    async def run(self, cid: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def run(self, cid: str, feeds: dict[str, np.ndarray],
+                  peer: str = "") -> dict[str, np.ndarray]:
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()
