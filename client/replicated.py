@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -86,11 +87,13 @@ class _HopRun:
 
     def __init__(self, caller: InferCaller, router: Router, policy: VerifyPolicy,
                  shard: ShardSpec, feeds: dict[str, np.ndarray], input_digest: bytes,
-                 candidates: list[PeerRecord], want: int) -> None:
+                 candidates: list[PeerRecord], want: int,
+                 reserve: Sequence[PeerRecord] = ()) -> None:
         self.caller, self.router, self.policy = caller, router, policy
         self.shard, self.feeds = shard, feeds
         self.input_digest, self.want = input_digest, want
         self.queue = list(candidates)
+        self.reserve = list(reserve)  # backed-off nodes: asked only when the hop needs them
         self.asked: dict[str, _Asked] = {}  # outstanding requests by peer id
         self.replies: dict[str, Reply] = {}
         self.failures: list[str] = []
@@ -144,6 +147,13 @@ class _HopRun:
         while self.queue and len(self.replies) + active < self.want:
             self._ask(nursery, send, self.queue.pop(0))
             active += 1
+        # the others cannot give the answers a verdict needs (two; one in a mode that does not
+        # check): nodes still backed off after a failure are asked rather than failing the hop
+        # (a node restarted a moment ago is usually back)
+        while not self.queue and self.reserve \
+                and len(self.replies) + active < min(self.want, 2):
+            self._ask(nursery, send, self.reserve.pop(0))
+            active += 1
         # `want` answers and no strict majority: one more node at a time
         if self.queue and not active and len(self.replies) >= self.want \
                 and not verdict.decided:
@@ -191,17 +201,18 @@ async def run_hop(caller: InferCaller, router: Router, policy: VerifyPolicy, sha
     mode = policy.mode
     where = f"hop {shard.index} (shard {shard.cid})"
     candidates = router.plan(shard.cid)
-    skipped = router.skipped(shard.cid, candidates)
+    reserve = router.backed_off(shard.cid, candidates)
     if not candidates:
         raise QueryError(f"hop {shard.index}: no known node serves shard {shard.cid}")
-    replicas = len(candidates) + len(skipped)
+    replicas = len(candidates) + len(reserve)
     want = {"full": policy.replicas,
             "spot": 2 if router.rng.random() < policy.spot_rate else 1, "none": 1}[mode]
     if mode == "spot" and want > 1:  # the checker is drawn uniformly, not by rank
         candidates = candidates[:1] + router.audit_order(candidates[1:])
-    run = _HopRun(caller, router, policy, shard, feeds, input_digest, candidates, want)
+    run = _HopRun(caller, router, policy, shard, feeds, input_digest, candidates, want, reserve)
     await run.run()
     replies, failures = run.replies, run.failures
+    skipped = router.skipped(shard.cid, [*candidates, *reserve[:len(reserve) - len(run.reserve)]])
     attempts = len(replies) + len(failures)  # not counting a node cancelled as not needed
     if not replies:
         raise QueryError(f"{where}: all {attempts} node(s) asked failed" + _lines(

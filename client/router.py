@@ -71,6 +71,13 @@ class Router:
         return ([r for r in pool if r.peer_id not in self.caught]
                 + [r for r in pool if r.peer_id in self.caught])
 
+    def backed_off(self, shard_cid: str, planned: Iterable[PeerRecord]) -> list[PeerRecord]:
+        """The providers of the shard left out of ``planned`` (backed off after failures),
+        soonest back first: a hop asks them only when the planned nodes cannot decide it."""
+        asked = {r.peer_id for r in planned}
+        return sorted((r for r in self.providers(shard_cid) if r.peer_id not in asked),
+                      key=lambda r: self.health.backoff_left(r.peer_id))
+
     def skipped(self, shard_cid: str, planned: Iterable[PeerRecord]) -> list[str]:
         """``"<peer id>: why"`` for each provider of the shard left out of ``planned``."""
         asked = {r.peer_id for r in planned}

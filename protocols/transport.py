@@ -24,6 +24,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -187,8 +188,18 @@ async def ensure_connected(host: IHost, peer_id: str, addrs: Sequence[str],
 
 
 async def open_stream(host: IHost, peer_id: ID, protocol: TProtocol) -> INetStream:
-    """A new stream to ``peer_id`` speaking ``protocol``, with a wide receive window."""
-    stream = await host.new_stream(peer_id, [protocol])
+    """A new stream to ``peer_id`` speaking ``protocol``, with a wide receive window.
+
+    A connection that closed since the caller checked it (the peer restarted, and a reused
+    stream just failed on it) makes py-libp2p refuse with "No valid connections available"
+    rather than dial: the stale entry is then dropped and the swarm dials the peer's known
+    addresses, once (the chaos soak, scripts/chaos.py, failed hops on restarted nodes so)."""
+    try:
+        stream = await host.new_stream(peer_id, [protocol])
+    except SwarmException:
+        if has_live_connection(host, peer_id):  # drops the stale entry when there is one
+            raise
+        stream = await host.new_stream(peer_id, [protocol])
     try:
         await widen_window(stream)
     except BaseException:

@@ -19,15 +19,17 @@ Python API (e.g. bench/e2e.py: ``sys.path.insert(0, "scripts"); from localnet im
         net.log_tail(2)               # last lines of its node.log
 
 ``Testnet(dir, nodes=3, replicas=1, node_shards=None, *, deployment=None, model=None, node_args=(),
-ledger_nodes=(0,), byzantine=0, byzantine_mode="noise", kind="minilm", timeout=60.0,
-log=<stderr>, progress=log)``: ``deployment``/``model`` reuse existing directories instead of
-T/deploy and T/model; ``kind="smollm2"`` imports and encrypts SmolLM2-135M-Instruct instead of
-MiniLM (into T/smollm2/); ``node_shards`` (default 3) only matters when a model has to be
-imported;
-``node_args`` are appended to every ``veilnet node start`` (e.g. ``--threads 1``, ``--capacity
-2``); the nodes in ``ledger_nodes`` also keep a ledger (``--ledger``; every node
-is a witness); ``timeout`` bounds the start-up; ``log`` gets events (a node killed on stop),
-``progress`` the start-up steps (import, encrypt, nodes up, cards seen: with a
+ledger_nodes=(0,), byzantine=0, byzantine_mode="noise", kind="minilm", hosts=None,
+launcher=None, timeout=60.0, log=<stderr>, progress=log)``: ``deployment``/``model`` reuse
+existing directories instead of T/deploy and T/model; ``kind="smollm2"`` imports and encrypts
+SmolLM2-135M-Instruct instead of MiniLM (into T/smollm2/); ``node_shards`` (default 3) only
+matters when a model has to be imported; ``node_args`` are appended to every ``veilnet node
+start`` (e.g. ``--threads 1``, ``--capacity 2``); ``hosts`` gives node i an IPv4 address to
+listen on (libp2p and HTTP) instead of 127.0.0.1, and ``launcher(node, cmd)`` returns the
+command that runs ``cmd`` (e.g. prefixed with ``ip netns exec NS``: scripts/netem.py runs each
+node in a network namespace); the nodes in ``ledger_nodes`` also keep a ledger (``--ledger``;
+every node is a witness); ``timeout`` bounds the start-up; ``log`` gets events (a node killed
+on stop), ``progress`` the start-up steps (import, encrypt, nodes up, cards seen: with a
 ``models.progress.Reporter``, as bars too). ``start()``/``stop()`` can be called instead of
 ``with``; ``stop()`` is idempotent. Any failure while starting stops every process started so far
 and raises ``TestnetError`` naming the node and quoting the tail of its log.
@@ -45,6 +47,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,6 +59,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from errors import UnavailableError
 from models.progress import Progress, counted
@@ -63,8 +67,7 @@ from models.progress import Progress, counted
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = Path("testnet-data")
 DEFAULT_NODE_SHARDS = 3
-LISTEN = "/ip4/127.0.0.1/tcp/0"
-HTTP = "127.0.0.1:0"
+LOOPBACK = "127.0.0.1"  # where nodes listen unless Testnet(hosts=...) says otherwise
 STATE_FILE = "testnet.json"
 LOCK_FILE = "testnet.lock"
 STOP_GRACE = 5.0
@@ -98,6 +101,7 @@ class NodeInfo:
     multiaddrs: list[str] = field(default_factory=list)
     http: str | None = None
     byzantine: str | None = None  # --byzantine-test-mode of this node, if any
+    host: str = LOOPBACK  # the IPv4 address it listens on (libp2p and HTTP)
     exit_code: int | None = None  # how its last process ended, once it has
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -107,9 +111,9 @@ class NodeInfo:
 
     @property
     def multiaddr(self) -> str:
-        """The node's loopback multiaddr, ending in /p2p/<PeerID>."""
+        """The node's multiaddr on its host address, ending in /p2p/<PeerID>."""
         for addr in self.multiaddrs:
-            if addr.startswith("/ip4/127.0.0.1/"):
+            if addr.startswith(f"/ip4/{self.host}/"):
                 return addr
         if not self.multiaddrs:
             raise TestnetError(f"node {self.index} has no multiaddr (is it running?)")
@@ -193,6 +197,8 @@ class Testnet:
                  ledger_nodes: Iterable[int] = (0,), byzantine: int = 0,
                  byzantine_mode: str = "noise", kind: str = "minilm", scheme: str = "ee",
                  args_for: Callable[[NodeInfo], Sequence[str]] | None = None,
+                 hosts: Sequence[str] | None = None,
+                 launcher: Callable[[NodeInfo, list[str]], list[str]] | None = None,
                  timeout: float = 60.0, log: Callable[[str], None] = stderr_log,
                  progress: Progress | None = None) -> None:
         if nodes < 1:
@@ -208,6 +214,10 @@ class Testnet:
         self.node_args = [str(a) for a in node_args]
         # arguments for one node only (e.g. --record-received into its own data directory)
         self.args_for = args_for
+        if hosts is not None and len(hosts) != nodes:
+            raise TestnetError(f"{len(hosts)} host address(es) for {nodes} node(s)")
+        self.hosts = list(hosts) if hosts is not None else [LOOPBACK] * nodes
+        self.launcher = launcher  # wraps a node's command (e.g. ip netns exec NS ...)
         self.ledger_nodes = sorted(set(ledger_nodes))  # started with --ledger
         if not 0 <= byzantine < nodes:
             raise TestnetError(f"--byzantine {byzantine}: between 0 and {nodes - 1} (node 0, "
@@ -329,8 +339,10 @@ class Testnet:
             self._write_state()
         return ended
 
-    def start_node(self, index: int) -> NodeInfo:
-        """(Re)start one stopped node with its identity and shards; waits until it is up."""
+    def start_node(self, index: int, *, wait_peers: bool = True) -> NodeInfo:
+        """(Re)start one stopped node with its identity, shards and addresses (the ports of its
+        last run); waits until it answers /healthz and, unless ``wait_peers`` is False (a
+        caller that keeps other nodes frozen or down), until every running node has its card."""
         node = self.nodes[index]
         if node.alive:
             raise TestnetError(f"node {index} is already running")
@@ -339,7 +351,7 @@ class Testnet:
         self._spawn(node, bootstrap)
         deadline = spawned + self.timeout
         self._wait_ready(node, deadline)
-        if index != 0 and self.nodes[0].alive:
+        if wait_peers and index != 0 and self.nodes[0].alive:
             self._wait_peers([n for n in self.nodes if n.alive], deadline, since=spawned)
         self._write_state()
         return node
@@ -367,7 +379,7 @@ class Testnet:
 
         manifest = Manifest.load(self.deployment)  # type: ignore[arg-type]
         lines = [
-            f"veilnet testnet: {self.n} node(s) on 127.0.0.1, each node shard on "
+            f"veilnet testnet: {self.n} node(s) on {_where(self.hosts)}, each node shard on "
             f"{self.replicas} node(s)",
             f"  deployment  {self.deployment}",
             f"              manifest {manifest.cid}, {len(manifest.node_shards)} node shards, "
@@ -431,7 +443,8 @@ class Testnet:
             if mine:
                 store.add_deployment(self.deployment, only=mine)
             liar = self.byzantine_mode if i >= self.n - self.byzantine else None
-            self.nodes.append(NodeInfo(i, data_dir, data_dir / "node.log", mine, byzantine=liar))
+            self.nodes.append(NodeInfo(i, data_dir, data_dir / "node.log", mine, byzantine=liar,
+                                       host=self.hosts[i]))
 
     def _start_all(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -452,8 +465,10 @@ class Testnet:
 
     def _spawn(self, node: NodeInfo, bootstrap: str | None) -> None:
         (node.data_dir / "node.json").unlink(missing_ok=True)
+        tcp, http = _last_ports(node)  # 0 on a first start: any free port
         cmd = [sys.executable, "-m", "node", "node", "start",
-               "--data-dir", str(node.data_dir), "--listen", LISTEN, "--http", HTTP]
+               "--data-dir", str(node.data_dir), "--listen", f"/ip4/{node.host}/tcp/{tcp}",
+               "--http", f"{node.host}:{http}"]
         if bootstrap:
             cmd += ["--bootstrap", bootstrap]
         if node.index in self.ledger_nodes:
@@ -463,6 +478,8 @@ class Testnet:
         cmd += self.node_args
         if self.args_for is not None:
             cmd += [str(a) for a in self.args_for(node)]
+        if self.launcher is not None:
+            cmd = self.launcher(node, cmd)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         logf = open(node.log, "ab")  # noqa: SIM115 (closed in stop())
@@ -567,6 +584,18 @@ def _card_matches(params: dict[str, Any] | None, node: NodeInfo) -> bool:
               for s in d.get("shards") or []]
     return (sorted(shards) == sorted(node.shards)
             and bool(set(params.get("multiaddrs") or []) & set(node.multiaddrs)))
+
+
+def _where(hosts: Sequence[str]) -> str:
+    return hosts[0] if len(set(hosts)) == 1 else f"{hosts[0]}..{hosts[-1]}"
+
+
+def _last_ports(node: NodeInfo) -> tuple[int, int]:
+    """The libp2p and HTTP ports of the node's last run (0 when it never ran), so a restarted
+    node is found where its peers and clients last saw it."""
+    found = re.search(r"/tcp/(\d+)", node.multiaddr) if node.multiaddrs else None
+    http = urlsplit(node.http).port if node.http else None
+    return int(found.group(1)) if found else 0, http or 0
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:

@@ -7,6 +7,9 @@ Command line (``python scripts/testnet.py --help``)::
 
     testnet.py up   [--dir T] [--nodes N] [--replicas R] [--node-shards K] ...   run until Ctrl-C
     testnet.py demo [--dir T] [--nodes N] [--replicas R] ...                     `make demo`
+    testnet.py up --netem "delay 40ms 10ms loss 1%" [--seed S] ...     links that are not loopback
+    testnet.py netem [--dir T] loss 5%             new link parameters while it runs
+    testnet.py clean [--dir T] [--all]             leftovers of a crashed --netem run
 
 ``up`` imports and encrypts all-MiniLM-L6-v2 into T/model and T/deploy (once; reused while
 T/deploy/manifest.json exists), places every node shard on R of the N nodes round robin, starts
@@ -15,6 +18,16 @@ and node 0 knows all the others, writes T/testnet.json, and runs until SIGINT or
 stops every node (SIGTERM, SIGKILL after 5 s) and removes T/testnet.json. ``demo`` does the same
 in-process, runs encrypted queries through the network, compares them with the plaintext model,
 crashes one node to show a hop being retried on another replica, and stops the network.
+
+``up --netem ARGS`` (root and iproute2 needed) runs each node, and gives the client, its own
+Linux network namespace ``veilnet-<tag>-n<i>`` / ``veilnet-<tag>-client`` (tag: 6 hex digits of
+T's path), joined by a userspace link emulator with ``tc netem`` semantics on every host's egress
+(scripts/netem.py: delay with jitter, loss, duplicate, rate, limit; ``--seed`` seeds it). Nodes
+listen on 10.77.<k>.<i+1>, the client is 10.77.<k>.<N+1>; run a query from the client namespace
+with ``ip netns exec veilnet-<tag>-client .venv/bin/veilnet query ...`` (the summary prints it).
+On stop the namespaces are deleted and the link counters (packets forwarded, dropped) printed and
+kept in T/netem-stats.json; if the script was killed, ``clean`` removes what is left (``--all``:
+every veilnet-* namespace).
 
 Layout of T::
 
@@ -28,6 +41,10 @@ Layout of T::
                           {"nodes": [{"index", "pid", "did", "peer_id", "multiaddrs", "http",
                                       "data_dir", "shards", "log"}],
                            "deployment", "model", "bootstrap", "pid", "placement"}
+    T/netem.json          with --netem, while up: {"tag", "pid" (the emulator), "netem",
+                          "subnet", "root_address", "hosts": {"n<i>"|"client": {"namespace",
+                          "address", "device"}}}
+    T/netem-stats.json    the emulator's counters: per link, per (sender->receiver) pair
 
 Start-up progress (import, encrypt, nodes ready, cards seen) goes to stderr: step lines with
 elapsed seconds, bars on a terminal, plain lines on a pipe, nothing with ``--quiet``; the summary
@@ -53,6 +70,7 @@ from demo_masked import demo_masked
 from localnet import (
     DEFAULT_DIR,
     DEFAULT_NODE_SHARDS,
+    LOCK_FILE,
     MODELS,
     SCHEMES,
     STATE_FILE,
@@ -63,6 +81,7 @@ from localnet import (
     short,
     stderr_log,
 )
+from netem import Links, NetemError, clean, namespaces, retune, tag_for
 
 from models.progress import Reporter
 from node.byzantine import MODES as BYZANTINE_MODES
@@ -93,7 +112,15 @@ def _install_stop_handlers() -> Callable[[], None]:
 # -- commands ------------------------------------------------------------------------------------
 
 
-def _net_from_args(args: argparse.Namespace) -> Testnet:
+def _links_from_args(args: argparse.Namespace) -> Links | None:
+    """The namespaces and link emulator of ``--netem`` (None without it)."""
+    if args.netem is None:
+        return None
+    hosts = [f"n{i}" for i in range(args.nodes)] + ["client"]
+    return Links(args.dir, hosts, args.netem, seed=args.seed, log=stderr_log)
+
+
+def _net_from_args(args: argparse.Namespace, links: Links | None = None) -> Testnet:
     kind, model = "minilm", None
     if args.model in MODELS:
         kind = args.model
@@ -115,7 +142,11 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
         raise TestnetError("--scheme masked needs every node shard on at least 2 nodes (one "
                            "computes on the masked input, another on the mask): --replicas 2 "
                            "or more")
-    return Testnet(args.dir, args.nodes, replicas, args.node_shards,
+    placed: dict[str, Any] = {}
+    if links is not None:
+        placed = {"hosts": [links.address(f"n{i}") for i in range(args.nodes)],
+                  "launcher": lambda node, cmd: links.wrap(f"n{node.index}", cmd)}
+    return Testnet(args.dir, args.nodes, replicas, args.node_shards, **placed,
                    deployment=args.deployment, model=model, node_args=node_args,
                    timeout=args.timeout, byzantine=args.byzantine,
                    byzantine_mode=args.byzantine_mode, kind=kind, scheme=args.scheme,
@@ -124,19 +155,31 @@ def _net_from_args(args: argparse.Namespace) -> Testnet:
 
 def cmd_up(args: argparse.Namespace) -> int:
     cleaning = _install_stop_handlers()
-    net = _net_from_args(args)
+    links = _links_from_args(args)
+    net: Testnet | None = None
     try:
+        if links is not None:
+            links.start()
+        net = _net_from_args(args, links)
         net.start()
         print(net.summary())
+        prefix = ""
+        if links is not None:
+            client = links.namespace("client")
+            print(f"\n  links: netem \"{args.netem}\" on every host's egress (userspace "
+                  f"emulator pid {links.proc.pid if links.proc else '-'}); nodes in "
+                  f"namespaces {links.namespace('n0')[:-1]}<i>, client in {client} "
+                  f"({links.address('client')}); state {links.state_file}")
+            prefix = f"ip netns exec {client} "
         print()
         # full verification needs two nodes per hop: with one, say plainly that it is off
         verify = " --verify none" if net.replicas < 2 else ""
         if net.kind == "smollm2":
-            print("  try:  .venv/bin/veilnet generate --chat --bootstrap " + net.bootstrap
+            print(f"  try:  {prefix}.venv/bin/veilnet generate --chat --bootstrap " + net.bootstrap
                   + f" --deployment {net.deployment}{verify} \"What is the capital of "
                   "France?\"")
         else:
-            print("  try:  .venv/bin/veilnet query --bootstrap " + net.bootstrap
+            print(f"  try:  {prefix}.venv/bin/veilnet query --bootstrap " + net.bootstrap
                   + f" --deployment {net.deployment}{verify} \"A man is eating food.\"")
         print(f"  stop: Ctrl-C, or kill {os.getpid()}", flush=True)
         while True:
@@ -145,12 +188,51 @@ def cmd_up(args: argparse.Namespace) -> int:
                         f"{node.exit_code}; see {node.log} (testnet.json updated)")
             time.sleep(0.5)
     except _Stop as stop:
-        net.log(f"{stop}: stopping {net.n} node(s)")
+        stderr_log(f"{stop}: stopping {args.nodes} node(s)")
     finally:
         cleaning()
-        net.stop()
-    net.log("stopped")
+        if net is not None:
+            net.stop()
+        if links is not None:
+            stats = links.stop()
+            stderr_log(f"links removed; {stats.get('forwarded', 0)} packets forwarded "
+                       f"({stats.get('forwarded_bytes', 0)} bytes), {stats.get('dropped', 0)} "
+                       f"dropped; counters in {links.stats_file}")
+    stderr_log("stopped")
     return 0
+
+
+def cmd_netem(args: argparse.Namespace) -> int:
+    """New netem parameters for the links of the testnet running in T."""
+    stats = retune(args.dir, " ".join(args.args))
+    print(f"links of {args.dir} now: {' '.join(args.args) or '(no emulation)'}; so far "
+          f"{stats.get('forwarded', 0)} packets forwarded, {stats.get('dropped', 0)} dropped")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove the namespaces, emulator and state a killed ``up --netem`` left behind."""
+    import fcntl
+
+    lock_path = args.dir / LOCK_FILE
+    if lock_path.exists():
+        with open(lock_path) as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                stderr_log(f"error: a testnet is running in {args.dir}: stop it (Ctrl-C or "
+                           "SIGTERM) instead")
+                return 1
+            (args.dir / STATE_FILE).unlink(missing_ok=True)
+    if not args.all and not args.dir.exists():
+        stderr_log(f"note: {args.dir} does not exist; removing namespaces of its tag "
+                   f"{tag_for(args.dir)} only")
+    removed = clean(args.dir, everything=args.all)
+    for what in removed:
+        print(f"removed {what}")
+    left = namespaces() if args.all else namespaces(f"veilnet-{tag_for(args.dir)}-")
+    print(f"{len(removed)} leftover(s) removed" + (f"; still there: {left}" if left else ""))
+    return 1 if left else 0
 
 
 DEMO_SENTENCES = [
@@ -360,8 +442,9 @@ def _crash_candidate(net: Testnet) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testnet.py",
-        description="Run a local veilnet testnet: node processes on 127.0.0.1 serving an "
-                    "encrypted all-MiniLM-L6-v2 deployment.",
+        description="Run a local veilnet testnet: node processes on 127.0.0.1 (or, with up "
+                    "--netem, each in its own network namespace behind emulated links) serving "
+                    "an encrypted all-MiniLM-L6-v2 deployment.",
         epilog="Python: sys.path.insert(0, 'scripts'); from testnet import Testnet "
                "(see the module docstring).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -416,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "until SIGINT or SIGTERM; then stop every node and remove "
                     f"T/{STATE_FILE}. Node logs: T/nodes/node<i>/node.log.")
     common(up, nodes=3)
+    up.add_argument("--netem", metavar="ARGS",
+                    help="run every node and the client in its own network namespace, joined "
+                         "by links with these tc netem arguments on every host's egress, e.g. "
+                         "\"delay 40ms 10ms loss 1%%\" (delay TIME [JITTER], loss [random] "
+                         "PCT, duplicate PCT, rate RATE, limit N; \"\" for plain links); "
+                         "needs root and iproute2")
+    up.add_argument("--seed", type=int, default=0,
+                    help="seed of the link emulator's random loss and jitter (default 0)")
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser(
@@ -434,6 +525,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-generate", action="store_true",
                       help="skip the text-generation part (SmolLM2 on a 3-node testnet)")
     demo.set_defaults(func=cmd_demo)
+
+    ne = sub.add_parser(
+        "netem", help="change the link parameters of a testnet running with --netem",
+        description="Give every host's link of the testnet running in T new tc netem "
+                    "parameters (as --netem), at once; open connections stay open.")
+    ne.add_argument("--dir", type=Path, default=DEFAULT_DIR, metavar="T",
+                    help=f"the testnet's work directory (default {DEFAULT_DIR}/)")
+    ne.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="netem arguments, e.g. delay 50ms loss 1%%")
+    ne.set_defaults(func=cmd_netem)
+
+    cl = sub.add_parser(
+        "clean", help="remove what a crashed 'up --netem' left (namespaces, emulator, state)",
+        description="Stop the processes in and delete the network namespaces of the testnet in "
+                    "T (veilnet-<tag>-*, tag from T's path), stop its link emulator if it "
+                    f"still runs, and remove T/{STATE_FILE} and T/netem.json. Refuses while a "
+                    "testnet runs in T.")
+    cl.add_argument("--dir", type=Path, default=DEFAULT_DIR, metavar="T",
+                    help=f"the testnet's work directory (default {DEFAULT_DIR}/)")
+    cl.add_argument("--all", action="store_true",
+                    help="every veilnet-* namespace, whatever testnet made it")
+    cl.set_defaults(func=cmd_clean)
     return parser
 
 
@@ -444,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))  # every node is stopped before an error gets here
-    except (TestnetError, ValueError, ModelSourceError, QueryError) as exc:
+    except (TestnetError, NetemError, ValueError, ModelSourceError, QueryError) as exc:
         stderr_log(f"error: {exc}")
         return 1
 

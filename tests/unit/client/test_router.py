@@ -76,6 +76,18 @@ def test_every_provider_backed_off_are_tried_soonest_first() -> None:
     assert [r.peer_id for r in router.plan(SHARD_B)] == [nodes[2].peer_id, nodes[0].peer_id]
 
 
+def test_backed_off_nodes_are_the_hops_reserve_soonest_back_first() -> None:
+    router, nodes, _ = network(4)
+    router.failed(nodes[0].peer_id, "x")
+    router.failed(nodes[0].peer_id, "x")  # 10 s
+    router.failed(nodes[3].peer_id, "x")  # 5 s
+    planned = router.plan(SHARD_A)
+    assert {r.peer_id for r in planned} == {nodes[1].peer_id, nodes[2].peer_id}
+    # run_hop asks these only when the planned nodes cannot give a verdict its two answers
+    assert [r.peer_id for r in router.backed_off(SHARD_A, planned)] == [
+        nodes[3].peer_id, nodes[0].peer_id]
+
+
 def test_a_verdict_loser_is_caught_and_planned_last() -> None:
     router, nodes, _ = network()
     liar = nodes[1].peer_id
