@@ -61,7 +61,7 @@ from models.pipeline import Tensors
 from protocols.cards import lookup_cards
 from protocols.infer import non_finite
 from protocols.peers import PeerRecord
-from protocols.transport import PEER_ERRORS, error_text, make_host, peer_info
+from protocols.transport import DIAL_TIMEOUT, PEER_ERRORS, error_text, make_host, peer_info
 from protocols.wire import DEFAULT_FRAME_LIMIT, DigestEntry, digest_entry, digest_of
 
 log = logging.getLogger("veilnet.client")
@@ -86,7 +86,8 @@ class AsyncClient:
     """
 
     def __init__(self, bootstrap: Sequence[str], deployment: Path | str, *,
-                 timeout: float = 120.0, hop_timeout: float = 30.0, connect_timeout: float = 5.0,
+                 timeout: float = 120.0, hop_timeout: float = 30.0,
+                 connect_timeout: float = DIAL_TIMEOUT,
                  threads: int | None = None, frame_limit: int = DEFAULT_FRAME_LIMIT,
                  identity: Identity | None = None, ledger: bool = True,
                  witness_quorum: int = 1, receipt_timeout: float = 15.0,

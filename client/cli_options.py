@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from consensus.verdict import VERIFY_MODES
+from protocols.transport import DIAL_TIMEOUT as DEFAULT_CONNECT_TIMEOUT
 
 
 def add_network_options(parser: argparse.ArgumentParser, what: str,
@@ -30,6 +31,11 @@ def add_network_options(parser: argparse.ArgumentParser, what: str,
                         else "limit for the prompt and for each token (default 120)")
     parser.add_argument("--hop-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="limit for one node's answer before trying another (default 30)")
+    parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="limit for one dial of a node (TCP, Noise, yamux; default "
+                             f"{DEFAULT_CONNECT_TIMEOUT:g}: a slow lossy link needs seconds, "
+                             "docs/reliability.md)")
     parser.add_argument("--verify", choices=VERIFY_MODES, default="full",
                         help="consensus checks: full (each hop on --replicas nodes, majority "
                              "wins), spot (a second node checks with probability --spot-rate), "
@@ -52,6 +58,7 @@ def add_network_options(parser: argparse.ArgumentParser, what: str,
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
     """``Client`` keyword arguments from the options ``add_network_options`` adds."""
-    return {"timeout": args.timeout, "hop_timeout": args.hop_timeout, "ledger": args.ledger,
+    return {"timeout": args.timeout, "hop_timeout": args.hop_timeout,
+            "connect_timeout": args.connect_timeout, "ledger": args.ledger,
             "witness_quorum": args.quorum, "verify": args.verify, "replicas": args.replicas,
             "spot_rate": args.spot_rate, "allow_unverified": args.allow_unverified}

@@ -23,6 +23,7 @@ from client.results import EmbedResult, GenerateResult, HopRecord
 from crypto.identity import Identity
 from models import Manifest
 from protocols.peers import PeerRecord
+from protocols.transport import DIAL_TIMEOUT
 from protocols.wire import DEFAULT_FRAME_LIMIT
 
 T = TypeVar("T")
@@ -33,7 +34,8 @@ class Client:
     ``AsyncClient``'s."""
 
     def __init__(self, bootstrap: Sequence[str], deployment: Path | str, *,
-                 timeout: float = 120.0, hop_timeout: float = 30.0, connect_timeout: float = 5.0,
+                 timeout: float = 120.0, hop_timeout: float = 30.0,
+                 connect_timeout: float = DIAL_TIMEOUT,
                  threads: int | None = None, frame_limit: int = DEFAULT_FRAME_LIMIT,
                  identity: Identity | None = None, ledger: bool = True,
                  witness_quorum: int = 1, receipt_timeout: float = 15.0,

@@ -43,7 +43,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from errors import UnavailableError
 from node.metrics import NodeMetrics
 from protocols.cards import CARDS_TOPIC, lookup_answer, parse_lookup
-from protocols.transport import PEER_ERRORS, ensure_connected, error_text
+from protocols.transport import DIAL_TIMEOUT, PEER_ERRORS, ensure_connected, error_text
 from protocols.wire import write_frame
 from registry.card import MAX_CARD_BYTES, CardInfo, CardRejected, parse_card_json, verify_card
 from registry.index import CONFIRMED, FAILED, CardIndex
@@ -53,7 +53,7 @@ log = logging.getLogger("veilnet.discovery")
 MAX_PEERS = 8            # connections a node opens to peers it learns from cards
 NEW_PEER_DELAY = (0.05, 0.5)  # re-announce after a random delay in this range (coalesces)
 MESH_POLL_S = 0.25           # how often the announce loop looks for new mesh peers
-DIAL_TIMEOUT_S = 5.0         # one dial of one card address
+DIAL_TIMEOUT_S = DIAL_TIMEOUT  # one dial of one card address (protocols/transport.py)
 CHECK_TIMEOUT_S = 8.0        # one check: every address of one card
 CHECK_DIALS = 16             # checks dialling at once
 MAX_PENDING_CHECKS = 64      # cards queued or dialling; more POSTed cards are refused (busy)

@@ -45,6 +45,12 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 log = logging.getLogger("veilnet.p2p")
 
+# One dial (TCP, Noise, yamux) by default. On loopback it takes milliseconds, but it is about six
+# round trips, and a lost handshake packet waits for TCP's 1 s retransmission: through
+# scripts/netem.py links with 100 ms delay and 10% loss, dials took 1.84 s at the median and
+# 5.45 s at worst (40 measured), so 5 s failed some (docs/reliability.md).
+DIAL_TIMEOUT = 10.0
+
 # What a stream the peer has closed or reset raises on use.
 STREAM_ERRORS: tuple[type[BaseException], ...] = (StreamError, MuxedStreamError, EOFError)
 # What a call to a peer raises when the peer or the network fails, as opposed to a bug of ours:

@@ -21,7 +21,10 @@ are unconfirmed until heard again, so an earlier run's cards do not steer a new 
 being checked or failed (so a flood of fresh Sybil cards is not served while their dials time
 out). A new card with other addresses starts over as unconfirmed (unless it arrives confirmed).
 
-``model`` filters match a deployment CID, or a model name as ``model_matches`` says.
+``model`` filters match a deployment CID, or a model name as ``model_matches`` says. Lookups by
+shard, deployment and model use indexes on ``card_shards``. The index holds at most
+``max_cards`` cards (``MAX_CARDS``); a new peer's card past the cap evicts expired cards, then
+failed, unconfirmed and confirmed ones, the oldest first.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ CONFIRMED, UNCONFIRMED, FAILED, CHECKING = "confirmed", "unconfirmed", "failed",
 _STATES = (CONFIRMED, UNCONFIRMED, FAILED, CHECKING)  # index = the ``state`` column
 _LISTED = 2  # states below this are returned by query()
 MAX_MODEL_QUERY = 256
+# Cards one index holds at most (about 3 KB each: ~60 MB of SQLite at the cap). Past it the
+# least useful go first (``CardIndex._evict``); docs/reliability.md has the scaling model.
+MAX_CARDS = 20_000
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -104,8 +110,9 @@ def _addrs_key(addrs: Iterable[str]) -> str:
 class CardIndex:
     """Verified cards by peer. One connection, used from the node's trio thread only."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, max_cards: int = MAX_CARDS) -> None:
         self.path = path
+        self.max_cards = max_cards
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -155,10 +162,31 @@ class CardIndex:
                 self._set_status(info.peer_id, CONFIRMED, info.multiaddrs, now, 0)
             elif status is None or _addrs_key(status.multiaddrs) != _addrs_key(info.multiaddrs):
                 self._set_status(info.peer_id, UNCONFIRMED, info.multiaddrs, now, 0)
+            if row is None:
+                self._evict(now)
         if row is None or row[1] <= now:
             return "new"
         before = extension_params(json.loads(row[2])).get("multiaddrs", [])
         return "updated" if sorted(before) == sorted(info.multiaddrs) else "new"
+
+    def _evict(self, now: float) -> None:
+        """Keep at most ``max_cards`` cards: past the cap, expired cards go first, then cards
+        whose addresses failed a dial, then unconfirmed ones, then confirmed ones, the
+        oldest issued first within each: a flood of new unconfirmed cards (anyone can mint
+        keys and POST cards) evicts itself, never a confirmed card. Inside put's
+        transaction."""
+        excess = self._db.execute("SELECT count(*) FROM cards").fetchone()[0] - self.max_cards
+        if excess <= 0:
+            return
+        self._db.execute(
+            "DELETE FROM cards WHERE peer_id IN (SELECT c.peer_id FROM cards c "
+            "LEFT JOIN temp.card_status st ON st.peer_id = c.peer_id "
+            "ORDER BY c.expires_at > ?, CASE COALESCE(st.state, ?) WHEN ? THEN 0 WHEN ? THEN 1 "
+            "WHEN ? THEN 2 ELSE 3 END, c.issued_at LIMIT ?)",
+            (now, _STATES.index(UNCONFIRMED), _STATES.index(FAILED), _STATES.index(UNCONFIRMED),
+             _STATES.index(CHECKING), excess))
+        self._db.execute("DELETE FROM temp.card_status WHERE peer_id NOT IN "
+                         "(SELECT peer_id FROM cards)")
 
     def _set_status(self, peer_id: str, state: str, addrs: Iterable[str], since: float,
                     failures: int) -> None:

@@ -134,7 +134,9 @@ class Soak:
 
     # -- clients ---------------------------------------------------------------------------------
 
-    def client_thread(self, k: int, bootstrap: list[str]) -> None:
+    def client_thread(self, k: int, bootstrap: list[str], netns: str | None) -> None:
+        if netns is not None:
+            enter_namespace(netns)
         trio.run(self._client, k, bootstrap)
 
     async def _client(self, k: int, bootstrap: list[str]) -> None:
@@ -237,6 +239,17 @@ class Soak:
         return True
 
 
+def enter_namespace(name: str) -> None:
+    """Move the calling thread (only it: setns(2) is per thread) into network namespace
+    ``name``, so the sockets its trio loop opens live there. Python 3.11 has no os.setns."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as ns:
+        if libc.setns(ns.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+
+
 def rss_mb(pid: int | None) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -311,17 +324,28 @@ def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         model, deploy = args.model, args.deployment
     else:  # imported and encrypted once, then reused (as scripts/testnet.py does)
         model, deploy = prepare_model(REPO / DEFAULT_DIR, None, say)
+    links, placed, netns = None, {}, None
+    if args.netem:  # every node and the clients in namespaces, netem on every host's egress
+        from netem import Links
+
+        links = Links(root, [f"n{i}" for i in range(args.nodes)] + ["client"], args.netem,
+                      seed=args.seed, log=say)
+        links.start()
+        assert links is not None
+        placed = {"hosts": [links.address(f"n{i}") for i in range(args.nodes)],
+                  "launcher": lambda node, cmd: links.wrap(f"n{node.index}", cmd)}
+        netns = links.namespace("client")
     net = Testnet(root, nodes=args.nodes, replicas=3, deployment=deploy, model=model,
                   node_args=["--threads", "1"], ledger_nodes=(0,), timeout=120.0, log=say,
-                  progress=say)
-    net.start()
+                  progress=say, **placed)
     try:
+        net.start()
         reference = Pipeline(net.model).embed(TEXTS)
         state = Soak(net, args.minutes * 60, args.clients, args.seed, reference)
         state.events = plan(args.seed, state.seconds, net.placement, args.nodes)
         rss_start = {n.index: rss_mb(n.pid) for n in net.nodes}
         bootstrap = [n.multiaddr for n in net.nodes]
-        threads = [threading.Thread(target=state.client_thread, args=(k, bootstrap),
+        threads = [threading.Thread(target=state.client_thread, args=(k, bootstrap, netns),
                                     daemon=True) for k in range(args.clients)]
         t0 = time.monotonic()
         for thread in threads:
@@ -341,6 +365,8 @@ def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         rss_end = {n.index: rss_mb(n.pid) for n in net.nodes}
     finally:
         net.stop()
+        if links is not None:
+            links.stop()
     receipts = [q.receipt for q in state.queries if q.receipt is not None]
     verify, missing = check_ledger(net.nodes[0].data_dir / "ledger", receipts)
     failed = [q for q in state.queries if not q.ok]
@@ -388,8 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--nodes: at least 6")
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
-    if args.netem:
-        parser.error("--netem: not wired into the soak yet")
     if bool(args.deployment) != bool(args.model):
         parser.error("--deployment and --model go together")
     with tempfile.TemporaryDirectory(prefix="veilnet-chaos-") as tmp:
@@ -398,11 +422,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         left = leftovers(root)
     report["processes_left"] = len(left)
     report["namespaces_left"] = 0
+    if args.netem:
+        from netem import PREFIX, namespaces, tag_for
+
+        report["namespaces_left"] = len(namespaces(f"{PREFIX}{tag_for(root)}-"))
     q, r = report["queries"], report["receipts"]
     report["targets_met"] = (q["wrong_answers"] == 0 and r["missing_from_ledger"] == 0
                              and bool(report["ledger_verify"].get("ok"))
                              and q["failed_while_covered"] == 0
-                             and report["processes_left"] == 0)
+                             and report["processes_left"] == 0
+                             and report["namespaces_left"] == 0)
     print(json.dumps(report, indent=None if args.json else 2))
     return 0 if report["targets_met"] else 1
 

@@ -328,3 +328,36 @@ def test_query_by_short_model_name(index: CardIndex) -> None:
     for query in ("minilm", "MiniLM", "all-MiniLM-L6-v2", DEP_MINI):
         assert peers(index.query(model=query)) == [info.peer_id], query
     assert index.query(model="mini") == [] and index.query(model="gpt") == []
+
+
+def test_the_index_is_capped_and_evicts_the_least_useful_first(db_path: Path) -> None:
+    index = CardIndex(db_path, max_cards=3)
+    try:
+        ids = [Identity.generate() for _ in range(6)]
+        expired = info_of(ids[0], MINI[:1], issued=NOW - 100, ttl=30)
+        failed = info_of(ids[1], MINI[:1], issued=NOW + 1)
+        confirmed = info_of(ids[2], MINI[1:2], issued=NOW)
+        for info, sure in ((expired, False), (failed, False), (confirmed, True)):
+            index.put(info, confirmed=sure)
+        assert index.mark(failed.peer_id, failed.multiaddrs, reached=False)
+        # at the cap: the expired card goes, then the one whose dial failed
+        unconfirmed = info_of(ids[3], MINI[2:3], issued=NOW + 2)
+        index.put(unconfirmed)
+        assert index.get(expired.peer_id, now=NOW - 90) is None
+        index.put(info_of(ids[4], BERT, issued=NOW + 3), confirmed=True)
+        assert index.status(failed.peer_id) is None and index.get(failed.peer_id) is None
+        with sqlite3.connect(db_path) as db:  # expired cards too: what the file holds
+            held = {r[0] for r in db.execute("SELECT peer_id FROM cards")}
+        assert held == {confirmed.peer_id, unconfirmed.peer_id, ids[4].peer_id}
+        # a new unconfirmed card (a Sybil flood) never pushes out confirmed ones: it evicts the
+        # older unconfirmed card, and the next one itself once only confirmed cards are left
+        newer = info_of(ids[5], MINI[:1], issued=NOW + 4)
+        index.put(newer)
+        assert index.get(unconfirmed.peer_id) is None and index.get(newer.peer_id) is not None
+        assert index.mark(newer.peer_id, newer.multiaddrs, reached=True)  # all 3 confirmed
+        sybil = info_of(Identity.generate(), MINI[:1], issued=NOW + 5)
+        index.put(sybil)
+        assert index.get(sybil.peer_id) is None and index.count() == 3
+        assert peers(index.query(shard=MINI[1].shard)) == [confirmed.peer_id]
+    finally:
+        index.close()

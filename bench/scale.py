@@ -1,0 +1,176 @@
+"""Many nodes on one machine: a MiniLM testnet of ``--nodes`` processes (``--threads 1``, every
+node shard on 3 nodes), measured as it forms, idles and loses nodes.
+
+Prints one JSON object:
+
+- ``discovery_s``: from spawning nodes 1..N-1 until every node had indexed every node's card;
+- per node and announce interval (measured over ``--intervals`` intervals while idle): cards
+  received (``veilnet_cards_received_total``, every outcome), cards published, and the bytes
+  the process read and wrote (``/proc/<pid>/io`` rchar/wchar: gossip, hellos and the card
+  index's SQLite writes together, an upper bound on gossip bytes);
+- the card index per node: cards held (``veilnet_cards_indexed``) and the size of
+  ``cards.sqlite``; RSS per node (min, median, max);
+- one embedding query's latency (median of 5, a warm SDK client);
+- after SIGKILLing ``--kill`` nodes: seconds until no running node's index lists any of them;
+- the per-node cost model of docs/reliability.md evaluated at 1,000 and 10,000 nodes from
+  these figures.
+
+    .venv/bin/python bench/scale.py [--nodes 30] [--kill 5] [--intervals 3] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO / "scripts"))
+from localnet import DEFAULT_DIR, NodeInfo, Testnet, prepare_model  # noqa: E402
+
+from client import AsyncClient  # noqa: E402
+
+TEXTS = ["Thirty nodes on one machine.", "How far does this scale?"]
+
+
+def log(message: str) -> None:
+    print(f"scale: {message}", file=sys.stderr, flush=True)
+
+
+def metrics(node: NodeInfo) -> dict[str, float]:
+    """The node's /metrics samples we use, summed over labels."""
+    with urllib.request.urlopen(f"{node.http}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("veilnet_cards_received_total", "veilnet_cards_published_total",
+                     "veilnet_cards_indexed"):
+            if line.startswith(name) and line[len(name)] in " {":
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def proc_io(pid: int | None) -> tuple[int, int]:
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"]), int(fields["wchar"])
+
+
+def rss_mb(pid: int | None) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def spread(values: list[float], digits: int = 1) -> dict[str, float]:
+    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
+            "max": round(max(values), digits)}
+
+
+def lists(node: NodeInfo, peer_id: str) -> bool:
+    """Whether ``node``'s index serves ``peer_id``'s card (its ANP document is found)."""
+    try:
+        with urllib.request.urlopen(f"{node.http}/agents/{peer_id}/did.json", timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return False
+        raise
+
+
+async def query_latency(net: Testnet, n: int = 5) -> float:
+    async with AsyncClient([net.bootstrap], net.deployment, verify="full",
+                           ledger=False) as client:
+        await client.embed(TEXTS)
+        seconds = []
+        for _ in range(n):
+            started = time.perf_counter()
+            await client.embed(TEXTS)
+            seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=30)
+    parser.add_argument("--kill", type=int, default=5)
+    parser.add_argument("--intervals", type=int, default=3,
+                        help="announce intervals (10 s each) to measure idle traffic over")
+    parser.add_argument("--dir", type=Path, help="testnet directory (default: temporary)")
+    args = parser.parse_args()
+    model, deploy = prepare_model(REPO / DEFAULT_DIR, None, log)
+    interval = 10.0  # the nodes' default announce interval; cards live 30 s
+    with tempfile.TemporaryDirectory(prefix="veilnet-scale-") as tmp, \
+            Testnet(args.dir or Path(tmp), nodes=args.nodes, replicas=3, deployment=deploy,
+                    model=model, node_args=["--threads", "1"], timeout=600.0, log=log) as net:
+        log(f"{args.nodes} nodes up; every card everywhere after {net.discovery_s} s")
+        time.sleep(interval)  # past the start-up burst
+        before = {n.index: (metrics(n), proc_io(n.pid)) for n in net.nodes}
+        started = time.monotonic()
+        time.sleep(args.intervals * interval)
+        elapsed_intervals = (time.monotonic() - started) / interval
+        after = {n.index: (metrics(n), proc_io(n.pid)) for n in net.nodes}
+        received, published, read_kb, written_kb = [], [], [], []
+        for n in net.nodes:
+            (m0, io0), (m1, io1) = before[n.index], after[n.index]
+            received.append((m1["veilnet_cards_received_total"]
+                             - m0["veilnet_cards_received_total"]) / elapsed_intervals)
+            published.append((m1.get("veilnet_cards_published_total", 0)
+                               - m0.get("veilnet_cards_published_total", 0)) / elapsed_intervals)
+            read_kb.append((io1[0] - io0[0]) / 1024 / elapsed_intervals)
+            written_kb.append((io1[1] - io0[1]) / 1024 / elapsed_intervals)
+        held = [after[n.index][0]["veilnet_cards_indexed"] for n in net.nodes]
+        index_kb = [(n.data_dir / "cards.sqlite").stat().st_size / 1024 for n in net.nodes]
+        rss = [rss_mb(n.pid) for n in net.nodes]
+        log("idle traffic measured; one query")
+        latency = trio.run(query_latency, net)
+        victims = net.nodes[-args.kill:]
+        gone = [v.peer_id for v in victims]
+        log(f"killing nodes {[v.index for v in victims]}")
+        for v in victims:
+            net.stop_node(v.index, kill=True)
+        killed_at = time.monotonic()
+        survivors = [n for n in net.nodes if n.alive]
+        while any(lists(n, p) for n in survivors for p in gone if p):
+            if time.monotonic() - killed_at > 300:
+                raise SystemExit("scale: killed nodes still listed after 300 s")
+            time.sleep(1.0)
+        dropped_s = time.monotonic() - killed_at
+    card_bytes = 1024 * statistics.median(index_kb) / max(1.0, statistics.median(held))
+    per_interval = statistics.median(received)
+    result: dict[str, Any] = {
+        "bench": "scale", "nodes": args.nodes, "announce_interval_s": interval,
+        "card_ttl_s": 3 * interval, "discovery_s": net.discovery_s, "ready_s": net.ready_s,
+        "per_node_per_interval": {"cards_received": spread(received),
+                                  "cards_published": spread(published, 2),
+                                  "read_kib": spread(read_kb), "written_kib": spread(written_kb)},
+        "cards_held": spread(held, 0), "cards_sqlite_kib": spread(index_kb),
+        "rss_mb": spread(rss), "rss_mb_total": round(sum(rss)),
+        "query_latency_s": round(latency, 3),
+        "killed": args.kill, "killed_dropped_from_every_index_s": round(dropped_s, 1),
+        # the model of docs/reliability.md: each node receives every other node's card once per
+        # announce interval (gossipsub delivers each message once), and holds every card
+        "model": {str(n): {"cards_held": n - 1,
+                           "index_mib": round((n - 1) * card_bytes / 2**20, 1),
+                           "cards_received_per_s": round(
+                               per_interval * (n - 1) / (args.nodes - 1) / interval, 1),
+                           "read_kib_per_s": round(statistics.median(read_kb) * (n - 1)
+                                                   / (args.nodes - 1) / interval, 1)}
+                  for n in (1000, 10000)},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
