@@ -46,7 +46,10 @@ async def _fetch_body(request: Request) -> FetchRequest:
     try:
         return FetchRequest.model_validate_json(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+        # without the input: a body that is not UTF-8 would be echoed as bytes, which the 422
+        # handler cannot encode (UnicodeDecodeError: a 500), and echoes are not needed anyway
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) \
+            from None
 
 
 _BEARER = HTTPBearer(auto_error=False, scheme_name="api-token",
@@ -99,7 +102,9 @@ def create_app(service: NodeService, domain: str | None = None,
                 "uptime_s": round(time.time() - service.started, 3),
                 "sessions": len(service.sessions.table)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         service.metrics.shards_served.set(len(service.store.shards()))
         service.metrics.shards_loaded.set(len(service.executor.loaded()))

@@ -5,6 +5,8 @@
     GET /ledger/proof?index=I[&size=N]     a C2SP tlog-proof (text)
     GET /ledger/consistency?old=M[&new=N]  base64 hashes, one a line
     GET /ledger/entries?from=I[&to=J]      JSON: [{index, data (base64), entry (decoded)}]
+
+Indexes and sizes are integers from 0 to 2^63 - 1 (SQLite's largest): others get 422.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fastapi.responses import PlainTextResponse
 
 from ledger.entries import EntryError, parse_entry
 from ledger.log import LedgerError
-from node.ledger_service import LedgerService
+from node.ledger_service import MAX_LOG_INDEX, LedgerService
 
 MAX_ENTRIES_PER_PAGE = 1000
 TEXT = "text/plain; charset=utf-8"
@@ -35,7 +37,8 @@ def ledger_router(service: LedgerService) -> APIRouter:
             raise HTTPException(400, str(exc)) from None
 
     @router.get("/checkpoint", response_class=PlainTextResponse)
-    async def checkpoint(size: int | None = Query(None, ge=0)) -> PlainTextResponse:
+    async def checkpoint(size: int | None = Query(None, ge=0, le=MAX_LOG_INDEX),
+                         ) -> PlainTextResponse:
         return PlainTextResponse(await call(ledger.checkpoint, size), media_type=TEXT)
 
     @router.get("/key", response_class=PlainTextResponse)
@@ -43,20 +46,23 @@ def ledger_router(service: LedgerService) -> APIRouter:
         return PlainTextResponse(ledger.verifier_key + "\n", media_type=TEXT)
 
     @router.get("/proof", response_class=PlainTextResponse)
-    async def proof(index: int = Query(..., ge=0),
-                    size: int | None = Query(None, ge=0)) -> PlainTextResponse:
+    async def proof(index: int = Query(..., ge=0, le=MAX_LOG_INDEX),
+                    size: int | None = Query(None, ge=0, le=MAX_LOG_INDEX),
+                    ) -> PlainTextResponse:
         return PlainTextResponse(await call(ledger.proof, index, size), media_type=TEXT)
 
     @router.get("/consistency", response_class=PlainTextResponse)
-    async def consistency(old: int = Query(..., ge=0),
-                          new: int | None = Query(None, ge=0)) -> PlainTextResponse:
+    async def consistency(old: int = Query(..., ge=0, le=MAX_LOG_INDEX),
+                          new: int | None = Query(None, ge=0, le=MAX_LOG_INDEX),
+                          ) -> PlainTextResponse:
         hashes = await call(ledger.consistency, old, new)
         return PlainTextResponse("".join(base64.b64encode(h).decode() + "\n" for h in hashes),
                                  media_type=TEXT)
 
     @router.get("/entries")
-    async def entries(start: int = Query(0, ge=0, alias="from"),
-                      stop: int | None = Query(None, ge=0, alias="to")) -> list[dict[str, Any]]:
+    async def entries(start: int = Query(0, ge=0, le=MAX_LOG_INDEX, alias="from"),
+                      stop: int | None = Query(None, ge=0, le=MAX_LOG_INDEX, alias="to"),
+                      ) -> list[dict[str, Any]]:
         last = ledger.size - 1 if stop is None else min(stop, ledger.size - 1)
         last = min(last, start + MAX_ENTRIES_PER_PAGE - 1)
         rows = await call(ledger.store.entries, start, last + 1)

@@ -24,6 +24,7 @@ from crypto.identity import IdentityError, public_from_peer_id
 from node.discovery import ChecksBusy
 from node.http_limits import A2A_BODY_LIMIT, read_body
 from node.service import NodeService
+from protocols.cards import MAX_FILTER_CHARS, parse_lookup
 from protocols.wire import WIRE_VERSION, WireError
 from registry.a2a_rpc import InferFailed, dispatch
 from registry.anp import agent_description, collection_page, did_document, did_wba
@@ -31,6 +32,39 @@ from registry.card import MAX_CARD_BYTES, CardRejected, parse_card_json, verify_
 
 log = logging.getLogger("veilnet.registry")
 MAX_RPC_BODY = A2A_BODY_LIMIT  # 64 MiB, also the BodyLimit middleware's limit for /a2a
+
+
+# OpenAPI declarations of the bodies these routes read themselves (raw bytes, bounded): what
+# clients and schema-driven tools (tests/network/test_fuzz_http.py) see in /openapi.json.
+_DETAIL = {"type": "object", "properties": {"detail": {
+    "type": "object", "properties": {"reason": {"type": "string"},
+                                     "message": {"type": "string"}},
+    "required": ["reason", "message"]}}, "required": ["detail"]}
+_REFUSED = {"content": {"application/json": {"schema": _DETAIL}}}
+_CARD_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "description": "a signed A2A v1.0 AgentCard (docs/agent-card.md), at most "
+                                     f"{MAX_CARD_BYTES} bytes"}}}}
+_PART = {"type": "object", "properties": {
+    "kind": {"type": "string", "enum": ["data", "text"]},
+    "text": {"type": "string"},
+    "data": {"type": "object", "description": "a veilnet infer request (docs/agent-card.md)",
+             "properties": {"veilnet": {"type": "string", "enum": ["infer/1"]},
+                            "v": {"type": "integer"},
+                            "id": {"type": "string", "maxLength": 128},
+                            "shard": {"type": "string", "pattern": "^bafkrei[a-z2-7]{52}$",
+                                      "description": "a shard CID"},
+                            "inputs": {"type": "object"}}}}}
+_RPC_CALL = {"type": "object", "required": ["jsonrpc", "method"], "properties": {
+    "jsonrpc": {"type": "string", "enum": ["2.0"]},
+    "id": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+    "method": {"type": "string", "enum": ["message/send", "SendMessage"]},
+    "params": {"type": "object", "properties": {"message": {
+        "type": "object", "required": ["role", "messageId", "parts"], "properties": {
+            "role": {"type": "string", "enum": ["user", "agent", "ROLE_USER"]},
+            "messageId": {"type": "string"},
+            "parts": {"type": "array", "items": _PART, "maxItems": 8}}}}}}}
+_RPC_BODY = {"required": True, "content": {"application/json": {"schema": {"anyOf": [
+    _RPC_CALL, {"type": "array", "items": _RPC_CALL, "minItems": 1, "maxItems": 16}]}}}}
 
 
 def registry_router(service: NodeService, domain: str | None = None) -> APIRouter:
@@ -52,14 +86,26 @@ def registry_router(service: NodeService, domain: str | None = None) -> APIRoute
     async def agent_card() -> JSONResponse:
         return JSONResponse(own_card())
 
-    @router.get("/v1/agents")
+    @router.get("/v1/agents", responses={400: _REFUSED | {
+        "description": "a filter that is not a CID (model: not a name of 1 to "
+                       f"{MAX_FILTER_CHARS} characters)"}})
     async def agents(model: str | None = Query(None, description="model name or deployment CID"),
                      shard: str | None = Query(None, description="shard CID"),
                      deployment: str | None = Query(None, description="deployment CID"),
                      ) -> list[dict[str, Any]]:
-        return discovery.index.query(model=model, shard=shard, deployment=deployment)
+        filters = {"model": model, "shard": shard, "deployment": deployment}
+        try:  # the checks of /veilnet/cards/1 (CIDs checked before any decoding); an empty
+            # parameter (?model=) is no filter
+            lookup = parse_lookup({k: v for k, v in filters.items() if v})
+        except WireError as exc:
+            raise HTTPException(400, {"reason": "bad_request", "message": exc.message}) \
+                from None
+        return discovery.index.query(**lookup.filters())
 
-    @router.post("/v1/agents", status_code=201)
+    @router.post("/v1/agents", status_code=201, openapi_extra={"requestBody": _CARD_BODY},
+                 responses={400: _REFUSED | {"description": "the card was refused"},
+                            413: _REFUSED | {"description": "the card is too large"},
+                            429: _REFUSED | {"description": "too many cards being checked"}})
     async def post_agent(request: Request) -> dict[str, Any]:
         body = await read_body(request, MAX_CARD_BYTES, cut=True)  # parse_card_json: oversized
         try:
@@ -112,7 +158,8 @@ def registry_router(service: NodeService, domain: str | None = None) -> APIRoute
         return JSONResponse(collection_page(
             entries, url=f"{base_url()}/.well-known/agent-descriptions"))
 
-    @router.post("/a2a")
+    @router.post("/a2a", openapi_extra={"requestBody": _RPC_BODY},
+                 responses={204: {"description": "a JSON-RPC notification: no response"}})
     async def a2a(request: Request) -> Response:
         body = await read_body(request, MAX_RPC_BODY)  # 413 JSON past the limit
         result = await dispatch(body, infer, max_body=MAX_RPC_BODY,

@@ -41,6 +41,16 @@ T = TypeVar("T")
 
 MAX_WITNESSES = 8
 WITNESS_TIMEOUT = 10.0
+MAX_LOG_INDEX = (1 << 63) - 1  # SQLite's largest INTEGER: no log index or size is larger
+
+
+def check_log_numbers(request: ledger_proto.LedgerRequest) -> None:
+    """WireError ``bad_request`` for an index or size no log can have (past SQLite's 64-bit
+    integers, which the store cannot even look up: an OverflowError, once an ``internal``)."""
+    for name in ("index", "size", "old", "new"):
+        value = getattr(request, name)
+        if value is not None and value > MAX_LOG_INDEX:
+            raise WireError("bad_request", f"{name!r} must be at most {MAX_LOG_INDEX}")
 
 
 class LedgerService:
@@ -196,6 +206,7 @@ class LedgerService:
             raise WireError("no_ledger", "this node keeps no ledger (start it with --ledger)")
         ledger = self.ledger
         request = ledger_proto.parse_request(message)
+        check_log_numbers(request)
         reply: dict[str, Any] = envelope(message["id"])
         try:
             if request.op == "append":
