@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "scripts"))
-from localnet import Testnet  # noqa: E402
+from localnet import Testnet, metric_samples  # noqa: E402
 
 from client import AsyncClient  # noqa: E402
 
@@ -60,10 +59,8 @@ async def honest(net: Testnet, asks: int) -> list[float]:
 
 
 def busy_metric(net: Testnet) -> dict[str, float]:
-    with urllib.request.urlopen(f"{net.nodes[0].http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("veilnet_busy_total{")}
+    return {labels["reason"]: value
+            for labels, value in metric_samples(net.nodes[0], "veilnet_busy_total")}
 
 
 def main() -> int:

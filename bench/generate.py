@@ -42,7 +42,7 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "scripts"))
-from localnet import Testnet, http_json  # noqa: E402
+from localnet import Testnet, http_json, rss_mb  # noqa: E402
 
 from client import Client  # noqa: E402
 from client.generation import Prompt, load_tokenizer  # noqa: E402
@@ -133,16 +133,6 @@ def summary(runs: list[dict[str, Any]], base: dict[str, Any] | None,
         doc["decode_ratio"] = round(doc["decode_ms_p50"] / base["decode_ms_p50"], 3)
         doc["ttft_ratio_to_prefill"] = round(doc["ttft_ms_p50"] / base["prefill_ms_p50"], 3)
     return doc
-
-
-def rss_mb(pid: int | None) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def session_memory(net: Testnet, client: Client, prompt: str) -> dict[str, Any]:

@@ -36,7 +36,14 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "scripts"))
-from localnet import DEFAULT_DIR, NodeInfo, Testnet, prepare_model  # noqa: E402
+from localnet import (  # noqa: E402
+    DEFAULT_DIR,
+    NodeInfo,
+    Testnet,
+    metric_samples,
+    prepare_model,
+    rss_mb,
+)
 
 from client import AsyncClient  # noqa: E402
 
@@ -49,27 +56,14 @@ def log(message: str) -> None:
 
 def metrics(node: NodeInfo) -> dict[str, float]:
     """The node's /metrics samples we use, summed over labels."""
-    with urllib.request.urlopen(f"{node.http}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        for name in ("veilnet_cards_received_total", "veilnet_cards_published_total",
-                     "veilnet_cards_indexed"):
-            if line.startswith(name) and line[len(name)] in " {":
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    return {name: sum(v for _, v in metric_samples(node, name))
+            for name in ("veilnet_cards_received_total", "veilnet_cards_published_total",
+                         "veilnet_cards_indexed")}
 
 
 def proc_io(pid: int | None) -> tuple[int, int]:
     fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
     return int(fields["rchar"]), int(fields["wchar"])
-
-
-def rss_mb(pid: int | None) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def spread(values: list[float], digits: int = 1) -> dict[str, float]:
@@ -131,7 +125,7 @@ def main() -> int:
             written_kb.append((io1[1] - io0[1]) / 1024 / elapsed_intervals)
         held = [after[n.index][0]["veilnet_cards_indexed"] for n in net.nodes]
         index_kb = [(n.data_dir / "cards.sqlite").stat().st_size / 1024 for n in net.nodes]
-        rss = [rss_mb(n.pid) for n in net.nodes]
+        rss = [rss_mb(n.pid) or 0.0 for n in net.nodes]
         log("idle traffic measured; one query")
         latency = trio.run(query_latency, net)
         victims = net.nodes[-args.kill:]

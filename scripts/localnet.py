@@ -629,5 +629,31 @@ def http_json(url: str, timeout: float = 2.0) -> Any:
         return None
 
 
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory of process ``pid`` in MB (from /proc), or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def metric_samples(node: NodeInfo, name: str, timeout: float = 10.0,
+                   ) -> list[tuple[dict[str, str], float]]:
+    """The samples of ``name`` (e.g. ``veilnet_busy_total``) on ``node``'s /metrics, as
+    (labels, value); empty when the node does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"{node.http}/metrics", timeout=timeout) as response:
+            text = response.read().decode()
+    except OSError:
+        return []
+    return [(dict(s.labels), float(s.value)) for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name]
+
+
 def short(peer_id: str | None) -> str:
     return f"{peer_id[:8]}…{peer_id[-6:]}" if peer_id else "-"
