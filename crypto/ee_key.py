@@ -228,15 +228,19 @@ def load_key_file(path: Path, parse: Callable[[Any], K]) -> K:
     """Read a JSON key file and ``parse`` it; every failure is a KeyFormatError naming the
     file."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise KeyFormatError(f"{path}: cannot read key file: {exc}") from exc
     try:
         return parse(doc)
     except KeyFormatError as exc:
         raise KeyFormatError(f"{path}: {exc}") from exc
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise KeyFormatError(f"{path}: malformed key file: {exc}") from exc
+    # LookupError: a missing key or index; ArithmeticError: a number numpy cannot hold
+    # (OverflowError) or a zero dimension (ZeroDivisionError)
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError,
+            RecursionError) as exc:
+        raise KeyFormatError(f"{path}: malformed key file: {type(exc).__name__}: {exc}") \
+            from exc
 
 
 def _checked_perm(values: list[int], sid: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 import base58
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -166,7 +166,7 @@ class Identity:
             raise IdentityError(f"{path}: cannot read the identity key: {exc.strerror}") from exc
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. an unknown key OID
             raise IdentityError(f"{path}: not a PEM private key ({exc})") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise IdentityError(f"{path}: the key is {type(key).__name__}, expected Ed25519")

@@ -52,7 +52,8 @@ class TensorSpec:
         if dtype not in DTYPES:
             raise ManifestError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
-            d is None or isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in shape
+            d is None or isinstance(d, str)
+            or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape
         ):
             raise ManifestError(
                 f"{where}: tensor {name!r} shape must be a list of ints, names or null"
@@ -249,7 +250,7 @@ def _shard(raw: Any, position: int, where: str) -> ShardSpec:
     if not isinstance(raw, dict):
         raise ManifestError(f"{here} must be an object")
     index, cid, role, path = raw.get("index"), raw.get("cid"), raw.get("role"), raw.get("path")
-    if not isinstance(index, int):
+    if not isinstance(index, int) or isinstance(index, bool):
         raise ManifestError(f"{here}: 'index' must be an integer")
     if not isinstance(cid, str) or not is_valid_cid(cid):
         raise ManifestError(f"{here}: 'cid' {cid!r} is not a CIDv1 (raw, sha2-256)")

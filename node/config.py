@@ -26,6 +26,7 @@ A config file holds the same keys as the flags of ``veilnet node start``::
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -81,7 +82,10 @@ class NodeConfig:
         return SessionLimits(self.max_sessions, self.max_context, self.session_expiry)
 
     def http_host_port(self) -> tuple[str, int]:
-        parsed = split_host_port(self.http)
+        port = self.http.rpartition(":")[2]
+        # ASCII digits only: split_host_port's str.isdigit() also takes "²" (int() refuses it)
+        # and "٣" (read as 3)
+        parsed = split_host_port(self.http) if port.isascii() and port.isdigit() else None
         if parsed is None:
             raise ConfigError(f"http: {self.http!r} is not HOST:PORT")
         return parsed
@@ -98,10 +102,12 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.threads < 0:
             raise ConfigError("threads must be 0 (onnxruntime's default) or more")
-        if min(self.request_timeout, self.idle_timeout, self.announce_interval,
-               self.session_expiry) <= 0:
+        timeouts = (self.request_timeout, self.idle_timeout, self.announce_interval,
+                    self.session_expiry)
+        if not all(math.isfinite(t) and t > 0 for t in timeouts):  # TOML has nan and inf
             raise ConfigError("request_timeout, idle_timeout, announce_interval and "
-                              "session_expiry must be positive")
+                              "session_expiry must be positive (finite) numbers of seconds, "
+                              f"got {', '.join(f'{t:g}' for t in timeouts)}")
         from registry.card import MAX_TTL_S
 
         if self.card_ttl > MAX_TTL_S:  # peers would reject the node's own cards
@@ -144,6 +150,9 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: the config is not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         unknown = sorted(set(raw) - set(_TYPES))
@@ -160,6 +169,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
                                                                                    str) else value
         for key in ("data_dir", "record_received"):  # relative to the config file
             if key in values:
+                if "\x00" in values[key]:
+                    raise ConfigError(f"{path}: {key} contains a NUL character")
                 values[key] = (Path(path).parent / values[key]).resolve()
     values.update({k: v for k, v in overrides.items() if v is not None and v != []})
     known = {f.name for f in fields(NodeConfig)}

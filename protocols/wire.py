@@ -283,7 +283,7 @@ def decode_tensor(obj: Any, name: str) -> np.ndarray:
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise WireError("bad_tensor", f"tensor {name!r} must be a map of dtype, shape and data")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or map is unhashable
         raise WireError("bad_tensor", f"tensor {name!r}: unsupported dtype {dtype!r}")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31

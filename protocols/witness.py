@@ -55,7 +55,7 @@ def parse_offer(message: Mapping[str, Any]) -> Offer:
     or over its limit."""
     note, old, proof = message.get("note"), message.get("old"), message.get("proof")
     if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS \
-            or not isinstance(old, int) or old < 0 \
+            or not isinstance(old, int) or isinstance(old, bool) or old < 0 \
             or not isinstance(proof, list) or len(proof) > MAX_PROOF_HASHES \
             or not all(isinstance(h, bytes) for h in proof):
         raise WireError("bad_request", f"expected note (text of at most {MAX_NOTE_CHARS} "

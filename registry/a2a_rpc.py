@@ -336,8 +336,11 @@ def _check_version(method: str, binding: str, header: str | None) -> None:
     if header is None:
         return
     parts = (header.strip() or V03).split(".")
+    # ASCII digits only: str.isdigit() also takes "²" and "١", which int() refuses or reads
+    # as another digit; and at most 9 of them, below int()'s 4300-digit limit
     requested = (f"{int(parts[0])}.{int(parts[1])}"
-                 if len(parts) in (2, 3) and all(p.isdigit() for p in parts) else None)
+                 if len(parts) in (2, 3) and all(p.isascii() and p.isdigit() and len(p) <= 9
+                                                 for p in parts) else None)
     data = {"requested": header, "supported": [V1, V03]}
     if requested not in (V1, V03):
         raise RpcError(VERSION_NOT_SUPPORTED, f"A2A version {_clip(header)} is not supported",
@@ -438,6 +441,9 @@ async def _send(binding: str, params: dict[str, Any], infer: InferFn) -> dict[st
     config = params.get("configuration") or {}
     accepted = _field(config, "acceptedOutputModes", "accepted_output_modes") \
         if isinstance(config, dict) else None
+    if accepted is not None and not isinstance(accepted, list):
+        raise RpcError(INVALID_PARAMS, "configuration.acceptedOutputModes must be a list of "
+                                       f"media types, got {_clip(accepted)}")
     if accepted and not any(_is_json_type(m) for m in accepted):
         raise RpcError(CONTENT_TYPE_NOT_SUPPORTED, f"the reply is {MEDIA_TYPE}, which "
                        "acceptedOutputModes does not include", {"outputModes": [MEDIA_TYPE]})

@@ -329,6 +329,32 @@ def test_load_rejects_bad_key_files(tmp_path: Path, data: bytes) -> None:
         EEKey.load(path)
 
 
+def _key_doc_with(change: Any) -> dict[str, Any]:
+    doc = EEKey.generate(SCHEME, {"hidden": 4}, {"attn": (2, 2)}, seed=3).to_json()
+    change(doc)
+    return doc
+
+
+@pytest.mark.parametrize("data", [
+    json.dumps(_key_doc_with(lambda d: d["spaces"]["hidden"].update(perm=[0, 1, 2, 2**64]))),
+    json.dumps(_key_doc_with(lambda d: d["spaces"]["attn"]["r"].update(shape=[10**30]))),
+    "[" * 100_000 + "]" * 100_000,
+    json.dumps({"format": "veilnet-ee-decoder-key/1", "scheme": "ee-decoder/1",
+                "dims": {"d_model": 2, "n_heads": 1, "n_kv_heads": 0, "head_dim": 2, "ffn": 2},
+                "shards": [], "layers": {"0": {"q_perm": [[0]], "rope_factor": {}}}}),
+], ids=["perm-value-over-int64", "huge-shape", "nested-100k-deep", "decoder-zero-kv-heads"])
+def test_key_file_errors_found_by_fuzzing(tmp_path: Path, data: str) -> None:
+    """Found by tests/unit/fuzz/test_fuzz_manifest_config.py: OverflowError, RecursionError and
+    ZeroDivisionError escaped load_key_file instead of KeyFormatError."""
+    from models import DecoderKey
+
+    path = tmp_path / "key.json"
+    path.write_text(data)
+    for load in (EEKey.load, DecoderKey.load):
+        with pytest.raises(KeyFormatError, match=r"key\.json"):
+            load(path)
+
+
 def test_load_missing_file(tmp_path: Path) -> None:
     with pytest.raises(KeyFormatError, match="missing"):
         EEKey.load(tmp_path / "missing.json")

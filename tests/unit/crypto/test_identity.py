@@ -7,6 +7,7 @@ py-libp2p's own PeerID computation.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import stat
@@ -277,6 +278,22 @@ def test_garbage_key_file_is_refused(tmp_path: Path, content: bytes) -> None:
     os.chmod(path, 0o600)
     with pytest.raises(IdentityError, match=re.escape(str(path))):
         Identity.load_or_create(path)
+
+
+def test_key_file_with_an_unknown_key_algorithm_is_refused(tmp_path: Path) -> None:
+    """Found by tests/unit/fuzz: a PKCS#8 key whose algorithm OID is not Ed25519's 1.3.101.112
+    (here 0.39.101.112, one flipped bit) raised cryptography's UnsupportedAlgorithm."""
+    der = Identity.generate().private_key().private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    oid = bytes([0x06, 0x03, 0x2B, 0x65, 0x70])
+    assert der.count(oid) == 1
+    der = der.replace(oid, bytes([0x06, 0x03, 0x27, 0x65, 0x70]))
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    path = tmp_path / "identity.key"
+    path.write_text(f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(IdentityError, match="not a PEM private key"):
+        Identity.load(path)
 
 
 def test_missing_key_file_load_names_the_path(tmp_path: Path) -> None:

@@ -297,6 +297,12 @@ def _mutations() -> list[tuple[str, Any, str]]:
     def wrong_index(d: dict[str, Any]) -> None:
         d["shards"][2]["index"] = 7
 
+    def boolean_index(d: dict[str, Any]) -> None:  # found by tests/unit/fuzz: True == 1
+        d["shards"][1]["index"] = True
+
+    def boolean_dim(d: dict[str, Any]) -> None:  # found by tests/unit/fuzz
+        d["shards"][1]["outputs"][0]["shape"][0] = True
+
     return [
         ("wrong-format", wrong_format, r"'format'.*veilnet-manifest/2"),
         ("missing-format", missing_format, r"'format' is None"),
@@ -318,6 +324,8 @@ def _mutations() -> list[tuple[str, Any, str]]:
         ("bad-dtype", bad_dtype, r"hidden_0.*unsupported dtype 'float128'"),
         ("bad-input-dtype", bad_model_input_dtype, r"input_ids.*unsupported dtype 'string'"),
         ("wrong-index", wrong_index, r"position 2 has index 7"),
+        ("boolean-index", boolean_index, r"shards\[1\]: 'index' must be an integer"),
+        ("boolean-dim", boolean_dim, r"shape must be a list of ints"),
     ]
 
 

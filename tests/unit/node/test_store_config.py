@@ -437,3 +437,22 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad = write(tmp_path, "capacity = = 2\n", "bad.toml")
     with pytest.raises(ConfigError, match="TOML"):
         load_config(bad, {"data_dir": tmp_path})
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    (b'data_dir = "D"\ncapacity = 2 # \xe4\n', "not UTF-8"),
+    ('data_dir = "D\\u0000"\n', "NUL"),
+    ('data_dir = "D"\nrecord_received = "a\\u0000"\n', "record_received"),
+    ('data_dir = "D"\nhttp = "127.0.0.1:²"\n', "HOST:PORT"),
+    ('data_dir = "D"\nhttp = "127.0.0.1:٣"\n', "HOST:PORT"),
+    ('data_dir = "D"\nannounce_interval = nan\n', "finite"),
+    ('data_dir = "D"\nrequest_timeout = nan\n', "finite"),
+    ('data_dir = "D"\nidle_timeout = inf\n', "finite"),
+])
+def test_config_errors_found_by_fuzzing(tmp_path: Path, text: str | bytes, match: str) -> None:
+    """Found by tests/unit/fuzz/test_fuzz_manifest_config.py: each raised UnicodeDecodeError or
+    ValueError instead of ConfigError, or (nan) was accepted."""
+    path = tmp_path / "node.toml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, {})

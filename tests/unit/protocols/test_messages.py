@@ -130,6 +130,7 @@ def test_witness_offer_and_answers_round_trip() -> None:
     {"note": "n", "old": -1, "proof": []},
     {"note": "n", "old": 0, "proof": [b"h"] * 129},
     {"note": "n", "old": 0, "proof": ["h"]},
+    {"note": "n", "old": True, "proof": []},  # found by tests/unit/fuzz: CBOR true is no size
 ])
 def test_witness_offer_refusals(bad: dict[str, Any]) -> None:
     refused_with("bad_request", parse_offer, {"v": 1, "id": "w", **bad})

@@ -564,3 +564,12 @@ def test_error_message_shape() -> None:
     assert err.to_message("abc") == {"v": WIRE_VERSION, "id": "abc",
                                      "error": {"code": "bad_frame", "message": "nope"}}
     assert err.to_message()["id"] is None
+
+
+@pytest.mark.parametrize("dtype", [[], {}, ["float32"]])
+def test_unhashable_dtype_is_a_bad_tensor(dtype: object) -> None:
+    """Found by tests/unit/fuzz/test_fuzz_wire.py: a list or map as dtype raised TypeError
+    (unhashable) instead of WireError."""
+    with pytest.raises(WireError) as info:
+        decode_tensor({"dtype": dtype, "shape": [1], "data": b"\x00" * 4}, "x")
+    assert info.value.code == "bad_tensor"

@@ -254,6 +254,21 @@ def test_a2a_version_header(method: str, version: str | None, ok: bool) -> None:
         assert error_of(reply)["code"] == SDK_CODE["VersionNotSupportedError"]
 
 
+# Regressions found by tests/unit/fuzz/test_fuzz_cards.py: each was a ValueError or TypeError
+# inside dispatch, answered as an internal error (-32603) and logged as a bug.
+@pytest.mark.parametrize("version", ["².0", "1.²", "١.٠", "1" * 5000 + ".0"])
+def test_a2a_version_header_with_non_ascii_or_huge_digits(version: str) -> None:
+    reply = call(rpc("SendMessage", SEND), version=version)
+    assert error_of(reply)["code"] == SDK_CODE["VersionNotSupportedError"]
+
+
+@pytest.mark.parametrize("modes", [5, "application/json", {"a": 1}])
+def test_accepted_output_modes_must_be_a_list(modes: Any) -> None:
+    params = {**SEND, "configuration": {"acceptedOutputModes": modes}}
+    err = error_of(call(rpc("SendMessage", params)))
+    assert err["code"] == -32602 and "acceptedOutputModes" in err["message"]
+
+
 # -- veilnet failures -------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("code", "rpc_code"), [

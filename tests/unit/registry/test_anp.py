@@ -341,6 +341,19 @@ def test_tampered_agent_descriptions_fail():
             verify_agent_description(doc)
 
 
+def test_a_very_long_proof_value_is_refused_without_decoding_it():
+    """Found by tests/unit/fuzz: base58 decoding is quadratic, and a 70,000-character
+    proofValue kept verify_agent_description busy for seconds."""
+    identity = Identity.generate()
+    ad = agent_description(node_info(identity), base_url="https://example.com",
+                           did=identity.did, identity=identity)
+    ad["proof"]["proofValue"] = "z" + "1" * 70_000
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="proofValue is not a base58btc"):
+        verify_agent_description(ad)
+    assert time.monotonic() - start < 0.5
+
+
 def test_agent_description_refuses_foreign_did_and_identity():
     identity, stranger = Identity.generate(), Identity.generate()
     info = node_info(identity)
