@@ -65,6 +65,8 @@ class FairLimiter:
         self._finish: dict[str, int] = {}  # the tag after each peer's last request
         self._now = 0  # the tag of the request that started last (the "virtual time")
         self._arrivals = itertools.count()
+        self._admitted: collections.Counter[str] = collections.Counter()  # by peer (admit)
+        self._room: dict[str, trio.Event] = {}  # set when a peer's admitted count drops
 
     @property
     def running(self) -> int:
@@ -76,6 +78,28 @@ class FairLimiter:
 
     def waiting_for(self, peer: str) -> int:
         return self._per_peer[peer]
+
+    async def admit(self, peer: str) -> None:
+        """Wait until ``peer`` has fewer than ``per_peer_waiting`` requests admitted, then admit
+        one more (``unadmit`` when it is answered). The node admits a request before it reads
+        its body: the requests of a peer over its share are not read at all (its streams
+        wait, as TCP and yamux flow control make its sender wait) instead of being refused
+        ``busy`` as fast as it can send them, which would keep the node's event loop busy
+        decoding and refusing its frames."""
+        while self._admitted[peer] >= self.per_peer_waiting:
+            room = self._room.get(peer)
+            if room is None:
+                room = self._room[peer] = trio.Event()
+            await room.wait()
+        self._admitted[peer] += 1
+
+    def unadmit(self, peer: str) -> None:
+        self._admitted[peer] -= 1
+        if not self._admitted[peer]:
+            del self._admitted[peer]
+        room = self._room.pop(peer, None)
+        if room is not None:
+            room.set()  # every waiter looks again; one gets the place
 
     @asynccontextmanager
     async def slot(self, peer: str) -> AsyncIterator[None]:

@@ -157,7 +157,7 @@ class NodeService:
     # -- request plumbing -----------------------------------------------------------------------
 
     async def _serve(self, stream: INetStream, protocol: str, handle: Handler,
-                     persistent: bool = False) -> None:
+                     persistent: bool = False, admit: bool = False) -> None:
         """Answer requests on ``stream``: one, or (``persistent``) one after another until the
         peer closes it, stays idle for ``idle_timeout`` or breaks the framing. A peer with
         ``MAX_STREAMS_PER_PEER`` streams open, or a node with ``MAX_STREAMS``, gets ``busy``."""
@@ -179,7 +179,8 @@ class NodeService:
             try:
                 await widen_window(stream)
                 first = True
-                while await self._serve_one(stream, protocol, handle, first) and persistent:
+                while await self._serve_one(stream, protocol, handle, first, admit) \
+                        and persistent:
                     first = False
             finally:
                 self._streams[peer] -= 1
@@ -189,11 +190,12 @@ class NodeService:
             await close_quietly(stream, 2.0)
 
     async def _serve_one(self, stream: INetStream, protocol: str, handle: Handler,
-                         first: bool) -> bool:
+                         first: bool, admit: bool) -> bool:
         """Serve one request; True when the stream can carry another one."""
         request_id: str | None = None
         framing_ok = True
         reserved = 0
+        admitted = False
         peer = _peer_of(stream)
         try:
             with trio.move_on_after(self.request_timeout if first else self.idle_timeout) as wait:
@@ -207,6 +209,15 @@ class NodeService:
                     raise WireError("bad_request", "the stream closed before a request frame")
                 return False
             self.metrics.requests.labels(protocol).inc()
+            if admit:  # a peer with its share of requests in hand is not read until one ends
+                with trio.move_on_after(self.request_timeout) as waited:
+                    await self.executor.fair.admit(peer)
+                if waited.cancelled_caught:
+                    framing_ok = False  # the body was not read: the stream closes
+                    raise Busy("peer_queue", f"your requests waited {self.request_timeout:g} s "
+                                             "for room in this node's queue; retry later or "
+                                             "use another node")
+                admitted = True
             with trio.fail_after(self.request_timeout):
                 framing_ok = False
                 if length > self.frame_limit:
@@ -233,6 +244,8 @@ class NodeService:
                 "internal", f"{type(exc).__name__} while handling the request"), request_id)
         finally:
             self._unreserve(peer, reserved)
+            if admitted:
+                self.executor.fair.unadmit(peer)
         return False
 
     def _reserve(self, peer: str, length: int) -> None:
@@ -269,7 +282,7 @@ class NodeService:
     # -- /veilnet/infer/1 -----------------------------------------------------------------------
 
     async def handle_infer(self, stream: INetStream) -> None:
-        await self._serve(stream, str(INFER), self._infer, persistent=True)
+        await self._serve(stream, str(INFER), self._infer, persistent=True, admit=True)
 
     async def _infer(self, stream: INetStream, message: dict[str, Any]) -> None:
         started = time.perf_counter()
@@ -308,7 +321,8 @@ class NodeService:
     # -- /veilnet/session/1 (node/session_service.py) ---------------------------------------------
 
     async def handle_session(self, stream: INetStream) -> None:
-        await self._serve(stream, str(SESSION), self.sessions.handle, persistent=True)
+        await self._serve(stream, str(SESSION), self.sessions.handle, persistent=True,
+                          admit=True)
 
     # -- /veilnet/shard/1 -----------------------------------------------------------------------
 

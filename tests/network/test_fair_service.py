@@ -1,8 +1,9 @@
 """Fair service (node/fair.py) on a real node: one peer floods it at full speed
 (scripts/flood.py, its own process and PeerID, 16 streams back to back) while an honest client
 sends the same valid requests one at a time. The honest client is never refused, every answer
-is right and signed, its median latency stays within 2x of its unloaded median, and the flooder
-is told ``busy`` with the reason ``peer_queue``, counted in /metrics.
+is right and signed, and its median latency stays within 2x of its unloaded median; the
+flooder is served in its turn, its requests beyond its share wait unread, and any refusal it
+gets names its limit and is counted in /metrics.
 """
 
 from __future__ import annotations
@@ -83,15 +84,18 @@ def test_a_flooding_peer_does_not_starve_an_honest_one(fair_node: NodeProcess, h
     assert flooder.returncode == 0, err
     report = json.loads(out)
     answers = report["answers"]
-    assert answers.get("ok", 0) > 0, report  # the flooder is served too, in its turn
-    assert answers.get("busy:peer_queue", 0) > 0, report  # and told to back off
     ratio = statistics.median(flooded) / unloaded
     print(f"honest p50 unloaded {unloaded * 1e3:.1f} ms, flooded "
           f"{statistics.median(flooded) * 1e3:.1f} ms ({ratio:.2f}x); flooder {report}")
-    assert ratio <= 2.0, (unloaded, flooded, report)
-
+    assert answers.get("ok", 0) > 0, report  # the flooder is served too, in its turn
+    # 16 streams, one over its share of requests in hand: the streams over it wait unread
+    # (flow control) rather than being refused; a refusal names its limit and is counted
     with urllib.request.urlopen(f"{fair_node.http}/metrics", timeout=5) as response:
         metrics = response.read().decode()
-    assert metric_value(metrics, "veilnet_busy_total", reason="peer_queue") \
-        == answers["busy:peer_queue"]
+    for answer, count in answers.items():
+        assert answer in ("ok", "busy:peer_queue", "busy:peer_streams"), report
+        if answer.startswith("busy:"):
+            reason = answer.split(":", 1)[1]
+            assert metric_value(metrics, "veilnet_busy_total", reason=reason) == count
+    assert ratio <= 2.0, (unloaded, flooded, report)
     assert fair_node.proc.poll() is None

@@ -131,3 +131,29 @@ def test_one_peer_holds_at_most_half_of_the_sessions() -> None:
     with pytest.raises(Busy) as info:
         table.open("third", "cid", io, 1)
     assert info.value.reason == "node_sessions"
+
+
+def test_a_peer_over_its_share_waits_unread_and_others_pass() -> None:
+    limiter = FairLimiter(1, 2, 10)
+    order: list[str] = []
+
+    async def main() -> None:
+        await limiter.admit("flood")
+        await limiter.admit("flood")  # its share: two requests in hand
+
+        async def third() -> None:
+            await limiter.admit("flood")
+            order.append("flood admitted")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.testing.wait_all_tasks_blocked()
+            await limiter.admit("honest")  # another peer is not held back
+            order.append("honest admitted")
+            limiter.unadmit("flood")  # one of the flooder's requests is answered
+            await trio.testing.wait_all_tasks_blocked()
+        for peer in ("flood", "flood", "honest"):
+            limiter.unadmit(peer)
+
+    trio.run(main)
+    assert order == ["honest admitted", "flood admitted"]
