@@ -105,6 +105,9 @@ class Witness:
             origin = note[:note.index("\n")]
         except ValueError:
             raise WitnessRefused("bad-note", "not a signed checkpoint note") from None
+        if not origin.isprintable():  # control characters, or a lone surrogate, which
+            # cannot even go to SQLite (UnicodeEncodeError): no log is named so
+            raise WitnessRefused("bad-note", "the note's origin line is not printable UTF-8")
         row = self._db.execute("SELECT verifier FROM logs WHERE origin = ?",
                                (origin,)).fetchone()
         if row is None:

@@ -82,10 +82,7 @@ class NodeConfig:
         return SessionLimits(self.max_sessions, self.max_context, self.session_expiry)
 
     def http_host_port(self) -> tuple[str, int]:
-        port = self.http.rpartition(":")[2]
-        # ASCII digits only: split_host_port's str.isdigit() also takes "²" (int() refuses it)
-        # and "٣" (read as 3)
-        parsed = split_host_port(self.http) if port.isascii() and port.isdigit() else None
+        parsed = split_host_port(self.http)
         if parsed is None:
             raise ConfigError(f"http: {self.http!r} is not HOST:PORT")
         return parsed

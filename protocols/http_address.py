@@ -9,7 +9,8 @@ def split_host_port(value: str) -> tuple[str, int] | None:
     when ``value`` is not of that form or the port is above 65535."""
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    # ASCII digits only: str.isdigit() also takes "²" (int() refuses it) and "٣" (read as 3)
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         return None
     return host, int(port)
 

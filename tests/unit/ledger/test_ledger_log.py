@@ -205,6 +205,10 @@ def test_witness_cosigns_consistent_and_refuses_forks(tmp_path: Path) -> None:
     with pytest.raises(WitnessRefused) as info:
         witness.add_checkpoint(stranger.checkpoint(), 0, [])
     assert info.value.reason == "unknown-log"
+    for origin in ("example.org/\ud800", "example.org/\x00"):  # SQLite cannot take the first
+        with pytest.raises(WitnessRefused) as info:
+            witness.add_checkpoint(f"{origin}\n5\nAAAA\n\n— x AAAA\n", 0, [])
+        assert info.value.reason == "bad-note"
 
 
 def test_tlog_proof_with_witness_quorum(tmp_path: Path) -> None:

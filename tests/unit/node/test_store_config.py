@@ -376,7 +376,7 @@ def test_wrong_types_are_named(tmp_path: Path, key: str, value: str) -> None:
 
 @pytest.mark.parametrize("http", ["localhost", "127.0.0.1", ":8080", "127.0.0.1:",
                                   "127.0.0.1:http", "127.0.0.1:65536", "127.0.0.1:-1",
-                                  "127.0.0.1:80:"])
+                                  "127.0.0.1:80:", "a:\u00b2", "a:\u0663"])
 def test_bad_http_address(tmp_path: Path, http: str) -> None:
     with pytest.raises(ConfigError, match="http") as info:
         load_config(None, {"data_dir": tmp_path, "http": http})
@@ -390,6 +390,13 @@ def test_bad_http_address(tmp_path: Path, http: str) -> None:
                                                 ("localhost:65535", ("localhost", 65535))])
 def test_good_http_address(tmp_path: Path, http: str, expected: tuple[str, int]) -> None:
     assert load_config(None, {"data_dir": tmp_path, "http": http}).http_host_port() == expected
+
+
+@pytest.mark.parametrize("value", ["a:\u00b2", "a:\u0663", "[::1]:\u0669\u0669"])
+def test_ports_are_ascii_digits_for_the_gateway_too(value: str) -> None:
+    from protocols.http_address import split_host_port
+
+    assert split_host_port(value) is None  # "²" made int() fail, "٣" read as 3
 
 
 @pytest.mark.parametrize(("key", "value"), [("capacity", 0), ("frame_limit", 0),
