@@ -109,7 +109,7 @@ class Discovery:
         self._host = host
         router = GossipSub([PROTOCOL_ID_V11, PROTOCOL_ID], degree=6, degree_low=4,
                            degree_high=12, heartbeat_interval=1)
-        pubsub = Pubsub(host, router, max_inbound_rpc_size=4 * MAX_CARD_BYTES)
+        pubsub = _Pubsub(host, router, max_inbound_rpc_size=4 * MAX_CARD_BYTES)
         # py-libp2p starts message sequence numbers at the Unix time in *seconds* and adds one
         # per message, so a node restarted with its key within seconds reuses seqnos it already
         # sent: peers drop those messages as seen (and as equivocation). go-libp2p-pubsub starts
@@ -286,6 +286,27 @@ class Discovery:
         lookup = parse_lookup(message)
         await write_frame(stream, lookup_answer(message["id"],
                                                 self.index.query(**lookup.filters())))
+
+
+class _Pubsub(Pubsub):
+    """py-libp2p's Pubsub, except that one peer's malformed RPC ends that peer's stream, not
+    the node. 0.8's read loop lets protobuf's DecodeError (and any other error a peer's bytes
+    cause) escape, which stops the pubsub service and with it the node: one garbage frame on
+    the gossip protocol took a node down (tests/network/test_hardening_cards.py; first seen
+    with 30 nodes on one machine, docs/reliability.md)."""
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        try:
+            await super().continuously_read_stream(stream)
+        except Exception as exc:  # any error from one peer's bytes
+            peer = stream.muxed_conn.peer_id
+            log.warning("gossip: dropped the stream of %s after a malformed RPC: %s", peer,
+                        error_text(exc))
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            forget = getattr(self, "_handle_dead_peer", None)  # the library's own cleanup
+            if forget is not None:
+                forget(peer)
 
 
 def _connected_at(host: IHost, peer: ID, multiaddrs: list[str]) -> bool:
