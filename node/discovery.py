@@ -23,6 +23,7 @@ the same way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -59,6 +60,7 @@ CHECK_DIALS = 16             # checks dialling at once
 MAX_PENDING_CHECKS = 64      # cards queued or dialling; more POSTed cards are refused (busy)
 MAX_START_CHECKS = 1024      # cards loaded from disk checked at start (the newest)
 RECHECK_AFTER_S = 60.0       # a failed card POSTed again is dialled again only after this
+MAX_VALIDATED = 1024         # cards verified by the topic validator, kept for delivery
 
 
 class ChecksBusy(UnavailableError, RuntimeError):
@@ -84,6 +86,8 @@ class Discovery:
         self._announce_at: float | None = None  # trio clock time of the next announcement
         self._nursery: trio.Nursery | None = None
         self._pending: set[str] = set()  # PeerIDs whose card is queued for or in a check
+        self._validated: collections.OrderedDict[tuple[bytes, bytes], CardInfo] = \
+            collections.OrderedDict()  # by (origin, seqno): verified, not yet delivered
         self._check_slots = trio.CapacityLimiter(CHECK_DIALS)
 
     # -- own card ---------------------------------------------------------------------------------
@@ -135,7 +139,10 @@ class Discovery:
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         """The topic validator: only valid cards published by their own node are relayed."""
         try:
-            self._check(msg)
+            info = self._check(msg)
+            self._validated[_msg_key(msg)] = info  # _receive need not verify it again
+            while len(self._validated) > MAX_VALIDATED:
+                self._validated.popitem(last=False)
             return True
         except CardRejected as exc:
             self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
@@ -153,7 +160,9 @@ class Discovery:
         while True:
             msg = await subscription.get()
             try:
-                info = self._check(msg)  # checked again: it may have expired since validation
+                info = self._validated.pop(_msg_key(msg), None) or self._check(msg)
+                if info.expires_at <= time.time():  # it may have expired since validation
+                    raise CardRejected("expired", "the card expired while it was delivered")
             except CardRejected as exc:
                 self.metrics.cards_dropped.labels(exc.reason, "pubsub").inc()
                 continue
@@ -307,6 +316,10 @@ class _Pubsub(Pubsub):
             forget = getattr(self, "_handle_dead_peer", None)  # the library's own cleanup
             if forget is not None:
                 forget(peer)
+
+
+def _msg_key(msg: rpc_pb2.Message) -> tuple[bytes, bytes]:
+    return bytes(msg.from_id), bytes(msg.seqno)
 
 
 def _connected_at(host: IHost, peer: ID, multiaddrs: list[str]) -> bool:

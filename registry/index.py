@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS card_shards (
     shard       TEXT NOT NULL,
     shard_index INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS card_shards_peer ON card_shards(peer_id);
 CREATE INDEX IF NOT EXISTS card_shards_shard ON card_shards(shard);
 CREATE INDEX IF NOT EXISTS card_shards_deployment ON card_shards(deployment);
 CREATE INDEX IF NOT EXISTS card_shards_model ON card_shards(model);
@@ -115,6 +116,9 @@ class CardIndex:
         self.max_cards = max_cards
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A cache of what peers announce every few seconds: no fsync per card (in WAL mode a
+        # crash keeps the index consistent and loses at most the last cards, which come again)
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._db.executescript(STATUS_SCHEMA)
