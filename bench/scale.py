@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,12 @@ def metrics(node: NodeInfo) -> dict[str, float]:
     return {name: sum(v for _, v in metric_samples(node, name))
             for name in ("veilnet_cards_received_total", "veilnet_cards_published_total",
                          "veilnet_cards_indexed")}
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_io(pid: int | None) -> tuple[int, int]:
@@ -109,14 +116,15 @@ def main() -> int:
                     model=model, node_args=["--threads", "1"], timeout=600.0, log=log) as net:
         log(f"{args.nodes} nodes up; every card everywhere after {net.discovery_s} s")
         time.sleep(interval)  # past the start-up burst
-        before = {n.index: (metrics(n), proc_io(n.pid)) for n in net.nodes}
+        before = {n.index: (metrics(n), proc_io(n.pid), cpu_s(n.pid)) for n in net.nodes}
         started = time.monotonic()
         time.sleep(args.intervals * interval)
         elapsed_intervals = (time.monotonic() - started) / interval
-        after = {n.index: (metrics(n), proc_io(n.pid)) for n in net.nodes}
-        received, published, read_kb, written_kb = [], [], [], []
+        after = {n.index: (metrics(n), proc_io(n.pid), cpu_s(n.pid)) for n in net.nodes}
+        received, published, read_kb, written_kb, cpu_ms = [], [], [], [], []
         for n in net.nodes:
-            (m0, io0), (m1, io1) = before[n.index], after[n.index]
+            (m0, io0, c0), (m1, io1, c1) = before[n.index], after[n.index]
+            cpu_ms.append((c1 - c0) * 1e3 / elapsed_intervals)
             received.append((m1["veilnet_cards_received_total"]
                              - m0["veilnet_cards_received_total"]) / elapsed_intervals)
             published.append((m1.get("veilnet_cards_published_total", 0)
@@ -142,12 +150,15 @@ def main() -> int:
         dropped_s = time.monotonic() - killed_at
     card_bytes = 1024 * statistics.median(index_kb) / max(1.0, statistics.median(held))
     per_interval = statistics.median(received)
+    per_card_ms = statistics.median(cpu_ms) / max(1.0, per_interval)
     result: dict[str, Any] = {
         "bench": "scale", "nodes": args.nodes, "announce_interval_s": interval,
         "card_ttl_s": 3 * interval, "discovery_s": net.discovery_s, "ready_s": net.ready_s,
         "per_node_per_interval": {"cards_received": spread(received),
                                   "cards_published": spread(published, 2),
-                                  "read_kib": spread(read_kb), "written_kib": spread(written_kb)},
+                                  "read_kib": spread(read_kb), "written_kib": spread(written_kb),
+                                  "cpu_ms": spread(cpu_ms)},
+        "cpu_ms_per_card_received": round(statistics.median(cpu_ms) / max(1.0, per_interval), 2),
         "cards_held": spread(held, 0), "cards_sqlite_kib": spread(index_kb),
         "rss_mb": spread(rss), "rss_mb_total": round(sum(rss)),
         "query_latency_s": round(latency, 3),
@@ -159,7 +170,11 @@ def main() -> int:
                            "cards_received_per_s": round(
                                per_interval * (n - 1) / (args.nodes - 1) / interval, 1),
                            "read_kib_per_s": round(statistics.median(read_kb) * (n - 1)
-                                                   / (args.nodes - 1) / interval, 1)}
+                                                   / (args.nodes - 1) / interval, 1),
+                           # if all of a node's idle CPU scaled with the cards it receives
+                           "cpu_share_of_one_core": round(
+                               per_card_ms * per_interval * (n - 1) / (args.nodes - 1)
+                               / (interval * 1e3), 2)}
                   for n in (1000, 10000)},
     }
     print(json.dumps(result))

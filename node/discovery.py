@@ -61,6 +61,7 @@ MAX_PENDING_CHECKS = 64      # cards queued or dialling; more POSTed cards are r
 MAX_START_CHECKS = 1024      # cards loaded from disk checked at start (the newest)
 RECHECK_AFTER_S = 60.0       # a failed card POSTed again is dialled again only after this
 MAX_VALIDATED = 1024         # cards verified by the topic validator, kept for delivery
+MAX_GREETED = 20_000         # peers (and addresses) this node answered with its own card
 
 
 class ChecksBusy(UnavailableError, RuntimeError):
@@ -88,6 +89,7 @@ class Discovery:
         self._pending: set[str] = set()  # PeerIDs whose card is queued for or in a check
         self._validated: collections.OrderedDict[tuple[bytes, bytes], CardInfo] = \
             collections.OrderedDict()  # by (origin, seqno): verified, not yet delivered
+        self._greeted: collections.OrderedDict[str, tuple[str, ...]] = collections.OrderedDict()
         self._check_slots = trio.CapacityLimiter(CHECK_DIALS)
 
     # -- own card ---------------------------------------------------------------------------------
@@ -179,7 +181,14 @@ class Discovery:
         self.metrics.cards_received.labels(outcome).inc()
         if outcome == "new" and info.peer_id != self.peer_id:
             log.info("discovered %s serving %d shards", info.peer_id, len(info.shard_cids))
-            self.announce_soon(random.uniform(*NEW_PEER_DELAY))
+            addrs = tuple(sorted(info.multiaddrs))
+            if self._greeted.get(info.peer_id) != addrs:  # a newcomer, or a restarted peer
+                # (not a card that expired in transit and came back: on an overloaded
+                # network answering those with our card fed a storm; seen with 30 nodes)
+                self._greeted[info.peer_id] = addrs
+                while len(self._greeted) > MAX_GREETED:
+                    self._greeted.popitem(last=False)
+                self.announce_soon(random.uniform(*NEW_PEER_DELAY))
             self._maybe_connect(info)
         return outcome
 
