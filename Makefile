@@ -61,6 +61,9 @@ bench: $(STAMP)
 	$(PY) bench/attacks.py
 	$(PY) bench/generate.py
 	$(PY) bench/gateway.py
+	$(PY) bench/fairness.py
+	$(PY) bench/scale.py
+	$(PY) bench/netem.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -13,6 +13,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import random
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
@@ -147,3 +149,55 @@ def smollm2_deployment(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFacto
 def minilm_model() -> onnx.ModelProto:
     """The unsplit plaintext model, built straight from the weights."""
     return build_minilm()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_dir: Path):  # -> models.decoding.LocalDecoder
+    """The plaintext SmolLM2 run in this process (no node, no key), loaded once per session
+    for the network tests that compare generations with it (test_gateway.py,
+    test_generate_network.py). It keeps no state between calls: ``greedy`` is a pure function
+    of the prompt."""
+    from models.decoding import LocalDecoder
+
+    return LocalDecoder(smollm2_dir, threads=1, spin=False)
+
+
+# Session fixtures stopped right after the last test that uses them (not at the end of the
+# session): name -> stop function, registered by the fixture itself (see pytest_runtest_teardown).
+_STOP_EARLY: dict[str, Callable[[], None]] = {}
+_LAST_USER: dict[str, str] = {}  # fixture name -> node id of the last collected test using it
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield  # the item's own fixtures (e.g. a module's gateway on the testnet) are torn down first
+    for name in list(_STOP_EARLY):
+        if name not in _LAST_USER:
+            _LAST_USER[name] = next(
+                (i.nodeid for i in reversed(item.session.items)
+                 if name in getattr(i, "fixturenames", ())), "")
+        if nextitem is None or item.nodeid == _LAST_USER[name]:
+            _STOP_EARLY.pop(name)()
+
+
+@pytest.fixture(scope="session")
+def smollm2_net(smollm2_deployment: Path, smollm2_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A local SmolLM2 testnet (scripts/localnet.py): 3 nodes, every node shard on 2, node 0 a
+    ledger node. Shared by test_gateway.py (which only queries it) and test_generate_network.py
+    (whose node-kill test restarts the node it killed, same identity and shards): starting
+    SmolLM2 nodes is one of the slowest set-ups of the suite. Stopped after the last test that
+    uses it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from localnet import Testnet
+
+    net = Testnet(tmp_path_factory.mktemp("smollm2-net"), nodes=3, replicas=2,
+                  deployment=smollm2_deployment, model=smollm2_dir,
+                  node_args=["--threads", "1"], timeout=120, log=lambda _: None)
+    net.start()
+    _STOP_EARLY["smollm2_net"] = net.stop
+    try:
+        yield net
+    finally:
+        _STOP_EARLY.pop("smollm2_net", None)
+        net.stop()  # idempotent

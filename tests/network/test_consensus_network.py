@@ -32,7 +32,11 @@ from models import Pipeline
 from node.byzantine import MODES as BYZANTINE_MODES
 
 REPO = Path(__file__).resolve().parents[2]
-QUERIES = 20
+# full-mode queries per Byzantine mode: every node shard is on 3 of the 5 nodes and the client
+# asks all 3, so the liar answers (and loses) in every query, for each shard it holds; after
+# the first query the rest repeat the same verdicts, and each query's score report adds to the
+# rankings, which put the liar last after the first mode's queries already
+QUERIES = 8
 TEXTS = ["a lying node must lose", "every answer is checked by three nodes"]
 
 
@@ -277,7 +281,8 @@ def test_slow_replica_is_hedged_to_the_next_candidate(net: Any, plaintext: Pipel
 def test_full_mode_fails_when_one_replica_answers(net: Any, plaintext: Pipeline) -> None:
     """Both other replicas of a shard frozen: the one answer is not a verdict. The query fails
     naming the hop, the count and each frozen node's reason; allowed explicitly, the answer
-    comes back marked unverified (the frozen nodes are now skipped: backed off)."""
+    comes back marked unverified (the frozen nodes, backed off, are asked again as the hop's
+    reserve, since without them no verdict is possible, and time out again)."""
     from client import AsyncClient, QueryError
     from client.health import PeerHealth
     from models import Manifest
@@ -314,7 +319,7 @@ def test_full_mode_fails_when_one_replica_answers(net: Any, plaintext: Pipeline)
         assert hop.verified is False and hop.verdict is None and hop.peer_id == net.nodes[0].peer_id
         reason = hop.unverified_reason or ""
         assert "only 1 of the 3 node(s) serving the shard answered" in reason, reason
-        assert all(f"{peer}: skipped for another" in reason for peer in peers), reason
+        assert all(f"{peer}: no answer within 3 s" in reason for peer in peers), reason
 
 
 def test_cli_full_mode_fails_cleanly_with_frozen_replicas(net: Any) -> None:

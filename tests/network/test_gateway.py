@@ -1,6 +1,7 @@
 """``veilnet gateway`` (client/gateway.py) against real testnets, driven by the official
 ``openai`` Python package: two local testnets (MiniLM, every node shard on 2 nodes with a
-ledger node; SmolLM2, every node shard on 2 nodes), one gateway process serving both plus a
+ledger node; SmolLM2, 3 nodes, every node shard on 2: the session's ``smollm2_net``, shared with
+test_generate_network.py, tests/conftest.py), one gateway process serving both plus a
 masked MiniLM deployment no node serves. Answers are compared with the plaintext models run in
 this process (an independent computation: no node, no key): embeddings within 1e-4, greedy
 text token for token. Then errors in OpenAI's shape (the gateway keeps serving), concurrent
@@ -73,15 +74,12 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory: pytest.TempPathFactory, deployment_dir: Path, minilm_dir: Path,
-         smollm2_deployment: Path, smollm2_dir: Path) -> Iterator[tuple[Testnet, Testnet]]:
+         smollm2_net: Testnet) -> Iterator[tuple[Testnet, Testnet]]:
+    """(MiniLM testnet, SmolLM2 testnet); the SmolLM2 one is the session's (only queried)."""
     root = tmp_path_factory.mktemp("gateway")
-    args = ["--threads", "1"]
     with Testnet(root / "minilm", nodes=2, replicas=2, deployment=deployment_dir,
-                 model=minilm_dir, node_args=args, log=lambda _: None) as enc, \
-            Testnet(root / "smollm2", nodes=2, replicas=2, deployment=smollm2_deployment,
-                    model=smollm2_dir, node_args=args, ledger_nodes=(), timeout=120,
-                    log=lambda _: None) as dec:
-        yield enc, dec
+                 model=minilm_dir, node_args=["--threads", "1"], log=lambda _: None) as enc:
+        yield enc, smollm2_net
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +104,8 @@ def api(gateway: Gateway) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir: Path) -> LocalDecoder:
-    return LocalDecoder(smollm2_dir, threads=1, spin=False)
+def reference(smollm2_reference: LocalDecoder) -> LocalDecoder:
+    return smollm2_reference  # loaded once per session (tests/conftest.py)
 
 
 def greedy_text(reference: LocalDecoder, prompt: str | None,

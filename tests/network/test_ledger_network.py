@@ -16,7 +16,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from node_helpers import ClientThread, NodeProcess, metric_value, start_node, stop_at_teardown
+from node_helpers import (
+    ClientThread,
+    NodeProcess,
+    metric_value,
+    start_node,
+    stop_at_teardown,
+    veilnet_in_process,
+)
 
 from crypto.identity import Identity, public_from_did, verify
 from ledger.checkpoint import parse_checkpoint
@@ -46,8 +53,8 @@ def net(tmp_path_factory: pytest.TempPathFactory, deployment_dir: Path,
         yield testnet
 
 
-def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_query_receipts_verify_offline_with_a_witness_quorum(
+        net: Any, minilm_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from client import Client
     from models import Manifest, Pipeline
 
@@ -96,7 +103,9 @@ def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_di
     assert single.receipt is not None, single.receipt_error
     assert parse_entry(single.receipt.entry).body["verdict"] == "unverified"
 
-    # offline from the command line too: `veilnet ledger check-proof --receipt FILE`
+    # offline from the command line too: `veilnet ledger check-proof --receipt FILE` (once as
+    # a process; the other cases call what the command runs, node.cli.main, in this process,
+    # which saves a Python start-up and the imports each)
     good = tmp_path / "receipt.json"
     good.write_text(json.dumps({"receipt": receipts[0][1].to_json()}))
     ok = check_proof("--receipt", str(good))
@@ -106,11 +115,13 @@ def test_query_receipts_verify_offline_with_a_witness_quorum(net: Any, minilm_di
     doc = receipts[0][1].to_json()
     flipped = bytes.fromhex(doc["entry"])[:-1] + bytes([bytes.fromhex(doc["entry"])[-1] ^ 1])
     forged.write_text(json.dumps({**doc, "entry": flipped.hex()}))
-    bad = check_proof("--receipt", str(forged))
+    bad = veilnet_in_process(capsys, "ledger", "check-proof", "--receipt", str(forged))
     assert bad.returncode == 1 and json.loads(bad.stdout)["ok"] is False
-    short_quorum = check_proof("--receipt", str(good), "--quorum", "3")
+    short_quorum = veilnet_in_process(capsys, "ledger", "check-proof", "--receipt", str(good),
+                                      "--quorum", "3")
     assert short_quorum.returncode == 1, short_quorum.stdout
-    assert check_proof("--receipt", str(tmp_path / "missing.json")).returncode == 2
+    assert veilnet_in_process(capsys, "ledger", "check-proof", "--receipt",
+                              str(tmp_path / "missing.json")).returncode == 2
 
     # the HTTP read side agrees with the receipts
     last = receipts[-1][1]
