@@ -69,7 +69,7 @@ def test_a_flooding_peer_does_not_starve_an_honest_one(fair_node: NodeProcess, h
 
     flooder = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "flood.py"), "--node", fair_node.addr,
-         "--deployment", str(deployment_dir), "--streams", "16", "--seconds", "25"],
+         "--deployment", str(deployment_dir), "--streams", "16", "--seconds", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert flooder.stderr is not None
