@@ -54,7 +54,6 @@ log = logging.getLogger("veilnet.discovery")
 MAX_PEERS = 8            # connections a node opens to peers it learns from cards
 NEW_PEER_DELAY = (0.05, 0.5)  # re-announce after a random delay in this range (coalesces)
 MESH_POLL_S = 0.25           # how often the announce loop looks for new mesh peers
-DIAL_TIMEOUT_S = DIAL_TIMEOUT  # one dial of one card address (protocols/transport.py)
 CHECK_TIMEOUT_S = 8.0        # one check: every address of one card
 CHECK_DIALS = 16             # checks dialling at once
 MAX_PENDING_CHECKS = 64      # cards queued or dialling; more POSTed cards are refused (busy)
@@ -244,7 +243,7 @@ class Discovery:
             return True
         try:
             with trio.fail_after(CHECK_TIMEOUT_S):
-                await ensure_connected(host, info.peer_id, info.multiaddrs, DIAL_TIMEOUT_S)
+                await ensure_connected(host, info.peer_id, info.multiaddrs, DIAL_TIMEOUT)
         except PEER_ERRORS as exc:
             if self.index.mark(info.peer_id, info.multiaddrs, reached=False):
                 log.info("card of %s demoted: not reachable at its addresses: %s",

@@ -76,9 +76,6 @@ class FairLimiter:
     def waiting(self) -> int:
         return len(self._heap)
 
-    def waiting_for(self, peer: str) -> int:
-        return self._per_peer[peer]
-
     async def admit(self, peer: str) -> None:
         """Wait until ``peer`` has fewer than ``per_peer_waiting`` requests admitted, then admit
         one more (``unadmit`` when it is answered). The node admits a request before it reads

@@ -59,6 +59,7 @@ from localnet import (
     TestnetError,
     metric_samples,
     prepare_model,
+    processes_mentioning,
     rss_mb,
     stderr_log,
 )
@@ -88,10 +89,20 @@ class Event:
     note: str = ""
 
 
+def shards_held(placement: dict[str, list[int]], nodes: int) -> dict[int, set[str]]:
+    """The shard CIDs each node holds."""
+    return {i: {cid for cid, where in placement.items() if i in where} for i in range(nodes)}
+
+
+def share_a_shard(held: dict[int, set[str]], a: int, b: int) -> bool:
+    """Whether disturbing nodes ``a`` and ``b`` at once could leave a shard short of holders."""
+    return a == b or bool(held[a] & held[b])
+
+
 def plan(seed: int, seconds: float, placement: dict[str, list[int]], nodes: int) -> list[Event]:
     """The seeded schedule: a disturbance every 2-6 s from t=5 s until 10 s before the end."""
     rng = random.Random(seed)
-    holders = {i: {cid for cid, where in placement.items() if i in where} for i in range(nodes)}
+    holders = shards_held(placement, nodes)
     kinds = list(KINDS)
     rng.shuffle(kinds)
     events: list[Event] = []
@@ -104,7 +115,7 @@ def plan(seed: int, seconds: float, placement: dict[str, list[int]], nodes: int)
         end = min(t + length, seconds - 2)
         def clashes(node: int, t: float = t, end: float = end) -> bool:
             return any(e.start < end + RESTART_SLACK and t < e.end + RESTART_SLACK
-                       and (e.node == node or holders[e.node] & holders[node]) for e in events)
+                       and share_a_shard(holders, e.node, node) for e in events)
 
         candidates = [0] if kind == "ledger" else list(range(1, nodes))
         if kind == "corrupt":
@@ -189,6 +200,7 @@ class Soak:
         than ``SETTLE_S`` ago (its node back, clients reconnecting), and keeps its length."""
         pending = sorted(self.events, key=lambda e: e.start)
         active: list[tuple[Event, float]] = []  # (event, when it is due to end)
+        held = shards_held(self.net.placement, len(self.net.nodes))
         while (pending or active) and time.monotonic() < t0 + self.seconds - 2:
             now = time.monotonic()
             for event, due in list(active):
@@ -197,7 +209,7 @@ class Soak:
                     self._step(event, ending=True)
             if pending and now >= t0 + pending[0].start:
                 event = pending[0]
-                if not any(self._shares(event, other) for other in self.events
+                if not any(share_a_shard(held, event.node, other.node) for other in self.events
                            if other.began is not None
                            and (other.ended is None or now - other.ended < SETTLE_S)):
                     pending.pop(0)
@@ -208,11 +220,6 @@ class Soak:
             self._step(event, ending=True)
         for event in pending:
             event.note = "not started: out of time"
-
-    def _shares(self, a: Event, b: Event) -> bool:
-        held = {i: {c for c, where in self.net.placement.items() if i in where}
-                for i in (a.node, b.node)}
-        return a.node == b.node or bool(held[a.node] & held[b.node])
 
     def _step(self, event: Event, ending: bool) -> None:
         try:
@@ -296,20 +303,6 @@ def metric_sums(net: Testnet, name: str, label: str) -> dict[str, float]:
             for labels, value in metric_samples(node, name):
                 totals[labels.get(label, "")] += value
     return dict(totals)
-
-
-def leftovers(root: Path) -> list[int]:
-    """PIDs of processes whose command line mentions the testnet directory."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if str(root) in cmdline:
-                found.append(int(proc.name))
-    return found
 
 
 def check_ledger(ledger_dir: Path, receipts: list[tuple[int, bytes]]) -> tuple[dict[str, Any], int]:
@@ -442,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="veilnet-chaos-") as tmp:
         root = (args.dir or Path(tmp)).absolute()
         report = soak(args, root)
-        left = leftovers(root)
+        left = processes_mentioning(str(root))
     report["processes_left"] = len(left)
     report["namespaces_left"] = 0
     if args.netem:

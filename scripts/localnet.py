@@ -629,6 +629,31 @@ def http_json(url: str, timeout: float = 2.0) -> Any:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """``"<pid>: <command line>"`` of the live processes (this one aside) whose arguments
+    contain ``text``, e.g. a testnet directory: what a stopped testnet must not leave."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and pid_alive(int(proc.name)):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
 def rss_mb(pid: int | None) -> float | None:
     """Resident memory of process ``pid`` in MB (from /proc), or None when it is gone."""
     try:

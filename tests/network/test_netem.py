@@ -24,11 +24,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from node_helpers import stop_process, wait_for
 
 from models import Pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
+from localnet import pid_alive as alive  # noqa: E402
 from netem import clean, namespaces, require_tools, tag_for  # noqa: E402
 
 DELAY = "delay 20ms"
@@ -42,23 +44,6 @@ UP_TIMEOUT = 60.0
 def tools() -> None:
     require_tools()  # root, ip (iproute2: `make test` installs it) and /dev/net/tun, or a
     # NetemError naming what is missing: these tests fail rather than skip without them
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 class Up:
@@ -94,13 +79,7 @@ class Up:
             ([self.links["pid"]] if self.links.get("pid") else [])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)  # type: ignore[arg-type]
         for pid in self.pids():  # last resort: never leave a process or namespace behind
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -228,8 +207,10 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-c", KILLED_RUN, str(root), "script-only"],
                               capture_output=True, text=True, cwd=REPO, timeout=30)
         emulator, sleeper = map(int, done.stdout.split())
-        assert wait_for(lambda: not namespaces(f"veilnet-{tag_for(root)}-"), 10), done.stderr
-        assert wait_for(lambda: not alive(emulator) and not alive(sleeper), 5)
+        wait_for(lambda: not namespaces(f"veilnet-{tag_for(root)}-"),
+                 f"removal of the namespaces ({done.stderr})", 10)
+        wait_for(lambda: not alive(emulator) and not alive(sleeper),
+                 "end of the emulator and of the process in the namespace", 5)
     finally:
         clean(root)
     # the emulator is SIGKILLed too: the namespaces stay until `testnet.py clean`
@@ -247,7 +228,7 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path: Path) -> None:
         assert cleaned.returncode == 0, cleaned.stderr
         assert "namespace veilnet-" in cleaned.stdout
         assert namespaces(f"veilnet-{tag_for(root)}-") == []
-        assert wait_for(lambda: not alive(sleeper), 5)
+        wait_for(lambda: not alive(sleeper), "end of the leftover process", 5)
         assert not (root / "netem.json").exists()
     finally:
         clean(root)

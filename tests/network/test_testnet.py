@@ -29,6 +29,7 @@ from registry.card import verify_card
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
+from localnet import pid_alive, processes_mentioning  # noqa: E402
 
 TEXTS = ["A man is eating food.", "A man is riding a horse.", "¿Dónde está la biblioteca?"]
 TOLERANCE = 1e-4
@@ -38,30 +39,6 @@ UP_TIMEOUT = 60.0
 def veilnet_command() -> list[str]:
     script = Path(sys.executable).parent / "veilnet"
     return [str(script)] if script.exists() else [sys.executable, "-m", "node"]
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes whose arguments contain ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and pid_alive(int(proc.name)):
-            found.append(f"{proc.name}: {cmdline}")
-    return found
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:

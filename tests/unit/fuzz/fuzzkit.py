@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import cbor2
@@ -112,6 +112,17 @@ ODD_STRINGS = [
 MAX_DUP_NODES = 3000  # values one "dup" mutation may add
 HUGE_INTS = [-1, 0, 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**30,
              -(2**63) - 1, -(2**64)]
+
+
+def run_now(coro: Coroutine[Any, Any, Any], what: str) -> Any:
+    """The result of a coroutine that must finish without waiting (an in-memory stream, a
+    dispatcher with nothing to await); AssertionError naming ``what`` if it waits."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError(f"{what} waited on something")
 
 
 def nested(depth: int, kind: str) -> Any:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Coroutine
 from typing import Any
 
-from fuzzkit import budget, check, leaves, mutated_bytes, mutated_text, mutated_tree, values
+from fuzzkit import (
+    budget,
+    check,
+    leaves,
+    mutated_bytes,
+    mutated_text,
+    mutated_tree,
+    run_now,
+    values,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -139,17 +147,8 @@ async def fake_infer(request: dict[str, Any]) -> dict[str, Any]:
             "signature": b"\x00" * 64}
 
 
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise AssertionError("dispatch waited on something")
-
-
 def no_internal_error(body: bytes, version: str | None) -> None:
-    reply = run(dispatch(body, fake_infer, a2a_version=version))
+    reply = run_now(dispatch(body, fake_infer, a2a_version=version), "dispatch")
     for r in reply if isinstance(reply, list) else [reply]:
         if r is None:
             continue

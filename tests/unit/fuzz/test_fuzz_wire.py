@@ -5,12 +5,11 @@ WireError (docs/protocol.md: ``bad_frame``, ``truncated``, ``frame_too_large``, 
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
 from typing import Any
 
 import cbor2
 import numpy as np
-from fuzzkit import budget, check, leaves, mutated_bytes, mutated_tree, values
+from fuzzkit import budget, check, leaves, mutated_bytes, mutated_tree, run_now, values
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,6 +41,8 @@ ITEMS_BODY = cbor2.dumps({"v": 1, "id": "x", "peers": [
     {"peer_id": "p" * 10, "addrs": ["/ip4/1.2.3.4/tcp/1"] * 3, "shards": [CID] * 4,
      "age": 1.5} for _ in range(6)]})
 
+IN_MEMORY = "a decoder on an in-memory stream (it should never wait)"
+
 
 class BytesStream:
     """A stream that hands out ``data`` in reads of at most ``step`` bytes, then EOF."""
@@ -59,21 +60,10 @@ class BytesStream:
         raise AssertionError("the decoder wrote to the stream")
 
 
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never blocks (the stream is in memory, bodies under 1 MiB)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise AssertionError("the decoder waited on something: it should not with an in-memory "
-                         "stream")
-
-
 def read_all(data: bytes, step: int, limit: int) -> list[dict[str, Any]]:
     """Every frame in ``data`` (read_frame until the clean end of the stream)."""
     stream, frames = BytesStream(data, step), []
-    while (frame := run(read_frame(stream, limit))) is not None:
+    while (frame := run_now(read_frame(stream, limit), IN_MEMORY)) is not None:
         assert isinstance(frame, dict)
         frames.append(frame)
     return frames
@@ -100,7 +90,8 @@ def test_read_frame_mutated_frames(data: st.DataObject, step: int, limit: int) -
 @budget(100)
 @given(st.binary(max_size=12))
 def test_read_frame_length(data: bytes) -> None:
-    got = check("wire.read_frame_length", lambda: run(read_frame_length(BytesStream(data, 1))),
+    got = check("wire.read_frame_length",
+                lambda: run_now(read_frame_length(BytesStream(data, 1)), IN_MEMORY),
                 errors=WireError)
     if got is not None and not isinstance(got, bool) and not hasattr(got, "error"):
         assert 0 <= got < 1 << 63
