@@ -66,6 +66,10 @@ from protocols.wire import DEFAULT_FRAME_LIMIT, DigestEntry, digest_entry, diges
 
 log = logging.getLogger("veilnet.client")
 LEDGER_LOOKUP_S = 30.0  # with no ledger node known, look for one again at most this often
+# with fewer nodes known for a shard than a verified hop asks, look them up again at most this
+# often (a card can be missing from the bootstrap's answer for a moment, e.g. while a
+# restarted node's card is checked; with no node known the lookup is repeated every time)
+SHORT_LOOKUP_S = 5.0
 
 
 class AsyncClient:
@@ -108,6 +112,7 @@ class AsyncClient:
         self.ledgers = Ledgers(self.identity, witness_quorum=witness_quorum,
                                receipt_timeout=receipt_timeout, timeout=connect_timeout + 5)
         self._ledger_lookup_at = -LEDGER_LOOKUP_S  # trio clock time of the last lookup
+        self._refreshed_at = -SHORT_LOOKUP_S  # trio clock time of the last card lookup
         self._pipeline: Pipeline | None = None
         self._stack: AsyncExitStack | None = None
         self._host: IHost | None = None
@@ -173,6 +178,7 @@ class AsyncClient:
         the bootstrap node is only an entry point. Raises QueryError if no bootstrap node
         answers."""
         pipeline, host, _ = self._open()
+        self._refreshed_at = trio.current_time()
         errors = []
         for addr in self.bootstrap:
             try:
@@ -190,6 +196,15 @@ class AsyncClient:
         if len(errors) == len(self.bootstrap):
             raise QueryError("no bootstrap node answered: " + "; ".join(errors))
         return list(self.router.peers.values())
+
+    async def _known_providers(self, shards: Sequence[ShardSpec]) -> None:
+        """Look the deployment's nodes up again when a shard has no known node, or fewer than
+        a verified hop asks for and the last lookup is ``SHORT_LOOKUP_S`` old."""
+        counts = [len(self.router.providers(s.cid)) for s in shards]
+        want = self.policy.replicas if self.policy.mode == "full" else 1
+        if not all(counts) or (min(counts, default=want) < want and trio.current_time()
+                               - self._refreshed_at >= SHORT_LOOKUP_S):
+            await self.refresh()
 
     async def _lookup_ledgers(self, addr: str) -> None:
         """Ledger nodes and witness keys from every card ``addr`` knows; the network's
@@ -298,8 +313,7 @@ class AsyncClient:
         async def node_hop(shard: ShardSpec, feeds: Tensors) -> Tensors:
             entries = {n: known[n][1] if n in known and known[n][0] is v
                        else digest_entry(n, v) for n, v in feeds.items()}
-            if not self.router.providers(shard.cid):
-                await self.refresh()
+            await self._known_providers([shard])
             outputs, hop, out_entries = await run_hop(caller, self.router, self.policy, shard,
                                                       feeds, digest_of(entries))
             known.update({n: (outputs[n], e) for n, e in out_entries.items()})
@@ -310,9 +324,7 @@ class AsyncClient:
             with trio.fail_after(self.timeout):
                 if masked_runner is not None:
                     rows = int(np.prod(next(iter(inputs.values())).shape))
-                    if not all(self.router.providers(s.cid)
-                               for s in pipeline.manifest.node_shards):
-                        await self.refresh()
+                    await self._known_providers(pipeline.manifest.node_shards)
                     async with masked_runner.query(rows) as masks:
                         final = await pipeline.run_async(inputs, masked_hop, self._run_local)
                 else:
@@ -382,8 +394,7 @@ class AsyncClient:
         if self._tokenizer is None:
             self._tokenizer = await trio.to_thread.run_sync(load_tokenizer, pipeline.manifest)
         first = Prompt.of(self._tokenizer, pipeline.manifest, prompt, messages)
-        if not all(self.router.providers(s.cid) for s in layout.manifest.node_shards):
-            await self.refresh()
+        await self._known_providers(layout.manifest.node_shards)
         sessions = SessionCaller(host, caller.streams, self.connect_timeout)
         hops = {s.index: SessionHop(sessions, self.router, self.policy, s, layout)
                 for s in layout.manifest.node_shards}

@@ -269,7 +269,8 @@ class SessionHop:
             return [votes[0].node]
         raise QueryError(
             f"hop {self.shard.index}: no verified answer at step {step} "
-            f"({verdict.reason if len(votes) > 1 else 'only one node answered'}); "
+            f"({verdict.reason if len(votes) > 1 else 'only one node answered'}; "
+            f"{len(self.router.providers(self.shard.cid))} known to serve it); "
             + "; ".join(self.failures[-4:]))
 
     def _primary(self) -> set[str]:

@@ -26,7 +26,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "frame_limit": args.frame_limit, "shard_size_limit": args.shard_size_limit,
         "request_timeout": args.request_timeout,
         "idle_timeout": args.idle_timeout,
-        "announce_interval": args.announce_interval, "domain": args.domain,
+        "announce_interval": args.announce_interval, "card_rate": args.card_rate,
+        "domain": args.domain,
         "max_sessions": args.max_sessions, "max_context": args.max_context,
         "session_expiry": args.session_expiry,
         "ledger": True if args.ledger else None,
@@ -134,6 +135,11 @@ def register(sub: Any) -> None:
     st.add_argument("--announce-interval", type=float, metavar="SECONDS",
                     help="seconds between hellos to the bootstrap nodes and between card "
                          "announcements; a card stays valid 3 intervals (default 10)")
+    st.add_argument("--card-rate", type=float, metavar="PER_S",
+                    help="cards per second this node aims to receive over gossip: once it "
+                         "knows more than interval x rate cards, it announces its own card "
+                         "less often (every cards / rate seconds, up to 1200 s), and so do "
+                         "its peers (default 2)")
     st.add_argument("--max-sessions", type=int, metavar="N",
                     help="generation sessions (/veilnet/session/1, each holding a KV cache) "
                          "kept at once; more are refused with 'busy' (default 16)")

@@ -13,6 +13,8 @@ A config file holds the same keys as the flags of ``veilnet node start``::
     request_timeout = 60   # seconds to receive and answer one request
     idle_timeout = 30      # seconds an idle infer stream stays open for the next request
     announce_interval = 10 # seconds between hellos and card announcements (cards live 3x this)
+    card_rate = 2          # cards/s this node aims to receive: with more than
+                           # announce_interval * card_rate cards known, announcements slow down
     max_sessions = 16      # /veilnet/session/1 sessions (KV caches) held at once
     max_context = 2048     # tokens of KV cache per session, over its batch (and never more
                            # positions than the model's context_length)
@@ -63,6 +65,7 @@ class NodeConfig:
     request_timeout: float = 60.0
     idle_timeout: float = 30.0
     announce_interval: float = 10.0
+    card_rate: float = 2.0
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_context: int = DEFAULT_MAX_CONTEXT
     session_expiry: float = DEFAULT_IDLE_EXPIRY
@@ -105,6 +108,9 @@ class NodeConfig:
             raise ConfigError("request_timeout, idle_timeout, announce_interval and "
                               "session_expiry must be positive (finite) numbers of seconds, "
                               f"got {', '.join(f'{t:g}' for t in timeouts)}")
+        if not (math.isfinite(self.card_rate) and self.card_rate > 0):
+            raise ConfigError(f"card_rate must be a positive number of cards per second, got "
+                              f"{self.card_rate:g}")
         from registry.card import MAX_TTL_S
 
         if self.card_ttl > MAX_TTL_S:  # peers would reject the node's own cards
@@ -132,7 +138,8 @@ _TYPES: dict[str, Any] = {
     "data_dir": (str,), "listen": (list, str), "http": (str,), "bootstrap": (list, str),
     "capacity": (int,), "threads": (int,), "frame_limit": (int,), "shard_size_limit": (int,),
     "request_timeout": (int, float), "idle_timeout": (int, float),
-    "announce_interval": (int, float), "max_sessions": (int,), "max_context": (int,),
+    "announce_interval": (int, float), "card_rate": (int, float), "max_sessions": (int,),
+    "max_context": (int,),
     "session_expiry": (int, float), "domain": (str,), "ledger": (bool,),
     "byzantine_test_mode": (str,), "record_received": (str,), "record_max_mb": (int,),
     "log_level": (str,),

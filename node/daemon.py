@@ -100,7 +100,7 @@ async def run_node(config: NodeConfig) -> None:
                           card_ttl=config.card_ttl, sessions=config.session_limits())
     index = CardIndex(data_dir / CARDS_FILE)
     service.discovery = Discovery(identity.peer_id, index, service.metrics, service.build_card,
-                                  config.announce_interval)
+                                  config.announce_interval, card_rate=config.card_rate)
 
     def shard_corrupt(cid: str) -> None:  # the executor has logged it and the store dropped it
         service.metrics.corrupt_shards.inc()

@@ -3,7 +3,16 @@
 Every node subscribes to the gossipsub topic ``veilnet/cards/1`` and publishes its own signed
 card there: at start, every announce interval, when its shards change, and when a peer it had no
 card for appears (so a node that joins late has every card within a second or two instead of
-waiting a full interval). libp2p's strict signing proves which peer originated a message; a card
+waiting a full interval).
+
+The gossip is bounded per node (docs/reliability.md, "Many nodes"): each node receives every
+card once per interval, so with N cards known the interval is ``max(announce_interval,
+N / card_rate)`` (at most ``MAX_INTERVAL_S``): every node, seeing about the same N, slows down
+alike and a node receives about ``card_rate`` cards a second however large the network. A card
+lives three of its node's intervals. A newcomer is greeted by about ``GREETERS`` nodes, not by
+all (each greets with probability ``GREETERS / N``); it hears the rest within one interval.
+
+libp2p's strict signing proves which peer originated a message; a card
 is indexed only if its own JWS verifies and names that same peer, it has not expired and it is
 not oversized. Anything else is dropped, logged with the reason and counted in
 ``veilnet_cards_dropped_total{reason,source}``.
@@ -46,7 +55,14 @@ from node.metrics import NodeMetrics
 from protocols.cards import CARDS_TOPIC, lookup_answer, parse_lookup
 from protocols.transport import DIAL_TIMEOUT, PEER_ERRORS, ensure_connected, error_text
 from protocols.wire import write_frame
-from registry.card import MAX_CARD_BYTES, CardInfo, CardRejected, parse_card_json, verify_card
+from registry.card import (
+    MAX_CARD_BYTES,
+    MAX_TTL_S,
+    CardInfo,
+    CardRejected,
+    parse_card_json,
+    verify_card,
+)
 from registry.index import CONFIRMED, FAILED, CardIndex
 
 log = logging.getLogger("veilnet.discovery")
@@ -61,6 +77,21 @@ MAX_START_CHECKS = 1024      # cards loaded from disk checked at start (the newe
 RECHECK_AFTER_S = 60.0       # a failed card POSTed again is dialled again only after this
 MAX_VALIDATED = 1024         # cards verified by the topic validator, kept for delivery
 MAX_GREETED = 20_000         # peers (and addresses) this node answered with its own card
+CARD_RATE = 2.0              # cards/s a node aims to receive (node config card_rate)
+MAX_INTERVAL_S = MAX_TTL_S / 3  # cards live 3 intervals and at most MAX_TTL_S
+MIN_TTL_S = 30.0             # a card lives at least this long, however short the interval
+GREETERS = 16                # nodes expected to answer a newcomer's card with their own
+
+
+def announce_interval(base: float, cards: int, card_rate: float = CARD_RATE) -> float:
+    """Seconds between announcements with ``cards`` unexpired cards known: ``base``, or longer
+    so that every node announcing this often sends a receiver ``card_rate`` cards a second."""
+    return min(MAX_INTERVAL_S, max(base, cards / card_rate))
+
+
+def card_ttl(interval: float) -> float:
+    """A card's validity for an announce interval: three intervals, at least MIN_TTL_S."""
+    return min(MAX_TTL_S, max(MIN_TTL_S, 3 * interval))
 
 
 class ChecksBusy(UnavailableError, RuntimeError):
@@ -71,13 +102,17 @@ class Discovery:
     """One node's card publisher, receiver and index."""
 
     def __init__(self, peer_id: str, index: CardIndex, metrics: NodeMetrics,
-                 make_card: Callable[[], dict[str, Any]], interval: float,
-                 max_peers: int = MAX_PEERS) -> None:
+                 make_card: Callable[[float], dict[str, Any]], interval: float,
+                 max_peers: int = MAX_PEERS, card_rate: float = CARD_RATE,
+                 rng: random.Random | None = None) -> None:
         self.peer_id = peer_id
         self.index = index
         self.metrics = metrics
-        self.make_card = make_card
-        self.interval = interval
+        self.make_card = make_card  # ttl -> signed card
+        self.base_interval = interval
+        self.card_rate = card_rate
+        self.interval = interval  # the current one (announce_interval)
+        self.rng = rng or random.Random()
         self.max_peers = max_peers
         self.card: dict[str, Any] | None = None
         self.pubsub: Pubsub | None = None
@@ -94,8 +129,11 @@ class Discovery:
     # -- own card ---------------------------------------------------------------------------------
 
     def refresh_card(self) -> dict[str, Any]:
-        """Sign a fresh card and index it locally."""
-        self.card = self.make_card()
+        """Sign a fresh card (valid for three of the current intervals) and index it
+        locally; the interval follows the number of cards known."""
+        self.interval = announce_interval(self.base_interval, self.index.count(),
+                                          self.card_rate)
+        self.card = self.make_card(card_ttl(self.interval))
         self.index.put(verify_card(self.card), confirmed=True)
         return self.card
 
@@ -187,7 +225,8 @@ class Discovery:
                 self._greeted[info.peer_id] = addrs
                 while len(self._greeted) > MAX_GREETED:
                     self._greeted.popitem(last=False)
-                self.announce_soon(random.uniform(*NEW_PEER_DELAY))
+                if self.rng.random() * self.index.count() < GREETERS:  # ~GREETERS of all
+                    self.announce_soon(self.rng.uniform(*NEW_PEER_DELAY))
             self._maybe_connect(info)
         return outcome
 
@@ -241,11 +280,12 @@ class Discovery:
                 return False  # connected (inbound), not at the card's addresses: nothing learned
             self.index.mark(info.peer_id, info.multiaddrs, reached=True)
             return True
+        started = time.time()
         try:
             with trio.fail_after(CHECK_TIMEOUT_S):
                 await ensure_connected(host, info.peer_id, info.multiaddrs, DIAL_TIMEOUT)
         except PEER_ERRORS as exc:
-            if self.index.mark(info.peer_id, info.multiaddrs, reached=False):
+            if self.index.mark(info.peer_id, info.multiaddrs, reached=False, started=started):
                 log.info("card of %s demoted: not reachable at its addresses: %s",
                          info.peer_id, error_text(exc))
             return False
@@ -273,7 +313,7 @@ class Discovery:
         while True:
             mesh = set(router.mesh.get(CARDS_TOPIC, ()))
             if mesh - mesh_before:
-                self.announce_soon(random.uniform(*NEW_PEER_DELAY))
+                self.announce_soon(self.rng.uniform(*NEW_PEER_DELAY))
             mesh_before = mesh
             now = trio.current_time()
             due = self._announce_at if self._announce_at is not None else now + self.interval
@@ -282,7 +322,7 @@ class Discovery:
                     await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            self._announce_at = now + self.interval
+            self._announce_at = now + self.interval  # as the last publish() set it
             await self.publish()
 
     async def publish(self) -> None:

@@ -142,13 +142,15 @@ class NodeService:
                             schemes.get(s.deployment, "none"))
                 for cid, s in sorted(self.store.shards().items())]
 
-    def build_card(self) -> dict[str, Any]:
-        """This node's signed agent card, valid for ``card_ttl`` seconds from now."""
+    def build_card(self, ttl: float | None = None) -> dict[str, Any]:
+        """This node's signed agent card, valid for ``ttl`` (default ``card_ttl``) seconds
+        from now."""
         http = self.http_url or ""
         ledger = self.ledger
         return build_card(self.identity, a2a_url=f"{http}/a2a", http=http,
                           multiaddrs=self.addrs(), shards=self.served_shards(),
-                          capacity=self.executor.capacity, ttl=self.card_ttl,
+                          capacity=self.executor.capacity,
+                          ttl=self.card_ttl if ttl is None else ttl,
                           version=VERSION,
                           ledger_key=ledger.ledger.verifier_key if ledger and ledger.ledger
                           else None,

@@ -30,11 +30,12 @@ EXTENSION_URI = "urn:veilnet:a2a-extension:node:1"
 A2A_PROTOCOL_VERSION = "1.0"
 MEDIA_TYPE = "application/json"
 MAX_CARD_BYTES = 64 * 1024     # a card naming 256 shards and 8 addresses is about 40 KiB
-# Longest validity a card may claim. Nodes announce every interval (default 10 s) and sign
-# cards valid for 3 intervals (at least 30 s: node/config.py, card_ttl), so 300 s allows
-# announce intervals up to 100 s (node/config.py refuses longer ones) while a card nobody
-# renews (a Sybil card POSTed once, a departed node) drops out of every index within 5 minutes.
-MAX_TTL_S = 300
+# Longest validity a card may claim. Nodes announce every interval (default 10 s, longer in a
+# large network: node/discovery.py) and sign cards valid for 3 intervals (at least 30 s), so
+# 3600 s allows intervals up to 1200 s: a network of 2,400 nodes stays at 2 cards/s per node.
+# A card nobody renews (a Sybil card POSTed once, a departed node) drops out of every index
+# within the hour; lookups leave out a card whose addresses fail a dial before then.
+MAX_TTL_S = 3600
 CLOCK_SKEW_S = 60              # how far in the future issuedAt may be
 MAX_ADDRS = 8
 MAX_DEPTH = 32                 # nesting of objects and lists (a2a-sdk refuses beyond 128)

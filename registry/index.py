@@ -204,12 +204,18 @@ class CardIndex:
         return None if row is None else CardStatus(_STATES[row[0]], json.loads(row[1]), row[2],
                                                    row[3])
 
-    def mark(self, peer_id: str, multiaddrs: Iterable[str], *, reached: bool) -> bool:
+    def mark(self, peer_id: str, multiaddrs: Iterable[str], *, reached: bool,
+             started: float | None = None) -> bool:
         """Record a dial of ``multiaddrs`` for ``peer_id``'s card: reached (confirmed) or not
         (failed: left out of lookups until confirmed again). Applies only while the stored card
-        still names those addresses; returns whether it applied."""
+        still names those addresses; returns whether it applied. A failed dial that began
+        (``started``, time.time()) before the card was last confirmed does not apply: a node
+        restarted at the same addresses is not demoted by a dial of its dead predecessor."""
         status = self.status(peer_id)
         if status is None or _addrs_key(status.multiaddrs) != _addrs_key(multiaddrs):
+            return False
+        if not reached and started is not None and status.state == CONFIRMED \
+                and status.since >= started:
             return False
         failures = 0 if reached else status.failures + 1
         with self._db:

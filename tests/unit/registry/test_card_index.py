@@ -256,8 +256,13 @@ def test_confirmed_first_failed_left_out(index: CardIndex) -> None:
     # reaching the peer, or hearing its card from itself, confirms it again
     assert index.mark(sybils[0].peer_id, sybils[0].multiaddrs, reached=True)
     assert peers(index.query())[:2] == [sybils[0].peer_id, real.peer_id]  # newest confirmed
-    # a confirmed card that then fails to dial is demoted too
-    assert index.mark(real.peer_id, real.multiaddrs, reached=False)
+    # a dial that began before the card was last confirmed (a restarted node at the same
+    # addresses, heard from itself while a dial of its dead predecessor timed out) is stale
+    since = index.status(real.peer_id).since
+    assert not index.mark(real.peer_id, real.multiaddrs, reached=False, started=since - 1)
+    assert index.status(real.peer_id).state == CONFIRMED
+    # a confirmed card that then fails a dial begun later is demoted
+    assert index.mark(real.peer_id, real.multiaddrs, reached=False, started=since + 1)
     assert real.peer_id not in peers(index.query())
     heard = info_of(Identity.from_seed(b"\1" * 32), MINI, issued=NOW)
     index.put(heard)
