@@ -169,10 +169,18 @@ class SessionHop:
 
     def _candidates(self, n: int, checking: bool = False) -> list[PeerRecord]:
         """Up to ``n`` nodes not holding or excluded from this hop: by rank, or for a check
-        drawn uniformly (``Router.audit_order``)."""
+        drawn uniformly (``Router.audit_order``); then, when those are too few, the holders
+        in backoff after a failure, soonest back first (the hop's reserve, as in
+        ``replicated.run_hop``: a node that was down a moment ago, or refused another shard,
+        must not leave a step with one answer while it is up again)."""
         busy = {m.node.peer_id for m in self.members} | self.excluded
-        free = [r for r in self.router.plan(self.shard.cid) if r.peer_id not in busy]
-        return (self.router.audit_order(free) if checking else free)[:n]
+        planned = self.router.plan(self.shard.cid)
+        free = [r for r in planned if r.peer_id not in busy]
+        ordered = self.router.audit_order(free) if checking else free
+        if len(ordered) < n:
+            ordered += [r for r in self.router.backed_off(self.shard.cid, planned)
+                        if r.peer_id not in busy]
+        return ordered[:n]
 
     async def _ask(self, asks: list[tuple[_Member | None, PeerRecord | None]], feeds: Tensors,
                    answers: dict[str, tuple[_Member, SessionReply]], *,
