@@ -2,12 +2,22 @@
 that says whether anything was lost or wrong.
 
     chaos.py --minutes M --seed S [--nodes 6] [--clients 3] [--netem ARGS] [--dir T] [--json]
+             [--model minilm|smollm2 [--max-tokens 8] | --deployment DIR --model DIR]
 
-The testnet: N >= 6 MiniLM nodes (``--threads 1``), every node shard on 3 of them (full
-verification needs two agreeing answers, so a hop survives one disturbed holder), node 0 keeps
-the ledger and every node witnesses it. ``--clients`` SDK clients (``AsyncClient``: full
-verification, ledger receipts on) each send one query after another, a sentence drawn from a
-fixed list, and every answer is compared with the in-process plaintext model.
+The testnet: N >= 6 MiniLM nodes (``--threads 1``; SmolLM2 ones: see below), every node shard
+on 3 of them (full verification needs two agreeing answers, so a hop survives one disturbed
+holder), node 0 keeps the ledger and every node witnesses it. ``--clients`` SDK clients
+(``AsyncClient``: full verification, ledger receipts on) each send one query after another, a
+sentence drawn from a fixed list, and every answer is compared with the in-process plaintext
+model.
+
+With ``--model smollm2`` the nodes serve encrypted SmolLM2-135M-Instruct (ee-decoder/1, the KV
+cache in sessions on the nodes) and the clients generate instead: greedy, ``--max-tokens``
+tokens, a prompt drawn from a fixed list (scripts/chaos_generate.py), each generation compared
+token for token with ``models.decoding.LocalDecoder`` on the unencrypted import (computed once
+per prompt in this process). Both models are imported and encrypted once into testnet-data/
+(SmolLM2 into testnet-data/smollm2/) and reused; ``--deployment DIR --model DIR`` uses an
+existing deployment and its plaintext model instead, and generates when it is a decoder.
 
 The schedule (``plan``, a pure function of the seed and the placement) starts a disturbance
 every few seconds, each on one node for a while, overlapping: ``kill`` (SIGKILL, restart later),
@@ -25,9 +35,11 @@ At the end, after the clients stop: the witness refusals and RSS of every node, 
 stops, and the ledger is checked offline: ``veilnet ledger verify`` on node 0's log, and every
 receipt a client was given (a proof, or a pending index) must be in the log at its index.
 Finally processes and namespaces left behind are counted. ``--json`` prints only the object;
-without it a short report goes to stderr as well. Exit code 0 when every target is met (0
-wrong answers, 0 acknowledged entries lost, the ledger verifies, no failed query while covered,
-nothing left behind), else 1.
+without it a short report goes to stderr as well. Generating, the object has ``generations``
+(the same counts, plus tokens compared, sessions replayed, verdicts lost, and the wrong ones
+listed) in place of ``queries``; ``receipts`` then counts the generations' receipts. Exit code
+0 when every target is met (0 wrong answers, 0 acknowledged entries lost, the ledger verifies,
+no failed query or generation while covered, nothing left behind), else 1.
 """
 
 from __future__ import annotations
@@ -52,8 +64,10 @@ import numpy as np
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chaos_generate
 from localnet import (
     DEFAULT_DIR,
+    MODELS,
     REPO,
     Testnet,
     TestnetError,
@@ -141,6 +155,10 @@ class Query:
     diff: float = 0.0
     receipt: tuple[int, bytes] | None = None  # (index, entry) the ledger acknowledged
     receipt_error: str = ""
+    tokens: int = 0  # a generation: tokens generated, sessions replayed, verdicts lost
+    replays: int = 0
+    verdicts_lost: int = 0
+    detail: str = ""  # a wrong generation: how it differs
 
 
 @dataclass
@@ -149,7 +167,8 @@ class Soak:
     seconds: float
     clients: int
     seed: int
-    reference: np.ndarray
+    reference: Any  # embeddings of TEXTS; or, generating, greedy tokens per prompt
+    max_tokens: int = 0  # > 0: the clients generate (chaos_generate) instead of embedding
     queries: list[Query] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -171,18 +190,26 @@ class Soak:
                                hop_timeout=HOP_TIMEOUT, timeout=60.0, seed=rng.randrange(1 << 30),
                                receipt_timeout=10.0) as client:
             while not self.stop.is_set():
-                i = rng.randrange(len(TEXTS))
+                i = rng.randrange(len(self.reference))
                 started = time.monotonic()
                 try:
-                    result = await client.embed([TEXTS[i]])
+                    if self.max_tokens:
+                        result = await chaos_generate.generate(client, i, self.max_tokens)
+                    else:
+                        result = await client.embed([TEXTS[i]])
                 except Exception as exc:  # QueryError, and anything else: count it, go on
                     q = Query(k, started, time.monotonic(), i, False,
                               f"{type(exc).__name__}: {' / '.join(str(exc).splitlines())[:2000]}")
                     await trio.sleep(0.5)
                 else:
-                    diff = float(np.abs(result.embeddings[0] - self.reference[i]).max())
-                    q = Query(k, started, time.monotonic(), i, True, wrong=diff > WRONG,
-                              diff=diff)
+                    q = Query(k, started, time.monotonic(), i, True)
+                    if self.max_tokens:
+                        differ, q.detail = chaos_generate.compare(result, self.reference[i])
+                        q.diff, q.wrong, q.tokens = float(differ), differ > 0, len(result.token_ids)
+                        q.replays, q.verdicts_lost = chaos_generate.hop_counts(result)
+                    else:
+                        q.diff = float(np.abs(result.embeddings[0] - self.reference[i]).max())
+                        q.wrong = q.diff > WRONG
                     got = result.receipt or result.receipt_pending
                     if got is not None:
                         q.receipt = (got.index, got.entry)
@@ -222,14 +249,17 @@ class Soak:
             event.note = "not started: out of time"
 
     def _step(self, event: Event, ending: bool) -> None:
+        """Start or end ``event``. It began when its node was first disturbed (before a
+        restart: a SmolLM2 node takes 10 s or more to come back) and ended when the node is
+        back (after one)."""
+        if not ending:
+            event.began = time.monotonic()
         try:
             (self._undo if ending else self._do)(event)
         except TestnetError as exc:
             event.note += f" {'end' if ending else 'start'} failed: {exc}".splitlines()[0]
         if ending:
             event.ended = time.monotonic()
-        else:
-            event.began = time.monotonic()
 
     def _do(self, e: Event) -> None:
         net, node = self.net, self.net.nodes[e.node]
@@ -325,16 +355,32 @@ def check_ledger(ledger_dir: Path, receipts: list[tuple[int, bytes]]) -> tuple[d
     return verify, missing
 
 
+def tally(state: Soak, items: list[Query]) -> dict[str, Any]:
+    """The counts of the report's ``queries`` (or ``generations``) object."""
+    failed = [q for q in items if not q.ok]
+    return {"issued": len(items), "succeeded": len(items) - len(failed), "failed": len(failed),
+            "failed_while_covered": sum(1 for q in failed if state.covered(q)),
+            "failure_reasons": dict(Counter(q.error.split(" / ")[0][:200]
+                                            for q in failed).most_common(10)),
+            "wrong_answers": sum(1 for q in items if q.wrong)}
+
+
 def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from models import Pipeline
+    from models import Manifest, Pipeline
     from protocols.transport import quiet_libraries
 
     quiet_libraries()
     say = (lambda m: None) if args.json else stderr_log
     if args.deployment:
-        model, deploy = args.model, args.deployment
+        model, deploy = Path(args.model), args.deployment
     else:  # imported and encrypted once, then reused (as scripts/testnet.py does)
-        model, deploy = prepare_model(REPO / DEFAULT_DIR, None, say)
+        model, deploy = prepare_model(REPO / DEFAULT_DIR, None, say, kind=args.model)
+    manifest = Manifest.load(deploy)
+    generating = (manifest.extra.get("config") or {}).get("family") == "llama-decoder"
+    tokens: list[list[int]] = []
+    if generating:  # the plaintext reference, before the nodes take the CPU
+        say(f"greedy reference of {len(chaos_generate.PROMPTS)} prompts ({model})")
+        tokens = chaos_generate.references(model, args.max_tokens)
     links, placed, netns = None, {}, None
     if args.netem:  # every node and the clients in namespaces, netem on every host's egress
         from netem import Links
@@ -351,8 +397,9 @@ def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                   progress=say, **placed)
     try:
         net.start()
-        reference = Pipeline(net.model).embed(TEXTS)
-        state = Soak(net, args.minutes * 60, args.clients, args.seed, reference)
+        reference = tokens if generating else Pipeline(net.model).embed(TEXTS)
+        state = Soak(net, args.minutes * 60, args.clients, args.seed, reference,
+                     args.max_tokens if generating else 0)
         state.events = plan(args.seed, state.seconds, net.placement, args.nodes)
         rss_start = {n.index: rss_mb(n.pid) for n in net.nodes}
         bootstrap = [n.multiaddr for n in net.nodes]
@@ -381,16 +428,16 @@ def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     receipts = [q.receipt for q in state.queries if q.receipt is not None]
     verify, missing = check_ledger(net.nodes[0].data_dir / "ledger", receipts)
     failed = [q for q in state.queries if not q.ok]
+    counts = tally(state, state.queries)
+    if generating:
+        counts = {"max_tokens": args.max_tokens, **counts,
+                  **chaos_generate.tally(state.queries, t0)}
+    else:
+        counts["max_diff"] = max((q.diff for q in state.queries if q.ok), default=None)
     report = {
         "minutes": args.minutes, "seed": args.seed, "nodes": args.nodes,
-        "clients": args.clients, "netem": args.netem,
-        "queries": {"issued": len(state.queries), "succeeded": len(state.queries) - len(failed),
-                    "failed": len(failed),
-                    "failed_while_covered": sum(1 for q in failed if state.covered(q)),
-                    "failure_reasons": dict(Counter(q.error.split(" / ")[0][:200]
-                                                    for q in failed).most_common(10)),
-                    "wrong_answers": sum(1 for q in state.queries if q.wrong),
-                    "max_diff": max((q.diff for q in state.queries if q.ok), default=None)},
+        "clients": args.clients, "netem": args.netem, "model": manifest.name,
+        "generations" if generating else "queries": counts,
         "receipts": {"acknowledged": len(receipts), "missing_from_ledger": missing,
                      "not_logged": dict(Counter(q.receipt_error[:60] for q in state.queries
                                                 if q.ok and q.receipt is None))},
@@ -420,18 +467,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--netem", metavar="ARGS", help="tc netem arguments for every link "
                                                         "(nodes in network namespaces)")
     parser.add_argument("--dir", type=Path, help="testnet directory (default: a temporary one)")
+    parser.add_argument("--model", metavar="NAME|DIR",
+                        help="minilm (default: the clients embed) or smollm2 (they generate): "
+                             "imported and encrypted once into testnet-data/ and reused; or, "
+                             "with --deployment, the plaintext model directory it was "
+                             "encrypted from")
     parser.add_argument("--deployment", type=Path, metavar="DIR",
-                        help="an encrypted MiniLM deployment (with --model, its plaintext "
-                             "model); default: imported once into testnet-data/ and reused")
-    parser.add_argument("--model", type=Path, metavar="DIR", help="see --deployment")
+                        help="an existing encrypted deployment (MiniLM, or a decoder: then the "
+                             "clients generate) instead of the imported one")
+    parser.add_argument("--max-tokens", type=int, default=chaos_generate.MAX_TOKENS,
+                        metavar="N", help="tokens per greedy generation "
+                                          f"({chaos_generate.MAX_TOKENS})")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     args = parser.parse_args(argv)
     if args.nodes < 6:
         parser.error("--nodes: at least 6")
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
-    if bool(args.deployment) != bool(args.model):
-        parser.error("--deployment and --model go together")
+    if args.deployment and args.model is None:
+        parser.error("--deployment goes with --model, the plaintext model directory")
+    args.model = args.model or "minilm"
+    if args.deployment and args.model in MODELS:
+        parser.error(f"--model {args.model} imports the model itself; with --deployment give "
+                     "--model the plaintext model directory")
+    if not args.deployment and args.model not in MODELS:
+        parser.error(f"--model {args.model}: a directory goes with --deployment; to import a "
+                     f"model give one of {', '.join(MODELS)}")
+    if not 1 <= args.max_tokens <= 256:
+        parser.error("--max-tokens: between 1 and 256")
     with tempfile.TemporaryDirectory(prefix="veilnet-chaos-") as tmp:
         root = (args.dir or Path(tmp)).absolute()
         report = soak(args, root)
@@ -442,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from netem import PREFIX, namespaces, tag_for
 
         report["namespaces_left"] = len(namespaces(f"{PREFIX}{tag_for(root)}-"))
-    q, r = report["queries"], report["receipts"]
+    q, r = report.get("queries") or report["generations"], report["receipts"]
     report["targets_met"] = (q["wrong_answers"] == 0 and r["missing_from_ledger"] == 0
                              and bool(report["ledger_verify"].get("ok"))
                              and q["failed_while_covered"] == 0
