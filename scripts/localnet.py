@@ -639,11 +639,18 @@ def pid_alive(pid: int) -> bool:
 
 
 def processes_mentioning(text: str) -> list[str]:
-    """``"<pid>: <command line>"`` of the live processes (this one aside) whose arguments
-    contain ``text``, e.g. a testnet directory: what a stopped testnet must not leave."""
-    found = []
+    """``"<pid>: <command line>"`` of the live processes whose arguments contain ``text``, e.g.
+    a testnet directory: what a stopped testnet must not leave. This process and its ancestors
+    (``timeout 900 chaos.py --dir T``, a shell) are not leftovers."""
+    found, mine, pid = [], set(), os.getpid()
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit() or int(proc.name) in mine:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
