@@ -52,7 +52,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from errors import UnavailableError
 from node.metrics import NodeMetrics
-from protocols.cards import CARDS_TOPIC, lookup_answer, parse_lookup
+from protocols.cards import CARDS_TOPIC, lookup_answer, lookup_cards, parse_lookup
 from protocols.transport import DIAL_TIMEOUT, PEER_ERRORS, ensure_connected, error_text
 from protocols.wire import write_frame
 from registry.card import (
@@ -70,7 +70,7 @@ log = logging.getLogger("veilnet.discovery")
 MAX_PEERS = 8            # connections a node opens to peers it learns from cards
 NEW_PEER_DELAY = (0.05, 0.5)  # re-announce after a random delay in this range (coalesces)
 MESH_POLL_S = 0.25           # how often the announce loop looks for new mesh peers
-CHECK_TIMEOUT_S = 8.0        # one check: every address of one card
+CHECK_TIMEOUT_S = DIAL_TIMEOUT + 2.0  # one check: every address of one card (one dial)
 CHECK_DIALS = 16             # checks dialling at once
 MAX_PENDING_CHECKS = 64      # cards queued or dialling; more POSTed cards are refused (busy)
 MAX_START_CHECKS = 1024      # cards loaded from disk checked at start (the newest)
@@ -81,6 +81,8 @@ CARD_RATE = 2.0              # cards/s a node aims to receive (node config card_
 MAX_INTERVAL_S = MAX_TTL_S / 3  # cards live 3 intervals and at most MAX_TTL_S
 MIN_TTL_S = 30.0             # a card lives at least this long, however short the interval
 GREETERS = 16                # nodes expected to answer a newcomer's card with their own
+SILENT_SHARE = 0.5           # a card not heard for this share of its life (1.5 intervals)...
+MAX_PULLS = 4                # ...from a connected peer: pulled from it, this many per round
 
 
 def announce_interval(base: float, cards: int, card_rate: float = CARD_RATE) -> float:
@@ -173,6 +175,7 @@ class Discovery:
                 self._check_soon(info)
             nursery.start_soon(self._receive, subscription)
             nursery.start_soon(self._announce_loop, router)
+            nursery.start_soon(self._pull_loop)
             task_status.started()
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
@@ -324,6 +327,45 @@ class Discovery:
                 continue
             self._announce_at = now + self.interval  # as the last publish() set it
             await self.publish()
+
+    async def _pull_loop(self) -> None:
+        """Every half interval, ask connected peers whose cards have gone silent for their
+        cards directly (``/veilnet/cards/1``). Gossip from a peer can stop while its
+        connection works: py-libp2p's pubsub exchanges topic subscriptions when a connection
+        opens, so a node restarted with the same PeerID that reconnects before its peers
+        reaped the old connection can fall out of the mesh in either direction (seen in
+        tests/network/test_generate_network.py after the bootstrap node's restart: cards
+        stopped flowing both ways while hellos went on, and expired; rust- and js-libp2p have
+        had the same class of bug). A peer's own card, read from its own stream, counts as
+        heard from it; the others it holds are indexed as a POST would be (unconfirmed unless
+        their addresses are confirmed here already). Bounded: ``MAX_PULLS`` peers a round."""
+        while True:
+            await trio.sleep(self.interval / 2)
+            host = self._host
+            if host is None:
+                continue
+            connected = {p.to_base58() for p in host.get_connected_peers()}
+            silent = [c for c in self.index.silent(SILENT_SHARE)
+                      if c.peer_id in connected and c.peer_id != self.peer_id]
+            for info in silent[:MAX_PULLS]:
+                await self._pull(host, info)
+
+    async def _pull(self, host: IHost, info: CardInfo) -> None:
+        addrs = [a if "/p2p/" in a else f"{a}/p2p/{info.peer_id}" for a in info.multiaddrs]
+        if not addrs:
+            return
+        try:
+            cards, _ = await lookup_cards(host, addrs[0], timeout=CHECK_TIMEOUT_S)
+        except PEER_ERRORS as exc:
+            log.info("pulling cards from silent %s failed: %s", info.peer_id, error_text(exc))
+            return
+        self.metrics.cards_pulled.inc()
+        log.info("gossip from %s was silent; pulled %d cards from it", info.peer_id, len(cards))
+        for card in cards:
+            if card.peer_id == self.peer_id:
+                continue
+            outcome = self.index.put(card, confirmed=card.peer_id == info.peer_id)
+            self.metrics.cards_received.labels(outcome).inc()
 
     async def publish(self) -> None:
         assert self.pubsub is not None

@@ -57,6 +57,9 @@ class NodeMetrics:
         self.cards_published = Counter("veilnet_cards_published",
                                        "Times this node published its own card",
                                        registry=self.registry)
+        self.cards_pulled = Counter("veilnet_cards_pulled",
+                                    "Card lookups sent to a connected peer whose gossip had "
+                                    "gone silent (node/discovery.py)", registry=self.registry)
 
         self.ledger_entries = Counter("veilnet_ledger_entries", "Entries this node's log "
                                       "committed", registry=self.registry)

@@ -254,6 +254,16 @@ class CardIndex:
             (now, _STATES.index(UNCONFIRMED), limit)).fetchall()
         return self._verified(json.loads(r[0]) for r in rows)
 
+    def silent(self, share: float, now: float | None = None) -> list[CardInfo]:
+        """Unexpired cards last received more than ``share`` of their validity ago (a node
+        re-announces every third of it), the longest silent first."""
+        now = time.time() if now is None else now
+        rows = self._db.execute(
+            "SELECT card FROM cards WHERE expires_at > ? AND "
+            "received_at < ? - ? * (expires_at - issued_at) ORDER BY received_at",
+            (now, now, share)).fetchall()
+        return self._verified(json.loads(r[0]) for r in rows)
+
     def query(self, *, model: str | None = None, shard: str | None = None,
               deployment: str | None = None, now: float | None = None) -> list[dict[str, Any]]:
         """Unexpired cards, confirmed then unconfirmed, newest first within each; cards being

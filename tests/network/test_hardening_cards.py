@@ -254,6 +254,59 @@ async def _addrs(host: IHost) -> list[str]:
     return full_addrs(host)
 
 
+def test_a_connected_peer_whose_gossip_is_silent_is_asked_for_its_cards(
+        node: NodeProcess, deployment_dir: Path, ee_cid: str) -> None:
+    """Gossip from a peer can stop while its connection works (py-libp2p exchanges topic
+    subscriptions only when a connection opens; seen after a bootstrap node's restart). A real
+    libp2p host that answers card lookups but never joins the gossip stands in for such a
+    peer: once its confirmed card has gone unheard for half its life, the node asks it for its
+    cards (node/discovery.py, ``_pull_loop``), says so in its log, and indexes the fresh card
+    as heard from the peer itself."""
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from protocols.cards import lookup_answer
+    from protocols.wire import read_frame, write_frame
+
+    asked: list[str] = []
+    mine: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def answer_lookups(host: IHost) -> AsyncIterator[None]:
+        async def handle(stream: Any) -> None:
+            message = await read_frame(stream)
+            asked.append(str(stream.muxed_conn.peer_id))
+            if message is not None:
+                mine["card"] = build_card(mine["identity"], a2a_url="http://127.0.0.1:9/a2a",
+                                          multiaddrs=full_addrs(host), ttl=30,
+                                          shards=served(deployment_dir, ee_cid))
+                await write_frame(stream, lookup_answer(message["id"], [json.dumps(
+                    mine["card"])]))
+            await stream.close()
+
+        host.set_stream_handler(CARDS, handle)
+        yield
+
+    identity = Identity.generate()
+    mine["identity"] = identity
+    peer = ClientThread(identity, services=answer_lookups).start()
+    try:
+        addrs = peer.run(_addrs)
+        card = build_card(identity, a2a_url="http://127.0.0.1:9/a2a", multiaddrs=addrs, ttl=30,
+                          shards=served(deployment_dir, ee_cid))
+        httpx.post(f"{node.http}/v1/agents", json=card, timeout=5)
+        wait_for(lambda: httpx.post(f"{node.http}/v1/agents", json=card, timeout=5)
+                 .json()["status"] == "confirmed", "confirmation of the peer's card", WAIT)
+        wait_for(lambda: f"gossip from {identity.peer_id} was silent; pulled" in node.log(),
+                 "a pull from the silent peer", WAIT)
+        assert node.peer_id in asked
+        listed = httpx.get(f"{node.http}/v1/agents", timeout=5).json()
+        fresh = [c for c in listed if verify_card(c).peer_id == identity.peer_id]
+        assert fresh and verify_card(fresh[0]).issued_at >= verify_card(card).issued_at
+    finally:
+        peer.close()
+
+
 def test_too_many_unchecked_cards_are_refused(node: NodeProcess, silent_port: int,
                                               deployment_dir: Path, ee_cid: str) -> None:
     """A flood of posted cards cannot queue unbounded dials: once 64 wait for their check (each

@@ -366,3 +366,19 @@ def test_the_index_is_capped_and_evicts_the_least_useful_first(db_path: Path) ->
         assert peers(index.query(shard=MINI[1].shard)) == [confirmed.peer_id]
     finally:
         index.close()
+
+
+def test_silent_cards_are_those_not_heard_for_half_their_life(index: CardIndex) -> None:
+    """``silent(share)``: unexpired cards last received more than ``share`` of their validity
+    ago (node/discovery.py pulls them from their peer), the longest silent first."""
+    a, b, c = (info_of(Identity.from_seed(bytes([i]) * 32), MINI, ttl=30) for i in (7, 8, 9))
+    for info in (a, b, c):
+        index.put(info)
+    now = time.time()
+    assert index.silent(0.5, now=now) == []  # just heard
+    assert [i.peer_id for i in index.silent(0.5, now=now + 16)] == [a.peer_id, b.peer_id,
+                                                                   c.peer_id]
+    assert index.silent(0.5, now=NOW + 31) == []  # expired cards are not silent: gone
+    long = info_of(Identity.from_seed(bytes([10]) * 32), MINI, ttl=300)
+    index.put(long)
+    assert long.peer_id not in {i.peer_id for i in index.silent(0.5, now=now + 16)}
