@@ -4,10 +4,12 @@ node shard on 3 nodes), measured as it forms, idles and loses nodes.
 Prints one JSON object:
 
 - ``discovery_s``: from spawning nodes 1..N-1 until every node had indexed every node's card;
-- per node and announce interval (measured over ``--intervals`` intervals while idle): cards
-  received (``veilnet_cards_received_total``, every outcome), cards published, and the bytes
-  the process read and wrote (``/proc/<pid>/io`` rchar/wchar: gossip, hellos and the card
-  index's SQLite writes together, an upper bound on gossip bytes);
+- the announce interval the nodes chose (node/discovery.py: ``max(10 s, cards / card_rate)``,
+  read from the validity of their cards, which is three intervals);
+- per node and second (measured over ``--intervals`` of those intervals, at least 30 s, while
+  idle): cards received (``veilnet_cards_received_total``, every outcome), cards published,
+  CPU, and the bytes the process read and wrote (``/proc/<pid>/io`` rchar/wchar: gossip,
+  hellos and the card index's SQLite writes together, an upper bound on gossip bytes);
 - the card index per node: cards held (``veilnet_cards_indexed``) and the size of
   ``cards.sqlite``; RSS per node (min, median, max);
 - one embedding query's latency (median of 5, a warm SDK client);
@@ -15,7 +17,12 @@ Prints one JSON object:
 - the per-node cost model of docs/reliability.md evaluated at 1,000 and 10,000 nodes from
   these figures.
 
-    .venv/bin/python bench/scale.py [--nodes 30] [--kill 5] [--intervals 3] [--dir DIR]
+    .venv/bin/python bench/scale.py [--nodes 30] [--kill 5] [--intervals 3] [--card-rate R]
+                                    [--dir DIR]
+
+``--card-rate`` (node ``--card-rate``, default 2 cards/s) shows the bound at a size one machine
+holds: with 30 nodes and ``--card-rate 0.5`` every node announces every 60 s instead of 10 s,
+as each would in a network of 300 nodes at the default rate.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from localnet import (  # noqa: E402
 )
 
 from client import AsyncClient  # noqa: E402
+from node.discovery import CARD_RATE, announce_interval, card_ttl  # noqa: E402
 
 TEXTS = ["Thirty nodes on one machine.", "How far does this scale?"]
 
@@ -78,6 +86,15 @@ def spread(values: list[float], digits: int = 1) -> dict[str, float]:
             "max": round(max(values), digits)}
 
 
+def card_interval(node: NodeInfo) -> float:
+    """The announce interval ``node`` chose: a third of its own card's validity."""
+    from registry.card import extension_params
+
+    with urllib.request.urlopen(f"{node.http}/.well-known/agent-card.json", timeout=5) as r:
+        params = extension_params(json.load(r))
+    return (params["expiresAt"] - params["issuedAt"]) / 3
+
+
 def lists(node: NodeInfo, peer_id: str) -> bool:
     """Whether ``node``'s index serves ``peer_id``'s card (its ANP document is found)."""
     try:
@@ -101,24 +118,45 @@ async def query_latency(net: Testnet, n: int = 5) -> float:
     return statistics.median(seconds)
 
 
+def model_at(n: int, received_share: float, read_kib_per_card: float, per_card_ms: float,
+             card_bytes: float) -> dict[str, float]:
+    """Per-node cost with ``n`` nodes at the default card rate. Measured inputs:
+    ``received_share``, cards received per other node and announce interval (1.0 when gossip
+    delivers each card once); KiB read and CPU ms per card received; bytes per indexed card."""
+    interval = announce_interval(10.0, n - 1, CARD_RATE)
+    per_s = received_share * (n - 1) / interval
+    return {"cards_held": n - 1, "index_mib": round((n - 1) * card_bytes / 2**20, 1),
+            "announce_interval_s": round(interval, 1), "card_ttl_s": card_ttl(interval),
+            "cards_received_per_s": round(per_s, 2),
+            "read_kib_per_s": round(per_s * read_kib_per_card, 1),
+            "cpu_share_of_one_core": round(per_s * per_card_ms / 1e3, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=30)
     parser.add_argument("--kill", type=int, default=5)
     parser.add_argument("--intervals", type=int, default=3,
-                        help="announce intervals (10 s each) to measure idle traffic over")
+                        help="announce intervals to measure idle traffic over (at least 30 s)")
+    parser.add_argument("--card-rate", type=float, default=2.0,
+                        help="the nodes' --card-rate: cards/s each aims to receive (default 2)")
     parser.add_argument("--dir", type=Path, help="testnet directory (default: temporary)")
     args = parser.parse_args()
     model, deploy = prepare_model(REPO / DEFAULT_DIR, None, log)
-    interval = 10.0  # the nodes' default announce interval; cards live 30 s
     with tempfile.TemporaryDirectory(prefix="veilnet-scale-") as tmp, \
             Testnet(args.dir or Path(tmp), nodes=args.nodes, replicas=3, deployment=deploy,
-                    model=model, node_args=["--threads", "1"], timeout=600.0, log=log) as net:
+                    model=model, node_args=["--threads", "1", "--card-rate", str(args.card_rate)],
+                    timeout=600.0, log=log) as net:
         log(f"{args.nodes} nodes up; every card everywhere after {net.discovery_s} s")
-        time.sleep(interval)  # past the start-up burst
+        time.sleep(10.0)  # past the start-up burst
+        time.sleep(max(card_interval(n) for n in net.nodes))  # every node announced since
+        intervals = [card_interval(n) for n in net.nodes]
+        interval = statistics.median(intervals)
+        window = max(30.0, args.intervals * interval)
+        log(f"announce interval {interval:g} s; measuring idle traffic for {window:g} s")
         before = {n.index: (metrics(n), proc_io(n.pid), cpu_s(n.pid)) for n in net.nodes}
         started = time.monotonic()
-        time.sleep(args.intervals * interval)
+        time.sleep(window)
         elapsed_intervals = (time.monotonic() - started) / interval
         after = {n.index: (metrics(n), proc_io(n.pid), cpu_s(n.pid)) for n in net.nodes}
         received, published, read_kb, written_kb, cpu_ms = [], [], [], [], []
@@ -152,8 +190,11 @@ def main() -> int:
     per_interval = statistics.median(received)
     per_card_ms = statistics.median(cpu_ms) / max(1.0, per_interval)
     result: dict[str, Any] = {
-        "bench": "scale", "nodes": args.nodes, "announce_interval_s": interval,
-        "card_ttl_s": 3 * interval, "discovery_s": net.discovery_s, "ready_s": net.ready_s,
+        "bench": "scale", "nodes": args.nodes, "card_rate": args.card_rate,
+        "announce_interval_s": spread(intervals), "card_ttl_s": round(3 * interval, 1),
+        "cards_received_per_s": round(per_interval / interval, 2),
+        "cards_received_per_s_at_10s_interval": round((args.nodes - 1) / 10.0, 2),
+        "discovery_s": net.discovery_s, "ready_s": net.ready_s,
         "per_node_per_interval": {"cards_received": spread(received),
                                   "cards_published": spread(published, 2),
                                   "read_kib": spread(read_kb), "written_kib": spread(written_kb),
@@ -164,17 +205,11 @@ def main() -> int:
         "query_latency_s": round(latency, 3),
         "killed": args.kill, "killed_dropped_from_every_index_s": round(dropped_s, 1),
         # the model of docs/reliability.md: each node receives every other node's card once per
-        # announce interval (gossipsub delivers each message once), and holds every card
-        "model": {str(n): {"cards_held": n - 1,
-                           "index_mib": round((n - 1) * card_bytes / 2**20, 1),
-                           "cards_received_per_s": round(
-                               per_interval * (n - 1) / (args.nodes - 1) / interval, 1),
-                           "read_kib_per_s": round(statistics.median(read_kb) * (n - 1)
-                                                   / (args.nodes - 1) / interval, 1),
-                           # if all of a node's idle CPU scaled with the cards it receives
-                           "cpu_share_of_one_core": round(
-                               per_card_ms * per_interval * (n - 1) / (args.nodes - 1)
-                               / (interval * 1e3), 2)}
+        # announce interval (gossipsub delivers each message once), holds every card, and at
+        # the default card rate (2/s) announces every max(10 s, N / 2) s, at most 1200 s
+        "model": {str(n): model_at(n, per_interval / (args.nodes - 1),
+                                   statistics.median(read_kb) / max(1.0, per_interval),
+                                   per_card_ms, card_bytes)
                   for n in (1000, 10000)},
     }
     print(json.dumps(result))
