@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import trio
@@ -27,6 +25,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO / "scripts"))
+from flood import flooding  # noqa: E402
 from localnet import Testnet, metric_samples  # noqa: E402
 
 from client import AsyncClient  # noqa: E402
@@ -74,25 +73,13 @@ def main() -> int:
         log("unloaded")
         alone = trio.run(honest, net, args.asks)
         log("flooded")
-        flooder = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "flood.py"), "--node", net.bootstrap,
-             "--deployment", str(net.deployment), "--seconds", str(8 + args.asks * 0.3)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert flooder.stderr is not None
-            for line in flooder.stderr:
-                if line.startswith("flood: ready"):
-                    break
-            time.sleep(2.0)
+        assert net.deployment is not None
+        with flooding(net.bootstrap, net.deployment, seconds=8 + args.asks * 0.3) as finish:
             flooded = trio.run(honest, net, args.asks)
-            out, err = flooder.communicate(timeout=120)
-        finally:
-            if flooder.poll() is None:
-                flooder.kill()
-                flooder.wait()
-        if flooder.returncode != 0:
-            raise SystemExit(f"fairness: the flooder failed: {err}")
-        flood: dict[str, Any] = json.loads(out)
+            try:
+                flood = finish()
+            except RuntimeError as exc:
+                raise SystemExit(f"fairness: {exc}") from None
         busy = busy_metric(net)
     base, loaded = pct(alone), pct(flooded)
     ratio = loaded["p50_ms"] / base["p50_ms"]

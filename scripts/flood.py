@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import secrets
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,38 @@ async def flood(node: str, frame: bytes, streams: int, seconds: float) -> dict[s
         await host.close()
     return {"sent": sent, "answers": dict(sorted(answers.items())), "streams_refused": refused,
             "seconds": round(elapsed, 2), "streams": streams}
+
+
+@contextlib.contextmanager
+def flooding(node: str, deployment: Path, seconds: float, streams: int = 16,
+             ramp: float = 2.0) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Run this script in its own process (so its own PeerID) against ``node``; enter once it
+    has built its request and flooded for ``ramp`` seconds. ``finish()`` waits for the end and
+    returns the JSON report (RuntimeError if the flooder failed). The process is stopped on the
+    way out, whatever happens."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--node", node, "--deployment",
+         str(deployment), "--streams", str(streams), "--seconds", str(seconds)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish() -> dict[str, Any]:
+        out, err = proc.communicate(timeout=seconds + 60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the flooder exited with {proc.returncode}: {err}")
+        report: dict[str, Any] = json.loads(out)
+        return report
+
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the request is built: the flood starts now
+            if line.startswith("flood: ready"):
+                break
+        time.sleep(ramp)  # let it reach full speed
+        yield finish
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

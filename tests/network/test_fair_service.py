@@ -8,9 +8,7 @@ gets names its limit and is counted in /metrics.
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 from libp2p.abc import IHost
-from node_helpers import ClientThread, NodeProcess, metric_value, serving_node, stop_process
+from node_helpers import ClientThread, NodeProcess, metric_value, serving_node
 from protocol_fixtures import Hop, check_valid_response
 
 from protocols import INFER
@@ -28,6 +26,9 @@ from protocols.wire import encode_frame, read_frame
 
 pytest_plugins = ["protocol_fixtures"]
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from flood import flooding  # noqa: E402
+
 ASKS = 15  # honest requests per phase
 
 
@@ -67,22 +68,9 @@ def test_a_flooding_peer_does_not_starve_an_honest_one(fair_node: NodeProcess, h
     honest_latencies(client, fair_node, hop)  # warm up: session loaded, connection open
     unloaded = statistics.median(honest_latencies(client, fair_node, hop))
 
-    flooder = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "flood.py"), "--node", fair_node.addr,
-         "--deployment", str(deployment_dir), "--streams", "16", "--seconds", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert flooder.stderr is not None
-        for line in flooder.stderr:  # the request is built: the flood starts now
-            if line.startswith("flood: ready"):
-                break
-        time.sleep(2.0)  # let it reach full speed
+    with flooding(fair_node.addr, deployment_dir, seconds=8) as finish:
         flooded = honest_latencies(client, fair_node, hop)
-        out, err = flooder.communicate(timeout=60)
-    finally:
-        stop_process(flooder)  # type: ignore[arg-type]
-    assert flooder.returncode == 0, err
-    report = json.loads(out)
+        report = finish()
     answers = report["answers"]
     ratio = statistics.median(flooded) / unloaded
     print(f"honest p50 unloaded {unloaded * 1e3:.1f} ms, flooded "
