@@ -54,7 +54,8 @@ from localnet import (  # noqa: E402
 )
 
 from client import AsyncClient  # noqa: E402
-from node.discovery import CARD_RATE, announce_interval, card_ttl  # noqa: E402
+from node.discovery import CARD_RATE, announce_interval  # noqa: E402
+from registry.card import card_ttl  # noqa: E402
 
 TEXTS = ["Thirty nodes on one machine.", "How far does this scale?"]
 

@@ -303,9 +303,7 @@ class AsyncClient:
         masks: QueryMasks | None = None
 
         async def masked_hop(shard: ShardSpec, feeds: Tensors) -> Tensors:
-            assert masked_runner is not None
-            if not self.router.providers(shard.cid):
-                await self.refresh()
+            assert masked_runner is not None  # providers: looked up before the query
             outputs, records = await masked_runner.run(shard, feeds, masks)
             hops.extend(records)
             return outputs

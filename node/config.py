@@ -78,8 +78,11 @@ class NodeConfig:
 
     @property
     def card_ttl(self) -> float:
-        """How long a published card stays valid: three announce intervals, at least 30 s."""
-        return max(30.0, 3 * self.announce_interval)
+        """How long a published card stays valid at the base interval (registry.card.card_ttl;
+        node/discovery.py lengthens the interval in a large network)."""
+        from registry.card import card_ttl
+
+        return card_ttl(self.announce_interval)
 
     def session_limits(self) -> SessionLimits:
         return SessionLimits(self.max_sessions, self.max_context, self.session_expiry)
@@ -113,7 +116,7 @@ class NodeConfig:
                               f"{self.card_rate:g}")
         from registry.card import MAX_TTL_S
 
-        if self.card_ttl > MAX_TTL_S:  # peers would reject the node's own cards
+        if 3 * self.announce_interval > MAX_TTL_S:  # peers would reject the node's own cards
             raise ConfigError(f"announce_interval {self.announce_interval:g}: at most "
                               f"{MAX_TTL_S / 3:g} s (cards live 3 intervals, at most "
                               f"{MAX_TTL_S} s)")

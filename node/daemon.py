@@ -97,7 +97,7 @@ async def run_node(config: NodeConfig) -> None:
                           request_timeout=config.request_timeout,
                           idle_timeout=config.idle_timeout,
                           peer_ttl=max(45.0, 4 * config.announce_interval),
-                          card_ttl=config.card_ttl, sessions=config.session_limits())
+                          sessions=config.session_limits())
     index = CardIndex(data_dir / CARDS_FILE)
     service.discovery = Discovery(identity.peer_id, index, service.metrics, service.build_card,
                                   config.announce_interval, card_rate=config.card_rate)

@@ -60,6 +60,7 @@ from registry.card import (
     MAX_TTL_S,
     CardInfo,
     CardRejected,
+    card_ttl,
     parse_card_json,
     verify_card,
 )
@@ -79,7 +80,6 @@ MAX_VALIDATED = 1024         # cards verified by the topic validator, kept for d
 MAX_GREETED = 20_000         # peers (and addresses) this node answered with its own card
 CARD_RATE = 2.0              # cards/s a node aims to receive (node config card_rate)
 MAX_INTERVAL_S = MAX_TTL_S / 3  # cards live 3 intervals and at most MAX_TTL_S
-MIN_TTL_S = 30.0             # a card lives at least this long, however short the interval
 GREETERS = 16                # nodes expected to answer a newcomer's card with their own
 SILENT_SHARE = 0.5           # a card not heard for this share of its life (1.5 intervals)...
 MAX_PULLS = 4                # ...from a connected peer: pulled from it, this many per round
@@ -89,11 +89,6 @@ def announce_interval(base: float, cards: int, card_rate: float = CARD_RATE) -> 
     """Seconds between announcements with ``cards`` unexpired cards known: ``base``, or longer
     so that every node announcing this often sends a receiver ``card_rate`` cards a second."""
     return min(MAX_INTERVAL_S, max(base, cards / card_rate))
-
-
-def card_ttl(interval: float) -> float:
-    """A card's validity for an announce interval: three intervals, at least MIN_TTL_S."""
-    return min(MAX_TTL_S, max(MIN_TTL_S, 3 * interval))
 
 
 class ChecksBusy(UnavailableError, RuntimeError):
@@ -344,18 +339,18 @@ class Discovery:
             host = self._host
             if host is None:
                 continue
-            connected = {p.to_base58() for p in host.get_connected_peers()}
-            silent = [c for c in self.index.silent(SILENT_SHARE)
-                      if c.peer_id in connected and c.peer_id != self.peer_id]
-            for info in silent[:MAX_PULLS]:
+            connected = {p.to_base58() for p in host.get_connected_peers()} - {self.peer_id}
+            for info in self.index.silent(SILENT_SHARE, among=connected, limit=MAX_PULLS):
                 await self._pull(host, info)
 
     async def _pull(self, host: IHost, info: CardInfo) -> None:
-        addrs = [a if "/p2p/" in a else f"{a}/p2p/{info.peer_id}" for a in info.multiaddrs]
-        if not addrs:
+        if not info.multiaddrs:
             return
+        addr = info.multiaddrs[0]  # connected already: the lookup reuses that connection
+        if "/p2p/" not in addr:
+            addr = f"{addr}/p2p/{info.peer_id}"
         try:
-            cards, _ = await lookup_cards(host, addrs[0], timeout=CHECK_TIMEOUT_S)
+            cards, _ = await lookup_cards(host, addr, timeout=CHECK_TIMEOUT_S)
         except PEER_ERRORS as exc:
             log.info("pulling cards from silent %s failed: %s", info.peer_id, error_text(exc))
             return

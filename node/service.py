@@ -82,7 +82,7 @@ Handler = Callable[[INetStream, dict[str, Any]], Awaitable[None]]
 class NodeService:
     def __init__(self, identity: Identity, store: ShardStore, executor: ShardExecutor,
                  *, frame_limit: int, request_timeout: float, peer_ttl: float = 45.0,
-                 idle_timeout: float = 30.0, card_ttl: float = 30.0,
+                 idle_timeout: float = 30.0,
                  sessions: SessionLimits | None = None) -> None:
         self.identity = identity
         self.store = store
@@ -93,7 +93,6 @@ class NodeService:
         self.frame_limit = frame_limit
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout  # a reused infer stream is closed after this long idle
-        self.card_ttl = card_ttl
         self.discovery: Discovery | None = None  # set by the daemon before attach()
         self.ledger: LedgerService | None = None  # likewise
         self.byzantine: Byzantine | None = None  # --byzantine-test-mode only
@@ -142,15 +141,15 @@ class NodeService:
                             schemes.get(s.deployment, "none"))
                 for cid, s in sorted(self.store.shards().items())]
 
-    def build_card(self, ttl: float | None = None) -> dict[str, Any]:
-        """This node's signed agent card, valid for ``ttl`` (default ``card_ttl``) seconds
-        from now."""
+    def build_card(self, ttl: float) -> dict[str, Any]:
+        """This node's signed agent card, valid for ``ttl`` seconds from now (Discovery signs
+        it for three of its current announce intervals)."""
         http = self.http_url or ""
         ledger = self.ledger
         return build_card(self.identity, a2a_url=f"{http}/a2a", http=http,
                           multiaddrs=self.addrs(), shards=self.served_shards(),
                           capacity=self.executor.capacity,
-                          ttl=self.card_ttl if ttl is None else ttl,
+                          ttl=ttl,
                           version=VERSION,
                           ledger_key=ledger.ledger.verifier_key if ledger and ledger.ledger
                           else None,

@@ -36,6 +36,7 @@ MAX_CARD_BYTES = 64 * 1024     # a card naming 256 shards and 8 addresses is abo
 # A card nobody renews (a Sybil card POSTed once, a departed node) drops out of every index
 # within the hour; lookups leave out a card whose addresses fail a dial before then.
 MAX_TTL_S = 3600
+MIN_TTL_S = 30.0               # a card lives at least this long, however short the interval
 CLOCK_SKEW_S = 60              # how far in the future issuedAt may be
 MAX_ADDRS = 8
 MAX_DEPTH = 32                 # nesting of objects and lists (a2a-sdk refuses beyond 128)
@@ -123,6 +124,12 @@ class CardInfo:
 
 
 # -- canonical form and signature --------------------------------------------------------------
+
+
+def card_ttl(interval: float) -> float:
+    """The validity a node signs its card for when it announces every ``interval`` seconds:
+    three intervals (two announcements may be missed), at least MIN_TTL_S, at most MAX_TTL_S."""
+    return min(MAX_TTL_S, max(MIN_TTL_S, 3 * interval))
 
 def clean_empty(value: Any) -> Any:
     """``value`` without empty strings, lists and objects, recursively (None when all empty)."""

@@ -29,11 +29,12 @@ failed, unconfirmed and confirmed ones, the oldest first.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,15 +255,18 @@ class CardIndex:
             (now, _STATES.index(UNCONFIRMED), limit)).fetchall()
         return self._verified(json.loads(r[0]) for r in rows)
 
-    def silent(self, share: float, now: float | None = None) -> list[CardInfo]:
-        """Unexpired cards last received more than ``share`` of their validity ago (a node
-        re-announces every third of it), the longest silent first."""
+    def silent(self, share: float, among: Container[str] | None = None, limit: int | None = None,
+               now: float | None = None) -> list[CardInfo]:
+        """Up to ``limit`` unexpired cards of the peers ``among`` (default: any) last received
+        more than ``share`` of their validity ago (a node re-announces every third of it), the
+        longest silent first. Only those are parsed and verified."""
         now = time.time() if now is None else now
         rows = self._db.execute(
-            "SELECT card FROM cards WHERE expires_at > ? AND "
+            "SELECT peer_id, card FROM cards WHERE expires_at > ? AND "
             "received_at < ? - ? * (expires_at - issued_at) ORDER BY received_at",
-            (now, now, share)).fetchall()
-        return self._verified(json.loads(r[0]) for r in rows)
+            (now, now, share))
+        picked = (card for peer_id, card in rows if among is None or peer_id in among)
+        return self._verified(json.loads(card) for card in itertools.islice(picked, limit))
 
     def query(self, *, model: str | None = None, shard: str | None = None,
               deployment: str | None = None, now: float | None = None) -> list[dict[str, Any]]:

@@ -9,16 +9,9 @@ from typing import Any
 
 import pytest
 
-from node.discovery import (
-    GREETERS,
-    MAX_INTERVAL_S,
-    MIN_TTL_S,
-    Discovery,
-    announce_interval,
-    card_ttl,
-)
+from node.discovery import GREETERS, MAX_INTERVAL_S, Discovery, announce_interval
 from node.metrics import NodeMetrics
-from registry.card import MAX_TTL_S, build_card, verify_card
+from registry.card import MAX_TTL_S, MIN_TTL_S, build_card, card_ttl, verify_card
 from registry.index import CardIndex
 
 

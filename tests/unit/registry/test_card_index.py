@@ -379,6 +379,10 @@ def test_silent_cards_are_those_not_heard_for_half_their_life(index: CardIndex) 
     assert [i.peer_id for i in index.silent(0.5, now=now + 16)] == [a.peer_id, b.peer_id,
                                                                    c.peer_id]
     assert index.silent(0.5, now=NOW + 31) == []  # expired cards are not silent: gone
+    # only the peers asked about, at most ``limit`` of them, the longest silent first
+    assert [i.peer_id for i in index.silent(0.5, among={c.peer_id, a.peer_id},
+                                            now=now + 16)] == [a.peer_id, c.peer_id]
+    assert [i.peer_id for i in index.silent(0.5, limit=1, now=now + 16)] == [a.peer_id]
     long = info_of(Identity.from_seed(bytes([10]) * 32), MINI, ttl=300)
     index.put(long)
     assert long.peer_id not in {i.peer_id for i in index.silent(0.5, now=now + 16)}
